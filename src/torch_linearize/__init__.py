@@ -1,0 +1,31 @@
+"""torch-linearize: evaluate a PyTorch function once, apply its JVP many times.
+
+Public API:
+
+* :func:`linearize` -- ``y, jvp_fn = linearize(f, *primals)``.
+* :class:`LinearMap` -- the type of ``jvp_fn``.
+* Errors: :class:`NonLinearTangentError`, :class:`NoForwardADError`,
+  :class:`ReleasedError`, :class:`StaleResidualError` (all :class:`LinearizeError`).
+"""
+
+from ._api import linearize
+from ._errors import (
+    LinearizeError,
+    NoForwardADError,
+    NonLinearTangentError,
+    ReleasedError,
+    StaleResidualError,
+)
+from ._linear_map import LinearMap
+
+__all__ = [
+    "LinearMap",
+    "LinearizeError",
+    "NoForwardADError",
+    "NonLinearTangentError",
+    "ReleasedError",
+    "StaleResidualError",
+    "linearize",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,214 @@
+"""``linearize``: validate, flatten, trace once, build the linear map."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, keystr, tree_map, tree_unflatten
+
+from ._checks import flatten_primals
+from ._custom_function import function_patch
+from ._errors import LinearizeError, NoForwardADError, StaleResidualError
+from ._forward_ad import shared_dual_level
+from ._linear_map import LinearMap
+from ._program import Program, Var, ZeroOut, compile_program, dead_code_elimination
+from ._residuals import distinct_storage_bytes, storage_key
+from ._trace import Tracer
+
+__all__ = ["linearize"]
+
+_API = "linearize(f, *primals)"
+_NO_FWAD = re.compile(r"Trying to use forward AD with (\S+) that does not support it")
+
+
+def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
+    """Evaluate ``func`` once at ``primals`` and return its Jacobian-vector product as a function.
+
+    ``y, jvp_fn = linearize(f, *primals)`` is equivalent to
+    ``y = f(*primals)`` and ``jvp_fn = lambda *t: torch.func.jvp(f, primals, t)[1]``,
+    but ``f`` runs exactly once: ``jvp_fn`` replays only the tangent (linear)
+    operations on residuals computed during that single run. For a custom
+    ``torch.autograd.Function``, ``forward``/``setup_context`` run once here and
+    each ``jvp_fn`` call runs only its ``jvp`` (with plain tensors, so it may call
+    any kernel).
+
+    Args:
+        func: a function of tensors (pytrees of tensors are fine, e.g. a dict of
+            parameters for ``torch.func.functional_call``) returning a pytree of
+            tensors; with ``has_aux=True`` it returns ``(output, aux)``.
+        *primals: the point to linearize at. Integer/bool tensors are treated as
+            constants (their tangent is ``None``).
+        has_aux: ``func`` returns ``(output, aux)``; ``aux`` is returned as is
+            (detached) and not differentiated.
+
+    Returns:
+        ``(output, jvp_fn)``, or ``(output, jvp_fn, aux)`` with ``has_aux``.
+        ``output`` is ``func(*primals)``, detached. ``jvp_fn(*tangents)`` takes
+        tangents structured like ``primals`` and returns the output tangent
+        structured like ``output`` (zeros where the output does not depend on the
+        inputs). ``jvp_fn`` is a :class:`LinearMap`.
+
+    Cost: one evaluation of ``func`` with forward-mode AD (about one
+    ``torch.func.jvp`` call) plus tracing overhead; each application costs only
+    the tangent operations.
+
+    Example:
+        >>> x = torch.randn(3)
+        >>> y, jvp_fn = linearize(torch.sin, x)
+        >>> torch.allclose(jvp_fn(torch.ones(3)), torch.cos(x))
+        True
+    """
+    if not callable(func):
+        raise TypeError(f"{_API}: f must be callable, got {type(func).__name__}.")
+    flat, in_spec, leaf_specs = flatten_primals(_API, primals)
+
+    with shared_dual_level() as level, function_patch():
+        tracer = Tracer(level)
+        try:
+            with tracer.activate():
+                duals, layouts = [], []
+                for leaf, ls in zip(flat, leaf_specs):
+                    p = leaf.detach()
+                    if not ls.differentiable:
+                        duals.append(p)
+                        continue
+                    with tracer.paused():
+                        if torch._debug_has_internal_overlap(p) == 1:
+                            p = p.clone()
+                        ph = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    tracer.add_input(ph)
+                    layouts.append((tuple(ph.stride()), ph.storage_offset()))
+                    duals.append(fwAD.make_dual(p, ph, level=level))
+                args = tree_unflatten(duals, in_spec)
+                try:
+                    out = func(*args)
+                except (NotImplementedError, RuntimeError) as e:
+                    m = _NO_FWAD.search(str(e))
+                    if m is None:
+                        raise
+                    raise NoForwardADError(
+                        f"{_API}: operator {m.group(1)} has no forward-mode AD formula in PyTorch, "
+                        "so it cannot be linearized. Wrap that computation in a custom "
+                        "torch.autograd.Function with a jvp staticmethod (linearize calls it with "
+                        "plain tensors), or register a rule for a custom op with "
+                        "torch_linearize.register_jvp."
+                    ) from e
+                aux = None
+                if has_aux:
+                    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                        raise ValueError(
+                            f"{_API} with has_aux=True: f must return a pair (output, aux), got "
+                            f"{type(out).__name__}."
+                        )
+                    out, aux = out
+                with tracer.paused():
+                    outputs, y_flat, out_spec = _collect_outputs(tracer, out)
+                    aux = tree_map(lambda a: _primal(a, level), aux)
+        finally:
+            tracer.residuals.end_trace()
+
+    prog = Program(
+        inputs=tracer.inputs,
+        eqns=tracer.eqns,
+        outputs=outputs,
+        residuals=tracer.residuals.tensors,
+        input_layouts=layouts,
+        mutated_inputs=set(tracer.mutated_inputs),
+        residual_names=tracer.residuals.origin,
+    )
+    versions = tracer.residuals.versions
+    dead_code_elimination(prog)
+    used = prog.used_residuals()
+    stale = [i for i in used if prog.residuals[i]._version != versions[i]]
+    if stale:
+        raise StaleResidualError(
+            f"{_API}: a tensor read by the tangent program ({prog.residual_names[stale[0]]}) was "
+            "modified in place later during f by code linearize cannot see (e.g. through numpy or "
+            "a raw data pointer). Clone it before modifying it."
+        )
+    prog.prune_residuals()
+    live_nodes = {id(e.fn) for e in prog.eqns}
+    opaque = [n for n in tracer.opaque_nodes if id(n) in live_nodes]
+    for n in tracer.opaque_nodes:
+        if id(n) not in live_nodes:
+            n.release()
+
+    kept = list(prog.residuals) + [t for n in opaque for t in _ctx_tensors(n.ctx)]
+    created = tracer.created
+    residual_bytes = distinct_storage_bytes(kept, only=created)
+    external_bytes = distinct_storage_bytes(kept, exclude=created)
+
+    # Tensors the user can reach (pre-existing ones, outputs, aux) may be modified in
+    # place after linearize; watch their versions so a stale map raises instead of lying.
+    reachable = {storage_key(t) for t in y_flat if isinstance(t, torch.Tensor)}
+    reachable |= {storage_key(t) for t in tree_flatten(aux)[0] if isinstance(t, torch.Tensor)}
+    watch = []
+    for i, r in enumerate(prog.residuals):
+        if r._is_zerotensor() or r.device.type == "meta":
+            continue
+        k = storage_key(r)
+        if k is not None and (k not in created or k in reachable):
+            watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs)))
+
+    run = compile_program(prog)
+    diff_positions = [i for i, ls in enumerate(leaf_specs) if ls.differentiable]
+    jvp_fn = LinearMap(prog, run, in_spec, leaf_specs, diff_positions, out_spec, watch,
+                       residual_bytes, external_bytes, opaque)
+    y = tree_unflatten(y_flat, out_spec)
+    return (y, jvp_fn, aux) if has_aux else (y, jvp_fn)
+
+
+def _primal(a: Any, level: int) -> Any:
+    if isinstance(a, torch.Tensor):
+        return fwAD.unpack_dual(a, level=level).primal.detach()
+    return a
+
+
+def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
+    with_path, out_spec = tree_flatten_with_path(out)
+    outputs: list[Var | ZeroOut] = []
+    y_flat = []
+    for kp, o in with_path:
+        if not isinstance(o, torch.Tensor):
+            raise ValueError(
+                f"{_API}: f must return a pytree of tensors, but output{keystr(kp)} is "
+                f"{type(o).__name__}. Return non-tensors through has_aux=True."
+            )
+        tan = tracer.tangent_of(o)
+        if isinstance(tan, Var):
+            outputs.append(tan)
+        elif tan is None or tan._is_zerotensor() or not bool(torch.any(tan != 0)):
+            outputs.append(ZeroOut(tuple(o.shape), o.dtype, o.device))
+        else:
+            raise LinearizeError(
+                f"{_API}: the tangent of output{keystr(kp)} does not depend on the input tangents "
+                "but is not zero, so f is not differentiable at this point in a way linearize can "
+                "represent (an affine rather than linear tangent)."
+            )
+        y_flat.append(fwAD.unpack_dual(o, level=tracer.level).primal.detach())
+    return outputs, y_flat, out_spec
+
+
+def _ctx_tensors(ctx: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    if ctx is None:
+        return found
+    for v in ctx.__dict__.values():
+        for leaf in tree_flatten(v)[0] if isinstance(v, (list, tuple, dict)) else [v]:
+            if isinstance(leaf, torch.Tensor):
+                found.append(leaf)
+    return found
+
+
+def _describe_residual(prog: Program, i: int, primals: list, leaf_specs) -> str:
+    r = prog.residuals[i]
+    k = storage_key(r)
+    for p, ls in zip(primals, leaf_specs):
+        if storage_key(p) == k:
+            return f"primals{ls.path}"
+    origin = prog.residual_names[i] if i < len(prog.residual_names) else ""
+    return f"a tensor saved for the tangent program (residual r{i}, read by {origin})"

@@ -1,0 +1,368 @@
+"""Custom ``torch.autograd.Function``: run ``forward`` once, call ``jvp`` per application.
+
+While a trace is active in the current thread, ``torch.autograd.Function.apply``
+is routed through :func:`apply_function` (the patch is installed for the
+duration of any trace, reference-counted, thread-safe, and removed in
+``finally``; other threads and non-tracing calls go straight to PyTorch).
+
+For a Function whose inputs carry tangents we
+
+1. run ``forward`` (and ``setup_context``) exactly once, on plain primal
+   tensors, with a context object of our own (:class:`LinearizeCtx`) that
+   implements PyTorch's ctx API. The ctx lives exactly as long as the linear
+   map, independently of PyTorch's autograd graph;
+2. record one opaque equation (:class:`OpaqueJvp`) that calls ``cls.jvp(ctx,
+   *tangents)`` with plain tensors at application time, so ``jvp`` may read
+   data pointers, call numpy, C++/CUDA/Triton kernels;
+3. give every differentiable output a placeholder tangent so that the rest of
+   ``f`` is traced as usual.
+
+Inside ``torch.func`` transforms (e.g. ``linearize(torch.func.grad(f), x)``)
+custom Functions keep PyTorch's own semantics (``jvp`` runs at trace time and
+must be written in PyTorch operations), because those transforms need to
+differentiate through them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.autograd.function import FunctionCtx
+
+from ._errors import LinearizeError, NoForwardADError
+from ._program import Eqn, Var, type_str
+from ._trace import Tracer, current_tracer
+
+__all__ = ["LinearizeCtx", "OpaqueJvp", "function_patch"]
+
+_Function = torch.autograd.Function
+_patch_lock = threading.Lock()
+_patch_users = 0
+_original_apply = None
+
+
+def _patched_apply(cls, *args, **kwargs):
+    tracer = current_tracer()
+    if tracer is None or tracer.paused_depth or getattr(cls, "_torch_linearize_native", False):
+        return _original_apply.__func__(cls, *args, **kwargs)
+    return apply_function(tracer, cls, args, kwargs)
+
+
+class function_patch:
+    """Context manager: route ``Function.apply`` through the tracer while any trace runs."""
+
+    def __enter__(self):
+        global _patch_users, _original_apply
+        with _patch_lock:
+            if _patch_users == 0:
+                _original_apply = _Function.__dict__["apply"]
+                _Function.apply = classmethod(_patched_apply)
+            _patch_users += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _patch_users
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                _Function.apply = _original_apply
+        return False
+
+
+def _call_original(cls, args, kwargs):
+    return _original_apply.__func__(cls, *args, **kwargs)
+
+
+def _uses_setup_context(cls) -> bool:
+    return cls.setup_context is not _Function.setup_context
+
+
+def _has_jvp(cls) -> bool:
+    return cls.jvp is not _Function.jvp
+
+
+class LinearizeCtx(FunctionCtx):
+    """The ``ctx`` a custom Function sees under ``linearize``.
+
+    It implements the public ctx API (``save_for_backward``, ``save_for_forward``,
+    ``saved_tensors``, ``mark_dirty``, ``mark_non_differentiable``,
+    ``set_materialize_grads``, ``needs_input_grad``, arbitrary attributes) with
+    PyTorch's forward-mode semantics: inside ``jvp``, ``saved_tensors`` returns
+    what was given to ``save_for_forward`` (``()`` if nothing was); inside
+    ``backward`` it returns what was given to ``save_for_backward``.
+
+    ``needs_input_grad[i]`` is True when input ``i`` carries a tangent (the
+    linearization depends on it), so that one ctx serves both ``jvp`` and
+    ``backward`` (the transpose).
+    """
+
+    def __init__(self, function: type, needs_input_grad: tuple[bool, ...]):
+        self.needs_input_grad = needs_input_grad
+        self.materialize_grads = True
+        self.metadata: dict = {}
+        self._forward_cls = function
+        self._tl_phase = "forward"
+
+    @property
+    def saved_tensors(self) -> tuple:
+        if self._tl_phase == "jvp":
+            saved = self.__dict__.get("saved_for_forward")
+        else:
+            saved = self.__dict__.get("to_save")
+        return tuple(saved) if saved is not None else ()
+
+    @property
+    def saved_variables(self) -> tuple:  # deprecated alias kept by PyTorch
+        return self.saved_tensors
+
+    def __repr__(self) -> str:
+        return f"<LinearizeCtx of {self._forward_cls.__qualname__}>"
+
+
+class OpaqueJvp:
+    """The equation that applies a custom Function's ``jvp`` on its saved ctx."""
+
+    def __init__(self, cls: type, ctx: LinearizeCtx, zero_inputs: dict[int, tuple],
+                 outputs: list[tuple | None], dirty: dict[int, int], single_output: bool):
+        self.cls = cls
+        self.ctx = ctx
+        self.zero_inputs = zero_inputs  # input index -> (shape, dtype, device) to materialize
+        self.outputs = outputs  # per forward output: (shape, dtype, stride) or None
+        self.dirty = dirty  # output index -> input index modified in place
+        self.single_output = single_output
+        self.display_name = f"{cls.__qualname__}.jvp"
+        self._zeros: dict[int, torch.Tensor] = {}
+        self._zero_versions: dict[int, int] = {}
+        self.calls = 0
+
+    def _zero(self, i: int) -> torch.Tensor:
+        """A zero tangent for input ``i``; cached, and re-zeroed if jvp wrote into it."""
+        z = self._zeros.get(i)
+        if z is None:
+            shape, dtype, device = self.zero_inputs[i]
+            z = torch.zeros(shape, dtype=dtype, device=device)
+            self._zeros[i] = z
+            self._zero_versions[i] = z._version
+        elif z._version != self._zero_versions[i]:
+            z.zero_()
+            self._zero_versions[i] = z._version
+        return z
+
+    def __call__(self, *tangents):
+        ctx = self.ctx
+        if ctx is None:
+            from ._errors import ReleasedError
+
+            raise ReleasedError(f"{self.display_name}: the linear map was released.")
+        ts = list(tangents)
+        if ctx.materialize_grads:
+            for i in self.zero_inputs:
+                if ts[i] is None:
+                    ts[i] = self._zero(i)
+        ctx._tl_phase = "jvp"
+        self.calls += 1
+        with fwAD._set_fwd_grad_enabled(False):
+            out = self.cls.jvp(ctx, *ts)
+        outs = (out,) if self.single_output and not isinstance(out, tuple) else out
+        if not isinstance(outs, (tuple, list)) or len(outs) != len(self.outputs):
+            n = len(outs) if isinstance(outs, (tuple, list)) else 1
+            raise LinearizeError(
+                f"{self.display_name} returned {n} tangent(s); expected {len(self.outputs)} "
+                f"(one per output of forward, None for non-differentiable outputs)."
+            )
+        result = []
+        for j, (meta, o) in enumerate(zip(self.outputs, outs)):
+            if meta is None:
+                if o is not None:
+                    raise LinearizeError(
+                        f"{self.display_name} returned a tangent at position {j}, but that output "
+                        "of forward is not a differentiable tensor. Return None there."
+                    )
+                result.append(None)
+                continue
+            shape, dtype, stride, device = meta
+            if o is None:
+                o = torch.zeros(shape, dtype=dtype, device=device)
+            elif not isinstance(o, torch.Tensor):
+                raise LinearizeError(
+                    f"{self.display_name} returned {type(o).__name__} at position {j}; "
+                    "expected a tensor or None."
+                )
+            elif tuple(o.shape) != shape or o.dtype != dtype:
+                raise LinearizeError(
+                    f"{self.display_name} returned a tangent of type {type_str(o.shape, o.dtype)} "
+                    f"at position {j}; the output of forward is {type_str(shape, dtype)}."
+                )
+            if j in self.dirty:
+                i = self.dirty[j]
+                if o is not ts[i]:
+                    raise LinearizeError(
+                        f"{self.display_name}: forward modifies input {i} in place (mark_dirty), "
+                        "so jvp must modify that input's tangent in place and return it as-is."
+                    )
+            elif stride is not None and o.stride() != stride:
+                o = torch.empty_strided(shape, stride, dtype=dtype, device=o.device).copy_(o)
+            result.append(o)
+        return tuple(result)
+
+    def release(self) -> None:
+        self.ctx = None
+        self._zeros.clear()
+
+
+def _bind_default_args(func, args, kwargs):
+    sig = inspect.signature(func)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.args, bound.kwargs
+
+
+class _ReverseGuard(torch.autograd.Function):
+    """Connects opaque outputs to inputs that require grad; refuses backward during a trace."""
+
+    @staticmethod
+    def forward(ctx, name, n_out, *tensors):
+        ctx.name = name
+        ctx.n_in = len(tensors) - n_out
+        return tuple(t.view_as(t) for t in tensors[len(tensors) - n_out:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise LinearizeError(
+            f"linearize: reverse-mode autograd ran through custom Function {ctx.name} inside the "
+            "linearized function (forward-over-reverse, e.g. a Hessian-vector product). "
+            "linearize runs custom Functions opaquely (forward once, jvp per tangent), so it cannot "
+            "differentiate their backward. Use torch.func.grad inside f (then the Function follows "
+            "torch.func rules), or set `_torch_linearize_native = True` on the Function class to "
+            "let PyTorch trace its jvp natively."
+        )
+
+
+def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
+    """``cls.apply(*args, **kwargs)`` while ``tracer`` records."""
+    if _uses_setup_context(cls):
+        args, kwargs = _bind_default_args(cls.forward, args, kwargs)
+    if torch._C._are_functorch_transforms_active() or kwargs:
+        return _call_original(cls, args, kwargs)
+
+    name = cls.__qualname__
+    primals: list[Any] = []
+    tangent_syms: list[Any] = []
+    has_tangent = False
+    with tracer.paused():
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                p, t = fwAD.unpack_dual(a, level=tracer.level)
+                sym = None
+                if t is not None and not t._is_zerotensor():
+                    sym = tracer.lookup(t)
+                    if sym is None:  # a constant (untracked) tangent
+                        sym = tracer.capture(t, f"{name} input tangent")
+                has_tangent = has_tangent or sym is not None
+                primals.append(p.detach())
+                tangent_syms.append(sym)
+            else:
+                primals.append(a)
+                tangent_syms.append(None)
+    if not has_tangent:
+        return _call_original(cls, args, kwargs)
+    if not _has_jvp(cls):
+        raise NoForwardADError(
+            f"linearize: custom autograd.Function {name} receives tangent inputs but does not "
+            "implement the staticmethod jvp(ctx, *tangents). Add a jvp (it may call any kernel: "
+            "linearize calls it with plain tensors)."
+        )
+    reverse_live = torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    )
+    needs = tuple(s is not None for s in tangent_syms)
+    ctx = LinearizeCtx(cls, needs)
+    with torch.no_grad(), fwAD._set_fwd_grad_enabled(False):
+        if _uses_setup_context(cls):
+            out = cls.forward(*primals)
+            cls.setup_context(ctx, tuple(primals), out)
+        else:
+            out = cls.forward(ctx, *primals)
+    ctx._tl_phase = "backward"
+
+    single = not isinstance(out, tuple)
+    outs = (out,) if single else out
+    non_diff = {id(t) for t in (ctx.__dict__.get("non_differentiable") or ())}
+    dirty_in = {id(t) for t in (ctx.__dict__.get("dirty_tensors") or ())}
+    primal_index = {id(p): i for i, p in enumerate(primals) if isinstance(p, torch.Tensor)}
+    for t in ctx.__dict__.get("dirty_tensors") or ():
+        torch.autograd.graph.increment_version(t)
+
+    metas: list[tuple | None] = []
+    dirty: dict[int, int] = {}
+    for j, o in enumerate(outs):
+        if (not isinstance(o, torch.Tensor) or id(o) in non_diff
+                or not (o.is_floating_point() or o.is_complex())):
+            metas.append(None)
+            continue
+        if id(o) in dirty_in:
+            i = primal_index.get(id(o))
+            if i is None:
+                raise LinearizeError(
+                    f"linearize: {name} passed a tensor to ctx.mark_dirty() that it did not return "
+                    "as-is; only inputs modified in place and returned may be marked dirty."
+                )
+            if tangent_syms[i] is None:
+                raise NotImplementedError(
+                    f"linearize: {name} modifies input {i} in place (mark_dirty) but that input "
+                    "carries no tangent while other inputs do; this case is not supported."
+                )
+            dirty[j] = i
+        metas.append((tuple(o.shape), o.dtype, tuple(o.stride()), o.device))
+
+    zero_inputs = {
+        i: (tuple(p.shape), p.dtype, p.device)
+        for i, p in enumerate(primals)
+        if isinstance(p, torch.Tensor) and tangent_syms[i] is None
+    }
+    node = OpaqueJvp(cls, ctx, zero_inputs, metas, dirty, single)
+    tracer.opaque_nodes.append(node)
+
+    results: list[Any] = list(outs)
+    diff_idx = [j for j, m in enumerate(metas) if m is not None and j not in dirty]
+    if reverse_live and diff_idx:
+        req = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        with tracer.paused(), torch.enable_grad():
+            guarded = _call_original(
+                _ReverseGuard, (name, len(diff_idx), *req, *[outs[j] for j in diff_idx]), {}
+            )
+        for j, g in zip(diff_idx, guarded):
+            results[j] = g
+
+    out_vars: list[Var | None] = [None] * len(outs)
+    for j in diff_idx:
+        with tracer.paused():
+            primal = results[j]
+            if torch._debug_has_internal_overlap(primal) == 1:
+                primal = primal.clone()  # forward AD cannot attach a tangent to overlapping memory
+            placeholder = torch.zeros_like(primal, memory_format=torch.preserve_format)
+            out_vars[j] = tracer.new_var(placeholder)
+            tracer.note_created(outs[j])
+        # make_dual runs with the tracer recording: a layout fix-up it performs on the
+        # placeholder becomes part of the program.
+        results[j] = fwAD.make_dual(primal, placeholder, level=tracer.level)
+
+    mutated = []
+    dirty_tangents = {}
+    for j, i in dirty.items():
+        tangent = fwAD.unpack_dual(args[i], level=tracer.level).tangent
+        tracer.before_write(tangent, True, node.display_name)
+        v_in = tracer.lookup(tangent)
+        mutated.append(v_in)
+        out_vars[j] = Var.like(tangent, group=v_in.group)
+        dirty_tangents[j] = tangent
+        results[j] = args[i]
+    tracer.emit(Eqn(node, tuple(tangent_syms), {}, tuple(out_vars), mutates=tuple(mutated),
+                    name=node.display_name))
+    for j, tangent in dirty_tangents.items():
+        tracer.bind(tangent, out_vars[j])
+    return results[0] if single else tuple(results)

@@ -1,0 +1,47 @@
+"""A process-wide, reference-counted forward-AD level.
+
+PyTorch keeps a single global stack of forward-AD levels and refuses nested
+levels, so two threads that each called ``torch.autograd.forward_ad.dual_level()``
+at the same time would collide. ``linearize`` therefore shares one level between
+all concurrent traces: the first trace enters it, the last one out exits it.
+Tangents are attached per tensor, so traces in different threads never see each
+other's duals.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch.autograd.forward_ad as fwAD
+
+_lock = threading.Lock()
+_users = 0
+_level: int | None = None
+
+
+@contextmanager
+def shared_dual_level() -> Iterator[int]:
+    """Enter (or join) the shared forward-AD level; exit it when the last user leaves."""
+    global _users, _level
+    with _lock:
+        if _users == 0:
+            if fwAD._current_level != -1:
+                raise RuntimeError(
+                    "linearize(f, *primals): cannot run inside an active "
+                    "torch.autograd.forward_ad.dual_level() (PyTorch supports one forward-AD "
+                    "level at a time). Call linearize outside the dual_level block."
+                )
+            _level = fwAD.enter_dual_level()
+        _users += 1
+        level = _level
+    assert level is not None
+    try:
+        yield level
+    finally:
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                fwAD.exit_dual_level(level=level)
+                _level = None

@@ -1,0 +1,358 @@
+"""The linear program: a tiny SSA IR of tangent operations, its passes and its code generator.
+
+A :class:`Program` is what ``linearize`` records: a list of :class:`Eqn` (one per
+tangent operation, in eager order) over :class:`Var` (tangent values) and
+:class:`Res` (residuals: tensors computed once at linearize time). It is
+deliberately close to a jaxpr: an interpreter is a loop over equations.
+
+Programs execute with eager semantics (in-place operations and views are
+replayed in order on fresh buffers), so passes must respect aliasing. Every
+``Var`` records the storage it lived in at trace time (``group``); a mutation
+keeps alive every earlier equation whose buffer is read afterwards.
+
+:func:`compile_program` turns a program into a plain Python function (no
+``torch.fx`` interpreter, no ``nn.Module`` call overhead), with residuals bound
+as closure cells.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["Eqn", "Program", "Res", "Var", "ZeroOut", "compile_program", "dead_code_elimination"]
+
+_var_ids = itertools.count()
+
+
+class Var:
+    """A tangent value: the output of an equation or a program input."""
+
+    __slots__ = ("dtype", "group", "id", "shape", "stride")
+
+    def __init__(self, shape, dtype, stride=None, group=None):
+        self.id = next(_var_ids)
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.stride = stride
+        self.group = group
+
+    @classmethod
+    def like(cls, t: torch.Tensor, group=None) -> Var:
+        try:
+            stride = tuple(t.stride())
+        except RuntimeError:  # sparse / nested layouts have no strides
+            stride = None
+        return cls(t.shape, t.dtype, stride, group)
+
+    def __repr__(self) -> str:
+        return f"v{self.id}"
+
+
+class Res:
+    """A reference to residual slot ``index`` of the program's residual table."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"r{self.index}"
+
+    def __eq__(self, other):
+        return isinstance(other, Res) and other.index == self.index
+
+    def __hash__(self):
+        return hash(("Res", self.index))
+
+
+@dataclass(frozen=True)
+class ZeroOut:
+    """An output whose tangent is identically zero (it does not depend on the inputs)."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class Eqn:
+    """One tangent operation ``outs = fn(*args, **kwargs)``.
+
+    ``args``/``kwargs`` are pytrees whose leaves are :class:`Var`, :class:`Res` or
+    Python literals. ``outs`` mirrors the structure ``fn`` returns, with a
+    :class:`Var` for every tensor. ``mutates`` lists the Vars whose buffers ``fn``
+    writes in place.
+    """
+
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    outs: Any
+    mutates: tuple = ()
+    name: str = ""
+
+    def in_vars(self) -> list[Var]:
+        leaves, _ = tree_flatten((self.args, self.kwargs))
+        return [x for x in leaves if isinstance(x, Var)]
+
+    def in_res(self) -> list[Res]:
+        leaves, _ = tree_flatten((self.args, self.kwargs))
+        return [x for x in leaves if isinstance(x, Res)]
+
+    def out_vars(self) -> list[Var]:
+        leaves, _ = tree_flatten(self.outs)
+        return [x for x in leaves if isinstance(x, Var)]
+
+
+@dataclass
+class Program:
+    """A recorded linear program: ``outputs = program(*inputs)`` given ``residuals``."""
+
+    inputs: list[Var]
+    eqns: list[Eqn]
+    outputs: list[Var | ZeroOut]
+    residuals: list[torch.Tensor]
+    input_layouts: list[tuple] = field(default_factory=list)  # (stride, storage_offset) per input
+    mutated_inputs: set[int] = field(default_factory=set)
+    residual_names: list[str] = field(default_factory=list)
+
+    def used_residuals(self) -> list[int]:
+        seen: dict[int, None] = {}
+        for e in self.eqns:
+            for r in e.in_res():
+                seen[r.index] = None
+        return list(seen)
+
+    def prune_residuals(self) -> None:
+        """Renumber residuals so that only the ones the equations use are kept."""
+        used = self.used_residuals()
+        remap = {old: new for new, old in enumerate(used)}
+
+        def sub(x):
+            return Res(remap[x.index]) if isinstance(x, Res) else x
+
+        for e in self.eqns:
+            e.args = tree_map(sub, e.args)
+            e.kwargs = tree_map(sub, e.kwargs)
+        self.residuals = [self.residuals[i] for i in used]
+        if self.residual_names:
+            self.residual_names = [self.residual_names[i] for i in used]
+
+
+def dead_code_elimination(prog: Program) -> None:
+    """Drop equations whose results never reach an output.
+
+    Aliasing-aware: an equation that writes in place into a buffer (storage group)
+    that a live equation reads later is kept, and so is everything it reads.
+    """
+    live_vars: set[int] = set()
+    needed_groups: set = set()
+    for o in prog.outputs:
+        if isinstance(o, Var):
+            live_vars.add(o.id)
+            if o.group is not None:
+                needed_groups.add(o.group)
+    kept: list[Eqn] = []
+    for e in reversed(prog.eqns):
+        outs = e.out_vars()
+        live = any(v.id in live_vars for v in outs) or any(
+            m.group is not None and m.group in needed_groups for m in e.mutates
+        )
+        if not live:
+            continue
+        kept.append(e)
+        for v in e.in_vars():
+            live_vars.add(v.id)
+            if v.group is not None:
+                needed_groups.add(v.group)
+        for v in outs:
+            if v.group is not None:
+                needed_groups.add(v.group)
+    kept.reverse()
+    prog.eqns = kept
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def op_name(fn: Callable) -> str:
+    if isinstance(fn, torch._ops.OpOverload):
+        return str(fn)  # e.g. "aten.mul.Tensor"
+    name = getattr(fn, "display_name", None)
+    if name:
+        return name
+    if fn is operator.getitem:
+        return "getitem"
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+_DTYPE_ABBR = {
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.complex64: "c64",
+    torch.complex128: "c128",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.bool: "bool",
+}
+
+
+def type_str(shape, dtype) -> str:
+    d = _DTYPE_ABBR.get(dtype, str(dtype).replace("torch.", ""))
+    return f"{d}[{', '.join(str(s) for s in shape)}]"
+
+
+def _fmt_literal(x) -> str:
+    if isinstance(x, (Var, Res)):
+        return repr(x)
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(_fmt_literal(y) for y in x)
+        return f"[{inner}]" if isinstance(x, list) else f"({inner}{',' if len(x) == 1 else ''})"
+    if isinstance(x, torch.dtype):
+        return str(x).replace("torch.", "")
+    return repr(x)
+
+
+def format_eqn(e: Eqn) -> str:
+    outs = e.out_vars()
+    lhs = ", ".join(f"{v}: {type_str(v.shape, v.dtype)}" for v in outs) or "_"
+    args = [_fmt_literal(a) for a in e.args]
+    args += [f"{k}={_fmt_literal(v)}" for k, v in e.kwargs.items()]
+    return f"{lhs} = {e.name or op_name(e.fn)}({', '.join(args)})"
+
+
+# --------------------------------------------------------------------------- codegen
+
+
+def _relayout(t: torch.Tensor, stride: tuple) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
+class _Namer:
+    def __init__(self):
+        self.globals: dict[str, Any] = {
+            "torch": torch,
+            "_relayout": _relayout,
+            "_inf": math.inf,
+            "_nan": math.nan,
+        }
+        self._ids: dict[int, str] = {}
+        self._keep: list[Any] = []
+
+    def glob(self, obj, prefix="c") -> str:
+        key = id(obj)
+        name = self._ids.get(key)
+        if name is None:
+            name = f"{prefix}{len(self._ids)}"
+            self._ids[key] = name
+            self.globals[name] = obj
+            self._keep.append(obj)
+        return name
+
+    def lit(self, x) -> str:
+        if isinstance(x, Var):
+            return f"v{x.id}"
+        if isinstance(x, Res):
+            return f"r{x.index}"
+        if x is None or isinstance(x, (bool, int, str)):
+            return repr(x)
+        if isinstance(x, float):
+            if math.isnan(x):
+                return "_nan"
+            if math.isinf(x):
+                return "_inf" if x > 0 else "(-_inf)"
+            return repr(x)
+        if isinstance(x, list):
+            return "[" + ", ".join(self.lit(y) for y in x) + "]"
+        if isinstance(x, tuple):
+            return "(" + "".join(self.lit(y) + ", " for y in x) + ")"
+        return self.glob(x)
+
+
+def _callable_for(fn: Callable) -> Callable:
+    # OpOverload.__call__ is a thin Python wrapper around the bound C++ operator.
+    return getattr(fn, "_op", fn) if isinstance(fn, torch._ops.OpOverload) else fn
+
+
+def compile_program(prog: Program) -> Callable[..., tuple]:
+    """Generate a Python function ``run(*inputs) -> tuple(outputs)`` for ``prog``.
+
+    Residuals are bound as closure cells; inputs whose layout differs from the
+    layout the program was traced with are copied into that layout first, and
+    inputs the program mutates in place are copied so the caller's tensors are
+    never written.
+    """
+    nm = _Namer()
+    lines: list[str] = []
+    nres = len(prog.residuals)
+    res_params = ", ".join(f"r{i}" for i in range(nres))
+    in_params = ", ".join(f"v{v.id}" for v in prog.inputs)
+    lines.append(f"def _make({res_params}):")
+    lines.append(f"    def run({in_params}):")
+    body: list[str] = []
+    for k, v in enumerate(prog.inputs):
+        stride, offset = prog.input_layouts[k] if prog.input_layouts else (None, 0)
+        name = f"v{v.id}"
+        if stride is not None:
+            s = nm.lit(tuple(stride))
+            cond = f"{name}.stride() != {s} or {name}.storage_offset() != {offset}"
+            body.append(f"if {cond}: {name} = _relayout({name}, {s})")
+            if k in prog.mutated_inputs:
+                body.append(f"else: {name} = _relayout({name}, {s})")
+        elif k in prog.mutated_inputs:
+            body.append(f"{name} = {name}.clone()")
+    for e in prog.eqns:
+        f = nm.glob(_callable_for(e.fn), "f")
+        args = [nm.lit(a) for a in e.args] + [f"{k}={nm.lit(v)}" for k, v in e.kwargs.items()]
+        call = f"{f}({', '.join(args)})"
+        outs = e.outs
+        if isinstance(outs, Var):
+            body.append(f"v{outs.id} = {call}")
+        elif isinstance(outs, (tuple, list)) and all(
+            isinstance(o, Var) or not isinstance(o, (tuple, list, dict)) for o in outs
+        ):
+            if any(isinstance(o, Var) for o in outs):
+                names = ", ".join(f"v{o.id}" if isinstance(o, Var) else "_" for o in outs)
+                body.append(f"{names}, = {call}" if len(outs) == 1 else f"{names} = {call}")
+            else:
+                body.append(call)
+        elif outs is None or not tree_flatten(outs)[0]:
+            body.append(call)
+        else:  # nested structure: flatten at run time
+            leaves, spec = tree_flatten(outs)
+            flat = nm.glob(tree_flatten, "f")
+            tmp = f"_o{id(e)}"
+            body.append(f"{tmp} = {flat}({call})[0]")
+            for i, o in enumerate(leaves):
+                if isinstance(o, Var):
+                    body.append(f"v{o.id} = {tmp}[{i}]")
+    rets = []
+    for o in prog.outputs:
+        if isinstance(o, Var):
+            rets.append(f"v{o.id}")
+        else:
+            shape = nm.lit(tuple(o.shape))
+            rets.append(f"torch.zeros({shape}, dtype={nm.glob(o.dtype)}, device={nm.glob(o.device)})")
+    body.append("return (" + "".join(r + ", " for r in rets) + ")")
+    lines.extend("        " + b for b in body)
+    lines.append("    return run")
+    src = "\n".join(lines)
+    glb = dict(nm.globals)
+    exec(compile(src, "<torch_linearize program>", "exec"), glb)
+    run = glb["_make"](*prog.residuals)
+    run.__torch_linearize_source__ = src  # type: ignore[attr-defined]
+    return run
+

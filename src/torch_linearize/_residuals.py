@@ -1,0 +1,132 @@
+"""Residuals: tensors computed once at linearize time that the linear program reads.
+
+The table stores each residual once (deduplicated by identity and by exact
+view geometry), never clones except to protect a residual from a later
+in-place write (copy-on-write), and knows which storages were allocated
+during ``linearize`` so that memory can be accounted honestly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["ResidualTable", "storage_key", "storage_nbytes"]
+
+
+def storage_key(t: torch.Tensor) -> int | None:
+    """Identity of ``t``'s storage (the StorageImpl address), or None if it has none."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def storage_nbytes(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
+
+
+def _layout_key(t: torch.Tensor, skey: int) -> tuple:
+    return (
+        skey,
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+        t.is_conj(),
+        t.is_neg(),
+    )
+
+
+class ResidualTable:
+    """Residual tensors captured during a trace."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.versions: list[int] = []
+        self.origin: list[str] = []
+        self._by_id: dict[int, int] = {}
+        self._pin: list[torch.Tensor] = []  # keeps ids in _by_id valid during the trace
+        self._by_layout: dict[tuple, int] = {}
+        self._by_storage: dict[int, list[int]] = {}
+
+    def capture(self, t: torch.Tensor, origin: str = "") -> int:
+        """Return the slot of ``t``, adding it if it is new."""
+        idx = self._by_id.get(id(t))
+        if idx is not None:
+            return idx
+        skey = storage_key(t) if t.layout == torch.strided and not t._is_zerotensor() else None
+        lkey = None
+        if skey is not None and t.device.type != "meta":
+            lkey = _layout_key(t, skey)
+            idx = self._by_layout.get(lkey)
+        if idx is None:
+            idx = len(self.tensors)
+            # A detached alias: no autograd history, no forward grad, same storage
+            # and version counter as the original.
+            self.tensors.append(t.detach())
+            self.versions.append(t._version)
+            self.origin.append(origin)
+            if lkey is not None:
+                self._by_layout[lkey] = idx
+                self._by_storage.setdefault(skey, []).append(idx)
+        self._by_id[id(t)] = idx
+        self._pin.append(t)
+        return idx
+
+    def storage_is_captured(self, skey: int | None) -> bool:
+        return skey is not None and skey in self._by_storage
+
+    def copy_on_write(self, skey: int | None) -> None:
+        """Snapshot every residual in storage ``skey`` before that storage is written."""
+        if skey is None:
+            return
+        slots = self._by_storage.pop(skey, None)
+        if not slots:
+            return
+        for i in slots:
+            snap = self.tensors[i].clone()
+            self.tensors[i] = snap
+            self.versions[i] = snap._version
+        # Later captures from this storage see the new contents: forget old keys.
+        self._by_layout = {k: v for k, v in self._by_layout.items() if k[0] != skey}
+        self._by_id = {k: v for k, v in self._by_id.items() if v not in slots}
+
+    def end_trace(self) -> None:
+        self._pin.clear()
+        self._by_id.clear()
+        self._by_layout.clear()
+        self._by_storage.clear()
+
+    def check_unchanged(self) -> list[int]:
+        """Slots whose tensor was written in place since capture (by code linearize could not see)."""
+        return [i for i, (t, v) in enumerate(zip(self.tensors, self.versions)) if t._version != v]
+
+
+def distinct_storage_bytes(tensors: Iterable[torch.Tensor], only: set[int] | None = None,
+                           exclude: set[int] | None = None) -> int:
+    """Bytes of the distinct storages behind ``tensors``.
+
+    ``only`` restricts to these storage keys; ``exclude`` skips these.
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t._is_zerotensor():
+            continue
+        if t.device.type == "meta":
+            continue
+        k = storage_key(t)
+        if k is None or k in seen:
+            continue
+        if only is not None and k not in only:
+            continue
+        if exclude is not None and k in exclude:
+            continue
+        seen.add(k)
+        total += storage_nbytes(t)
+    return total

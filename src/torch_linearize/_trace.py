@@ -1,0 +1,350 @@
+"""Tracing: run ``f`` once on forward-AD dual tensors and record the tangent program.
+
+See ``docs/design.md`` ("Tracing") for the full story. In short:
+
+* ``f`` runs once, inside a forward-AD level, on dual tensors whose tangents are
+  *placeholder* tensors. PyTorch's own forward-AD formulas then compute tangents
+  with ordinary aten operations, which reach :class:`Tracer` (a
+  ``TorchDispatchMode``) like any other operation.
+* A tensor is *tracked* when it holds a tangent value: a placeholder, or the
+  output of an operation with a tracked input. Operations without tracked inputs
+  are primal (or residual) work: they run for real, once. Operations with a
+  tracked input are recorded as :class:`~torch_linearize._program.Eqn`; their
+  untracked tensor arguments become residuals.
+* Aliasing and mutation follow eager semantics. Writes into pre-existing buffers
+  are made safe by *promotion* (a fresh copy per application) and residuals
+  about to be written are snapshotted first (copy-on-write).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._errors import NonLinearTangentError
+from ._program import Eqn, Res, Var
+from ._residuals import ResidualTable, storage_key
+
+aten = torch.ops.aten
+
+__all__ = ["Tracer", "current_tracer"]
+
+_ATTR = "_torch_linearize_var"
+
+# Operations that move tangent *values* into Python: never linear.
+_DATA_READS = {
+    aten._local_scalar_dense.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten.item.default,
+}
+
+# Pointwise/reduction operations that are not linear in any tensor argument.
+_NONLINEAR = {
+    "abs", "acos", "acosh", "angle", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "clamp",
+    "clamp_max", "clamp_min", "cos", "cosh", "cumprod", "digamma", "elu", "erf", "erfc", "erfinv",
+    "exp", "exp2", "expm1", "floor", "fmax", "fmin", "frac", "gelu", "hardsigmoid", "hardswish",
+    "hardtanh", "i0", "igamma", "igammac", "leaky_relu", "lgamma", "log", "log10", "log1p",
+    "log2", "log_sigmoid_forward", "logit", "logsumexp", "_log_softmax", "maximum", "minimum",
+    "mish", "mvlgamma", "polygamma", "pow", "prod", "reciprocal", "relu", "round", "rsqrt",
+    "sgn", "sigmoid", "sign", "silu", "sin", "sinc", "sinh", "_softmax", "softplus", "sqrt",
+    "tan", "tanh", "trunc", "xlogy", "special_entr", "linalg_vector_norm", "norm", "std", "var",
+    "sort", "topk", "max", "min", "amax", "amin", "median", "mode", "kthvalue",
+}
+
+# Bilinear operations: recorded only when at most one of these positional
+# arguments is tracked; two tracked operands multiply tangents together.
+_BILINEAR = {
+    "mul": (0, 1), "div": (0, 1), "mm": (0, 1), "bmm": (0, 1), "mv": (0, 1), "matmul": (0, 1),
+    "dot": (0, 1), "vdot": (0, 1), "outer": (0, 1), "ger": (0, 1), "addmm": (1, 2),
+    "addbmm": (1, 2), "baddbmm": (1, 2), "addmv": (1, 2), "addr": (1, 2), "addcmul": (1, 2),
+    "_convolution": (0, 1), "convolution": (0, 1), "kron": (0, 1), "linalg_cross": (0, 1),
+    "cross": (0, 1),
+}
+# Operations linear only in some arguments: a tracked tensor elsewhere is non-linear.
+_LINEAR_ONLY_IN = {"div": (0,), "addcdiv": (0, 1), "linalg_solve": (1,), "_linalg_solve_ex": (1,)}
+
+
+@dataclass(frozen=True)
+class _OpInfo:
+    name: str
+    write_args: tuple  # ((position, name, is_list), ...)
+    fresh_outputs: bool  # outputs never alias inputs -> new storages
+    random: bool
+
+
+@functools.lru_cache(maxsize=None)
+def _op_info(func) -> _OpInfo:
+    schema = func._schema
+    writes = []
+    for pos, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            is_list = "[]" in str(a.type) or "List" in str(a.type)
+            writes.append((pos if not a.kwarg_only else None, a.name, is_list))
+    fresh = all(r.alias_info is None for r in schema.returns)
+    random = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+    base = schema.name.split("::")[-1]
+    return _OpInfo(base, tuple(writes), fresh, random)
+
+
+_local = threading.local()
+
+
+def current_tracer() -> Tracer | None:
+    """The tracer of the ``linearize`` call running in this thread, if any."""
+    return getattr(_local, "tracer", None)
+
+
+class Tracer(TorchDispatchMode):
+    """Records the tangent part of a forward-AD run into a linear program."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+        self.token = object()  # identifies this trace on tracked tensors
+        self.eqns: list[Eqn] = []
+        self.residuals = ResidualTable()
+        self.inputs: list[Var] = []
+        self.input_storage: dict[int, int] = {}
+        self.mutated_inputs: set[int] = set()
+        self.promoted: dict[int, Var] = {}
+        self.created: set[int] = set()  # storages allocated by operations during the trace
+        self.opaque_nodes: list[Any] = []
+        self.paused_depth = 0
+
+    # ------------------------------------------------------------------ activation
+    @contextmanager
+    def activate(self) -> Iterator[Tracer]:
+        prev = getattr(_local, "tracer", None)
+        _local.tracer = self
+        try:
+            with self:
+                yield self
+        finally:
+            _local.tracer = prev
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run library-internal tensor code without recording it."""
+        self.paused_depth += 1
+        try:
+            yield
+        finally:
+            self.paused_depth -= 1
+
+    # ------------------------------------------------------------------ tracked values
+    def new_var(self, t: torch.Tensor) -> Var:
+        v = Var.like(t, group=storage_key(t) if t.layout == torch.strided else None)
+        t.__dict__[_ATTR] = (self.token, v)
+        return v
+
+    def bind(self, t: torch.Tensor, v: Var) -> None:
+        t.__dict__[_ATTR] = (self.token, v)
+
+    def lookup(self, t: torch.Tensor) -> Var | None:
+        entry = t.__dict__.get(_ATTR)
+        if entry is not None and entry[0] is self.token:
+            return entry[1]
+        if self.promoted:
+            k = storage_key(t)
+            if k is not None and k in self.promoted:
+                return self._alias_of_promoted(t, k)
+        return None
+
+    def add_input(self, placeholder: torch.Tensor) -> Var:
+        v = self.new_var(placeholder)
+        self.inputs.append(v)
+        k = storage_key(placeholder)
+        if k is not None:
+            self.input_storage[k] = len(self.inputs) - 1
+        return v
+
+    def capture(self, t: torch.Tensor, origin: str = "") -> Res:
+        return Res(self.residuals.capture(t, origin))
+
+    def symbolic(self, x: Any, origin: str = "") -> Any:
+        if isinstance(x, torch.Tensor):
+            v = self.lookup(x)
+            return v if v is not None else self.capture(x, origin)
+        return x
+
+    def emit(self, eqn: Eqn) -> Eqn:
+        self.eqns.append(eqn)
+        return eqn
+
+    def note_created(self, t: torch.Tensor) -> None:
+        k = storage_key(t)
+        if k is not None:
+            self.created.add(k)
+
+    # ------------------------------------------------------------------ mutation safety
+    def before_write(self, t: torch.Tensor, tracked_write: bool, opname: str) -> None:
+        """Called before ``t`` is written in place."""
+        k = storage_key(t)
+        self.residuals.copy_on_write(k)
+        if not tracked_write:
+            return
+        if self.lookup(t) is None:
+            self._promote(t, k, opname)
+        elif k is not None and k in self.input_storage:
+            self.mutated_inputs.add(self.input_storage[k])
+
+    def _promote(self, t: torch.Tensor, k: int | None, opname: str) -> None:
+        """Tangent data is about to be written into a buffer that holds no tangent.
+
+        At application time that buffer must start from its current contents and
+        must be fresh every time, so record ``root = clone(snapshot)`` and view
+        ``t`` (and, lazily, every other alias of the storage) into ``root``.
+        """
+        if k is None:
+            raise NonLinearTangentError(
+                f"linearize: {opname} writes tangent data into a tensor without storage "
+                f"({t.layout}); this is not supported."
+            )
+        with torch.utils._python_dispatch._disable_current_modes():
+            nbytes = t.untyped_storage().nbytes()
+            item = t.element_size()
+            if nbytes % item:
+                raise NotImplementedError(
+                    f"linearize: {opname} writes tangent data into a buffer whose storage is "
+                    f"shared between dtypes; this is not supported."
+                )
+            flat = torch.empty(0, dtype=t.dtype, device=t.device)
+            flat.set_(t.untyped_storage(), 0, (nbytes // item,), (1,))
+            snapshot = flat.clone()
+        root = Var((nbytes // item,), t.dtype, (1,), group=k)
+        self.emit(Eqn(aten.clone.default, (self.capture(snapshot, "buffer snapshot"),), {}, root,
+                      name="fresh_copy"))
+        self.promoted[k] = root
+        self._alias_of_promoted(t, k)
+
+    def _alias_of_promoted(self, t: torch.Tensor, k: int) -> Var:
+        root = self.promoted[k]
+        if t.dtype != root.dtype:
+            raise NotImplementedError(
+                "linearize: a buffer that receives tangent data is viewed with two dtypes "
+                f"({root.dtype} and {t.dtype}); this is not supported."
+            )
+        v = Var.like(t, group=k)
+        self.emit(Eqn(aten.as_strided.default,
+                      (root, tuple(t.shape), tuple(t.stride()), t.storage_offset()), {}, v))
+        self.bind(t, v)
+        return v
+
+    # ------------------------------------------------------------------ dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused_depth:
+            return func(*args, **kwargs)
+        info = _op_info(func)
+        flat, spec = tree_flatten((args, kwargs))
+        tracked = False
+        for a in flat:
+            if isinstance(a, torch.Tensor) and self.lookup(a) is not None:
+                tracked = True
+                break
+        if not tracked:
+            for t in self._written(args, kwargs, info):
+                self.before_write(t, False, info.name)
+            out = func(*args, **kwargs)
+            if info.fresh_outputs or func is aten.lift_fresh.default:
+                for o in tree_flatten(out)[0]:
+                    if isinstance(o, torch.Tensor):
+                        self.note_created(o)
+            return out
+        return self._record(func, args, kwargs, flat, spec, info)
+
+    @staticmethod
+    def _written(args, kwargs, info: _OpInfo) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for pos, name, _ in info.write_args:
+            a = args[pos] if pos is not None and pos < len(args) else kwargs.get(name)
+            if isinstance(a, torch.Tensor):
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.extend(x for x in a if isinstance(x, torch.Tensor))
+        return out
+
+    def _check_linear(self, func, info: _OpInfo, args, flat) -> None:
+        name = str(func)
+        if func in _DATA_READS:
+            raise NonLinearTangentError(
+                f"linearize: {name} reads the value of a tangent-dependent tensor into Python "
+                "(e.g. .item(), bool(), torch.equal). The linearized function must be linear in "
+                "its tangents; read only primal values."
+            )
+        if info.random:
+            raise NonLinearTangentError(
+                f"linearize: random operation {name} was applied to a tangent-dependent tensor; "
+                "a linear map cannot draw new random numbers from its input."
+            )
+        base = info.name[:-1] if info.name.endswith("_") else info.name
+        if base in _NONLINEAR or base.lstrip("_") in _NONLINEAR:
+            raise NonLinearTangentError(
+                f"linearize: {name} is not linear but was applied to a tangent-dependent tensor. "
+                "A tangent can only flow through linear operations."
+            )
+        key = info.name.rstrip("_")
+        pos = _BILINEAR.get(key)
+        if pos is not None:
+            n = sum(
+                1 for p in pos
+                if p < len(args) and isinstance(args[p], torch.Tensor) and self.lookup(args[p]) is not None
+            )
+            if n > 1:
+                raise NonLinearTangentError(
+                    f"linearize: {name} multiplies two tangent-dependent tensors; the result is "
+                    "quadratic, not linear, in the tangent."
+                )
+        lin = _LINEAR_ONLY_IN.get(key)
+        if lin is not None:
+            for p, a in enumerate(args):
+                if p not in lin and isinstance(a, torch.Tensor) and self.lookup(a) is not None:
+                    raise NonLinearTangentError(
+                        f"linearize: {name} is not linear in argument {p}, which depends on a tangent."
+                    )
+
+    def _record(self, func, args, kwargs, flat, spec, info: _OpInfo):
+        self._check_linear(func, info, args, flat)
+        written = self._written(args, kwargs, info)
+        for t in written:
+            self.before_write(t, True, str(func))
+        written_vars = tuple(self.lookup(t) for t in written)
+        sym = [self.symbolic(a, str(func)) for a in flat]
+        out = func(*args, **kwargs)
+        out_flat, out_spec = tree_flatten(out)
+        tensors = [o for o in out_flat if isinstance(o, torch.Tensor)]
+        if not tensors:
+            # Metadata queries (is_same_size, ...) return Python values that do not
+            # depend on tangent data; data reads were rejected above.
+            return out
+        for o in tensors:
+            if not (o.is_floating_point() or o.is_complex()):
+                raise NonLinearTangentError(
+                    f"linearize: {func} produced a {o.dtype} tensor from a tangent-dependent input. "
+                    "Comparisons, indices and integer casts of tangents are not linear."
+                )
+        out_syms = [self.new_var(o) if isinstance(o, torch.Tensor) else o for o in out_flat]
+        sargs, skwargs = tree_unflatten(sym, spec)
+        self.emit(Eqn(func, tuple(sargs), dict(skwargs), tree_unflatten(out_syms, out_spec),
+                      mutates=tuple(v for v in written_vars if v is not None)))
+        return out
+
+    # ------------------------------------------------------------------ outputs
+    def tangent_of(self, t: torch.Tensor) -> Var | torch.Tensor | None:
+        """The tracked tangent of dual tensor ``t`` (a Var), an untracked tangent tensor, or None."""
+        tangent = fwAD.unpack_dual(t, level=self.level).tangent
+        if tangent is None:
+            return None
+        v = self.lookup(tangent)
+        return v if v is not None else tangent
+
