@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.utils._pytree import tree_flatten, tree_flatten_with_path, keystr, tree_map, tree_unflatten
+from torch.utils._pytree import (
+    keystr,
+    tree_flatten,
+    tree_flatten_with_path,
+    tree_map,
+    tree_unflatten,
+)
 
 from ._checks import flatten_primals
 from ._custom_function import function_patch
@@ -68,6 +74,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
 
     with shared_dual_level() as level, function_patch():
         tracer = Tracer(level)
+        changed: list[int] = []
         try:
             with tracer.activate():
                 duals, layouts = [], []
@@ -109,7 +116,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                     outputs, y_flat, out_spec = _collect_outputs(tracer, out)
                     aux = tree_map(lambda a: _primal(a, level), aux)
         finally:
-            tracer.residuals.end_trace()
+            changed = tracer.residuals.end_trace()
 
     prog = Program(
         inputs=tracer.inputs,
@@ -120,10 +127,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         mutated_inputs=set(tracer.mutated_inputs),
         residual_names=tracer.residuals.origin,
     )
-    versions = tracer.residuals.versions
     dead_code_elimination(prog)
-    used = prog.used_residuals()
-    stale = [i for i in used if prog.residuals[i]._version != versions[i]]
+    stale = sorted(set(prog.used_residuals()) & set(changed))
     if stale:
         raise StaleResidualError(
             f"{_API}: a tensor read by the tangent program ({prog.residual_names[stale[0]]}) was "

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["Eqn", "Program", "Res", "Var", "ZeroOut", "compile_program", "dead_code_elimination"]
 
@@ -99,6 +99,7 @@ class Eqn:
     outs: Any
     mutates: tuple = ()
     name: str = ""
+    poison: str | None = None  # set when the operation is not linear in its tangent inputs
 
     def in_vars(self) -> list[Var]:
         leaves, _ = tree_flatten((self.args, self.kwargs))
@@ -179,6 +180,11 @@ def dead_code_elimination(prog: Program) -> None:
                 needed_groups.add(v.group)
     kept.reverse()
     prog.eqns = kept
+    for e in kept:
+        if e.poison is not None:
+            from ._errors import NonLinearTangentError
+
+            raise NonLinearTangentError(e.poison)
 
 
 # --------------------------------------------------------------------------- printing

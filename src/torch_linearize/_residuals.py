@@ -66,9 +66,9 @@ class ResidualTable:
             idx = self._by_layout.get(lkey)
         if idx is None:
             idx = len(self.tensors)
-            # A detached alias: no autograd history, no forward grad, same storage
-            # and version counter as the original.
-            self.tensors.append(t.detach())
+            # The original object is kept until end_trace(), which swaps in a detached
+            # alias (detaching below autograd would not share the version counter).
+            self.tensors.append(t)
             self.versions.append(t._version)
             self.origin.append(origin)
             if lkey is not None:
@@ -96,15 +96,22 @@ class ResidualTable:
         self._by_layout = {k: v for k, v in self._by_layout.items() if k[0] != skey}
         self._by_id = {k: v for k, v in self._by_id.items() if v not in slots}
 
-    def end_trace(self) -> None:
+    def end_trace(self) -> list[int]:
+        """Finish the trace: detach every residual; return slots written since capture.
+
+        A slot is reported when its tensor was written in place after it was
+        captured by code the tracer could not see (writes it saw were handled by
+        copy-on-write). Afterwards ``versions`` holds the detached aliases'
+        versions, for stale checks at application time.
+        """
+        changed = [i for i, (t, v) in enumerate(zip(self.tensors, self.versions)) if t._version != v]
+        self.tensors = [t.detach() for t in self.tensors]
+        self.versions = [t._version for t in self.tensors]
         self._pin.clear()
         self._by_id.clear()
         self._by_layout.clear()
         self._by_storage.clear()
-
-    def check_unchanged(self) -> list[int]:
-        """Slots whose tensor was written in place since capture (by code linearize could not see)."""
-        return [i for i, (t, v) in enumerate(zip(self.tensors, self.versions)) if t._version != v]
+        return changed
 
 
 def distinct_storage_bytes(tensors: Iterable[torch.Tensor], only: set[int] | None = None,

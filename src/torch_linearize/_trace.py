@@ -51,13 +51,13 @@ _DATA_READS = {
 # Pointwise/reduction operations that are not linear in any tensor argument.
 _NONLINEAR = {
     "abs", "acos", "acosh", "angle", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "clamp",
-    "clamp_max", "clamp_min", "cos", "cosh", "cumprod", "digamma", "elu", "erf", "erfc", "erfinv",
+    "clamp_max", "clamp_min", "cos", "cosh", "digamma", "elu", "erf", "erfc", "erfinv",
     "exp", "exp2", "expm1", "floor", "fmax", "fmin", "frac", "gelu", "hardsigmoid", "hardswish",
     "hardtanh", "i0", "igamma", "igammac", "leaky_relu", "lgamma", "log", "log10", "log1p",
     "log2", "log_sigmoid_forward", "logit", "logsumexp", "_log_softmax", "maximum", "minimum",
-    "mish", "mvlgamma", "polygamma", "pow", "prod", "reciprocal", "relu", "round", "rsqrt",
+    "mish", "mvlgamma", "polygamma", "pow", "reciprocal", "relu", "round", "rsqrt",
     "sgn", "sigmoid", "sign", "silu", "sin", "sinc", "sinh", "_softmax", "softplus", "sqrt",
-    "tan", "tanh", "trunc", "xlogy", "special_entr", "linalg_vector_norm", "norm", "std", "var",
+    "tan", "tanh", "trunc", "special_entr", "linalg_vector_norm", "norm", "std", "var",
     "sort", "topk", "max", "min", "amax", "amin", "median", "mode", "kthvalue",
 }
 
@@ -71,7 +71,9 @@ _BILINEAR = {
     "cross": (0, 1),
 }
 # Operations linear only in some arguments: a tracked tensor elsewhere is non-linear.
-_LINEAR_ONLY_IN = {"div": (0,), "addcdiv": (0, 1), "linalg_solve": (1,), "_linalg_solve_ex": (1,)}
+_LINEAR_ONLY_IN = {
+    "div": (0,), "addcdiv": (0, 1), "linalg_solve": (1,), "_linalg_solve_ex": (1,), "xlogy": (0,),
+}
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class _OpInfo:
     random: bool
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _op_info(func) -> _OpInfo:
     schema = func._schema
     writes = []
@@ -119,6 +121,7 @@ class Tracer(TorchDispatchMode):
         self.promoted: dict[int, Var] = {}
         self.created: set[int] = set()  # storages allocated by operations during the trace
         self.opaque_nodes: list[Any] = []
+        self.poisoned: dict[int, str] = {}  # Var id -> why its value is not linear
         self.paused_depth = 0
 
     # ------------------------------------------------------------------ activation
@@ -274,7 +277,14 @@ class Tracer(TorchDispatchMode):
                 out.extend(x for x in a if isinstance(x, torch.Tensor))
         return out
 
-    def _check_linear(self, func, info: _OpInfo, args, flat) -> None:
+    def _nonlinearity(self, func, info: _OpInfo, args) -> str | None:
+        """Why recording ``func`` here would not be linear in the tangent, or None.
+
+        Reading tangent values into Python raises at once (the value escapes).
+        Everything else is *poison*: the equation is recorded with the reason and
+        the error is raised only if a poisoned value reaches an output of ``f``
+        (PyTorch sometimes computes, and then discards, such values itself).
+        """
         name = str(func)
         if func in _DATA_READS:
             raise NonLinearTangentError(
@@ -282,39 +292,37 @@ class Tracer(TorchDispatchMode):
                 "(e.g. .item(), bool(), torch.equal). The linearized function must be linear in "
                 "its tangents; read only primal values."
             )
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                v = self.lookup(a)
+                if v is not None and v.id in self.poisoned:
+                    return self.poisoned[v.id]
         if info.random:
-            raise NonLinearTangentError(
-                f"linearize: random operation {name} was applied to a tangent-dependent tensor; "
-                "a linear map cannot draw new random numbers from its input."
-            )
+            return (f"linearize: random operation {name} was applied to a tangent-dependent "
+                    "tensor; a linear map cannot draw new random numbers from its input.")
         base = info.name[:-1] if info.name.endswith("_") else info.name
         if base in _NONLINEAR or base.lstrip("_") in _NONLINEAR:
-            raise NonLinearTangentError(
-                f"linearize: {name} is not linear but was applied to a tangent-dependent tensor. "
-                "A tangent can only flow through linear operations."
-            )
-        key = info.name.rstrip("_")
-        pos = _BILINEAR.get(key)
+            return (f"linearize: {name} is not linear but was applied to a tangent-dependent "
+                    "tensor. A tangent can only flow through linear operations.")
+        pos = _BILINEAR.get(base)
         if pos is not None:
             n = sum(
                 1 for p in pos
                 if p < len(args) and isinstance(args[p], torch.Tensor) and self.lookup(args[p]) is not None
             )
             if n > 1:
-                raise NonLinearTangentError(
-                    f"linearize: {name} multiplies two tangent-dependent tensors; the result is "
-                    "quadratic, not linear, in the tangent."
-                )
-        lin = _LINEAR_ONLY_IN.get(key)
+                return (f"linearize: {name} multiplies two tangent-dependent tensors; the result "
+                        "is quadratic, not linear, in the tangent.")
+        lin = _LINEAR_ONLY_IN.get(base)
         if lin is not None:
             for p, a in enumerate(args):
                 if p not in lin and isinstance(a, torch.Tensor) and self.lookup(a) is not None:
-                    raise NonLinearTangentError(
-                        f"linearize: {name} is not linear in argument {p}, which depends on a tangent."
-                    )
+                    return (f"linearize: {name} is not linear in argument {p}, which depends on "
+                            "a tangent.")
+        return None
 
     def _record(self, func, args, kwargs, flat, spec, info: _OpInfo):
-        self._check_linear(func, info, args, flat)
+        poison = self._nonlinearity(func, info, args)
         written = self._written(args, kwargs, info)
         for t in written:
             self.before_write(t, True, str(func))
@@ -327,16 +335,29 @@ class Tracer(TorchDispatchMode):
             # Metadata queries (is_same_size, ...) return Python values that do not
             # depend on tangent data; data reads were rejected above.
             return out
-        for o in tensors:
-            if not (o.is_floating_point() or o.is_complex()):
-                raise NonLinearTangentError(
-                    f"linearize: {func} produced a {o.dtype} tensor from a tangent-dependent input. "
-                    "Comparisons, indices and integer casts of tangents are not linear."
-                )
-        out_syms = [self.new_var(o) if isinstance(o, torch.Tensor) else o for o in out_flat]
+        all_int = not any(o.is_floating_point() or o.is_complex() for o in tensors)
+        if all_int and poison is None:
+            poison = (f"linearize: {func} produced a {tensors[0].dtype} tensor from a "
+                      "tangent-dependent input. Comparisons, indices and integer casts of tangents "
+                      "are not linear.")
+        # Integer outputs next to floating ones (pivots, indices, info) depend only on
+        # primal values; they stay unbound and are read as residuals if used later.
+        out_syms = [
+            self.new_var(o) if isinstance(o, torch.Tensor) and (
+                all_int or o.is_floating_point() or o.is_complex())
+            else None if isinstance(o, torch.Tensor) else o
+            for o in out_flat
+        ]
         sargs, skwargs = tree_unflatten(sym, spec)
-        self.emit(Eqn(func, tuple(sargs), dict(skwargs), tree_unflatten(out_syms, out_spec),
-                      mutates=tuple(v for v in written_vars if v is not None)))
+        eqn = Eqn(func, tuple(sargs), dict(skwargs), tree_unflatten(out_syms, out_spec),
+                  mutates=tuple(v for v in written_vars if v is not None))
+        if poison is not None:
+            eqn.poison = poison
+            for v in eqn.out_vars():
+                self.poisoned[v.id] = poison
+            for v in eqn.mutates:
+                self.poisoned[v.id] = poison
+        self.emit(eqn)
         return out
 
     # ------------------------------------------------------------------ outputs

@@ -1,0 +1,253 @@
+"""Run PyTorch's OpInfo database through ``linearize`` and compare with ``torch.func.jvp``.
+
+Used by ``tests/test_opinfo.py`` and by ``python tests/opinfo_harness.py`` (a
+report of the pass figure; see ``--help``).
+
+For each sample of each OpInfo with ``supports_forward_ad``:
+
+* every floating/complex tensor among ``input``/``args``/``kwargs`` (including
+  tensors inside lists) becomes a primal;
+* the reference is ``torch.func.jvp(f, primals, tangents)`` (eager forward-mode
+  AD if ``torch.func`` cannot run the sample); the RNG is re-seeded identically
+  before the reference and before ``linearize``;
+* ``y`` must equal the reference output and ``jvp_fn(tangents)`` the reference
+  tangent, for two different random tangents (so a map that ignored its input
+  would fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+import torch_linearize as tl
+
+# Known failures, each with its reason and a signature every failing sample of
+# that (op, dtype) must match; all other samples of the op must still pass.
+# Keys: (OpInfo full name, dtype). Values: (reason, signature substring).
+_PINV = (
+    "PyTorch bug: complex linalg_pinv.atol_rtol_tensor returns a different (wrong) result "
+    "whenever any TorchDispatchMode is active, even a pass-through one (see "
+    "tests/test_opinfo.py::test_upstream_complex_pinv_under_dispatch_mode); linearize traces "
+    "under such a mode."
+)
+_BCE = (
+    "PyTorch eager forward-mode AD rejects binary_cross_entropy_with_logits when weight or "
+    "pos_weight carry tangents ('Setting a forward grad that itself has a forward gradient'); "
+    "torch.func.jvp uses functorch levels instead. Close over weight/pos_weight instead."
+)
+_UNPOOL = (
+    "max_unpool scatters with duplicate indices when pooling windows overlap; which value wins "
+    "is nondeterministic in PyTorch, so two runs can disagree."
+)
+XFAIL: dict[tuple[str, torch.dtype], tuple[str, str]] = {
+    ("pinverse", torch.complex128): (_PINV, "not close"),
+    ("linalg.pinv", torch.complex128): (_PINV, "not close"),
+    ("linalg.pinv.singular", torch.complex128): (_PINV, "not close"),
+    ("linalg.lstsq.grad_oriented", torch.complex128): (_PINV, "not close"),
+    ("nn.functional.binary_cross_entropy_with_logits", torch.float64): (_BCE, "itself has a forward gradient"),
+    ("nn.functional.binary_cross_entropy_with_logits", torch.float32): (_BCE, "itself has a forward gradient"),
+    ("nn.functional.max_unpool1d", torch.float32): (_UNPOOL, "not close"),
+    ("nn.functional.max_unpool2d", torch.float32): (_UNPOOL, "not close"),
+    ("nn.functional.max_unpool3d", torch.float32): (_UNPOOL, "not close"),
+    ("nn.functional.max_unpool1d", torch.float64): (_UNPOOL, "not close"),
+    ("nn.functional.max_unpool2d", torch.float64): (_UNPOOL, "not close"),
+    ("nn.functional.max_unpool3d", torch.float64): (_UNPOOL, "not close"),
+}
+
+
+def expected_failure(outcome: Outcome, name: str, dtype: torch.dtype) -> bool:
+    entry = XFAIL.get((name, dtype))
+    return entry is not None and outcome.status in ("fail", "error") and entry[1] in outcome.detail
+
+
+def op_full_name(op) -> str:
+    return op.name + ("." + op.variant_test_name if op.variant_test_name else "")
+
+
+def forward_ad_ops():
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    return [op for op in op_db if op.supports_forward_ad]
+
+
+def _is_diff(x) -> bool:
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
+def sample_function(op, sample):
+    """Return (f, primals) where f(*primals) == op(sample) and primals are the diff tensors."""
+    tree = (sample.input, sample.args, sample.kwargs)
+    leaves, spec = tree_flatten(tree)
+    idx = [i for i, x in enumerate(leaves) if _is_diff(x)]
+    primals = tuple(leaves[i].detach() for i in idx)
+
+    def f(*ps):
+        new = list(leaves)
+        for i, p in zip(idx, ps):
+            new[i] = p
+        inp, args, kwargs = tree_unflatten(new, spec)
+        out = op(inp, *args, **kwargs)
+        flat, ospec = tree_flatten(out)
+        # Only differentiable outputs have tangents; integer outputs (indices) are dropped.
+        return tuple(o for o in flat if _is_diff(o))
+
+    return f, primals
+
+
+def _eager_jvp(f, primals, tangents):
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        out = f(*duals)
+        ys, ts = [], []
+        for o in out:
+            p, t = fwAD.unpack_dual(o)
+            ys.append(p.detach().clone())
+            ts.append(torch.zeros_like(p) if t is None else t.clone())
+    return tuple(ys), tuple(ts)
+
+
+def reference_jvp(f, primals, tangents, seed):
+    torch.manual_seed(seed)
+    try:
+        y, t = torch.func.jvp(f, primals, tangents)
+        return tuple(y), tuple(t), "torch.func.jvp"
+    except Exception:
+        torch.manual_seed(seed)
+        y, t = _eager_jvp(f, primals, tangents)
+        return y, t, "forward_ad"
+
+
+def random_tangent(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if p.is_complex():
+        re = torch.randn(p.shape, generator=gen, dtype=p.real.dtype)
+        im = torch.randn(p.shape, generator=gen, dtype=p.real.dtype)
+        return torch.complex(re, im).to(p.device)
+    return torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+
+
+@dataclass
+class Outcome:
+    op: str
+    index: int
+    status: str  # "pass", "fail", "error", "skip"
+    detail: str = ""
+
+
+def _tols(dtype):
+    if dtype in (torch.float32, torch.complex64):
+        return dict(rtol=1e-4, atol=1e-5)
+    return dict(rtol=1e-7, atol=1e-9)
+
+
+def check_sample(op, sample, dtype, seed=0) -> Outcome:
+    name = op_full_name(op)
+    f, primals = sample_function(op, sample)
+    if not primals:
+        return Outcome(name, -1, "skip", "no differentiable inputs")
+    gen = torch.Generator().manual_seed(1234)
+    tangents_a = tuple(random_tangent(p, gen) for p in primals)
+    tangents_b = tuple(random_tangent(p, gen) for p in primals)
+    try:
+        ry, rta, how = reference_jvp(f, primals, tangents_a, seed)
+        _, rtb, _ = reference_jvp(f, primals, tangents_b, seed)
+    except Exception as e:  # the reference cannot run this sample
+        return Outcome(name, -1, "skip", f"reference failed: {type(e).__name__}: {str(e)[:120]}")
+    try:
+        torch.manual_seed(seed)
+        y, jvp_fn = tl.linearize(f, *primals)
+        ta = jvp_fn(*tangents_a)
+        tb = jvp_fn(*tangents_b)
+    except Exception as e:
+        tb_str = traceback.format_exc(limit=-3)
+        return Outcome(name, -1, "error", f"{type(e).__name__}: {str(e)[:300]}\n{tb_str}")
+    try:
+        tol = _tols(dtype)
+        torch.testing.assert_close(tuple(y), ry, equal_nan=True, **tol, msg=lambda m: "output y: " + m)
+        torch.testing.assert_close(tuple(ta), rta, equal_nan=True, **tol, msg=lambda m: "tangent a: " + m)
+        torch.testing.assert_close(tuple(tb), rtb, equal_nan=True, **tol, msg=lambda m: "tangent b: " + m)
+    except AssertionError as e:
+        return Outcome(name, -1, "fail", f"vs {how}: {str(e)[:400]}")
+    return Outcome(name, -1, "pass")
+
+
+def samples_for(op, dtype, limit):
+    try:
+        it = op.sample_inputs("cpu", dtype, requires_grad=False)
+        out = []
+        for i, s in enumerate(it):
+            if limit is not None and i >= limit:
+                break
+            out.append(s)
+        return out
+    except Exception:
+        return []
+
+
+def run_sweep(dtypes, limit, ops=None, verbose=False, out=sys.stdout):
+    results: list[Outcome] = []
+    ops = ops if ops is not None else forward_ad_ops()
+    t0 = time.time()
+    for op in ops:
+        for dtype in dtypes:
+            if dtype not in op.supported_dtypes("cpu"):
+                continue
+            for i, s in enumerate(samples_for(op, dtype, limit)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    r = check_sample(op, s, dtype)
+                r.index = i
+                if expected_failure(r, r.op, dtype):
+                    r.status = "xfail"
+                r.op = f"{r.op}[{str(dtype).replace('torch.', '')}]"
+                results.append(r)
+                if verbose and r.status in ("fail", "error"):
+                    print(f"{r.status.upper()} {r.op} #{i}: {r.detail}", file=out)
+    return results, time.time() - t0
+
+
+def summarize(results):
+    counted = [r for r in results if r.status not in ("skip", "xfail")]
+    passed = [r for r in counted if r.status == "pass"]
+    by_op: dict[str, list[Outcome]] = {}
+    for r in counted:
+        by_op.setdefault(r.op, []).append(r)
+    ops_ok = sum(1 for rs in by_op.values() if all(r.status == "pass" for r in rs))
+    return len(passed), len(counted), ops_ok, len(by_op)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=8, help="samples per op and dtype (0 = all)")
+    ap.add_argument("--dtypes", default="float64", help="comma list: float64,float32,complex128")
+    ap.add_argument("--ops", default="", help="comma list of OpInfo names to restrict to")
+    args = ap.parse_args(argv)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    ops = forward_ad_ops()
+    if args.ops:
+        wanted = set(args.ops.split(","))
+        ops = [op for op in ops if op.name in wanted or op_full_name(op) in wanted]
+    results, secs = run_sweep(dtypes, args.limit or None, ops, verbose=True)
+    p, n, ok, nops = summarize(results)
+    skipped = sum(1 for r in results if r.status == "skip")
+    xfailed = sum(1 for r in results if r.status == "xfail")
+    total = n + xfailed
+    print(f"\nOpInfo sweep ({args.dtypes}, limit={args.limit or 'all'}): {p} of {total} samples pass "
+          f"({100.0 * p / max(total, 1):.2f}%); {xfailed} known failures (XFAIL, with reasons); "
+          f"{n - p} unexpected failures; {ok} of {nops} (op, dtype) pairs pass all counted samples; "
+          f"{skipped} samples skipped (the reference itself cannot run them); {secs:.0f}s")
+    return 0 if p == n else 1  # known failures (XFAIL) do not fail the run
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
