@@ -97,7 +97,7 @@ def sample_function(op, sample):
             new[i] = p
         inp, args, kwargs = tree_unflatten(new, spec)
         out = op(inp, *args, **kwargs)
-        flat, ospec = tree_flatten(out)
+        flat = tree_flatten(out)[0]
         # Only differentiable outputs have tangents; integer outputs (indices) are dropped.
         return tuple(o for o in flat if _is_diff(o))
 

@@ -338,7 +338,7 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
         elif outs is None or not tree_flatten(outs)[0]:
             body.append(call)
         else:  # nested structure: flatten at run time
-            leaves, spec = tree_flatten(outs)
+            leaves = tree_flatten(outs)[0]
             flat = nm.glob(tree_flatten, "f")
             tmp = f"_o{id(e)}"
             body.append(f"{tmp} = {flat}({call})[0]")
