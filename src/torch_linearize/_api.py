@@ -21,6 +21,7 @@ from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, StaleResidualError
 from ._forward_ad import shared_dual_level
 from ._linear_map import LinearMap
+from ._passes import forward_identities
 from ._program import Program, Var, ZeroOut, compile_program, dead_code_elimination
 from ._residuals import distinct_storage_bytes, storage_key
 from ._trace import Tracer
@@ -128,6 +129,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         residual_names=tracer.residuals.origin,
     )
     dead_code_elimination(prog)
+    if forward_identities(prog):
+        dead_code_elimination(prog)
     stale = sorted(set(prog.used_residuals()) & set(changed))
     if stale:
         raise StaleResidualError(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 __all__ = ["Eqn", "Program", "Res", "Var", "ZeroOut", "compile_program", "dead_code_elimination"]
 
@@ -101,16 +101,28 @@ class Eqn:
     name: str = ""
     poison: str | None = None  # set when the operation is not linear in its tangent inputs
 
+    def _leaves(self) -> list:
+        out: list = []
+        for x in (*self.args, *self.kwargs.values()):
+            if isinstance(x, (list, tuple)):
+                out.extend(x)
+            else:
+                out.append(x)
+        return out
+
     def in_vars(self) -> list[Var]:
-        leaves, _ = tree_flatten((self.args, self.kwargs))
-        return [x for x in leaves if isinstance(x, Var)]
+        return [x for x in self._leaves() if isinstance(x, Var)]
 
     def in_res(self) -> list[Res]:
-        leaves, _ = tree_flatten((self.args, self.kwargs))
-        return [x for x in leaves if isinstance(x, Res)]
+        return [x for x in self._leaves() if isinstance(x, Res)]
 
     def out_vars(self) -> list[Var]:
-        leaves, _ = tree_flatten(self.outs)
+        o = self.outs
+        if isinstance(o, Var):
+            return [o]
+        if isinstance(o, (list, tuple)) and all(not isinstance(x, (list, tuple, dict)) for x in o):
+            return [x for x in o if isinstance(x, Var)]
+        leaves, _ = tree_flatten(o)
         return [x for x in leaves if isinstance(x, Var)]
 
 
@@ -141,9 +153,12 @@ class Program:
         def sub(x):
             return Res(remap[x.index]) if isinstance(x, Res) else x
 
+        def sub_arg(x):
+            return type(x)(sub(y) for y in x) if isinstance(x, (list, tuple)) else sub(x)
+
         for e in self.eqns:
-            e.args = tree_map(sub, e.args)
-            e.kwargs = tree_map(sub, e.kwargs)
+            e.args = tuple(sub_arg(a) for a in e.args)
+            e.kwargs = {k: sub_arg(v) for k, v in e.kwargs.items()}
         self.residuals = [self.residuals[i] for i in used]
         if self.residual_names:
             self.residual_names = [self.residual_names[i] for i in used]
@@ -293,6 +308,9 @@ def _callable_for(fn: Callable) -> Callable:
     return getattr(fn, "_op", fn) if isinstance(fn, torch._ops.OpOverload) else fn
 
 
+_code_cache: dict[str, Any] = {}  # program source -> code object (re-linearizing reuses it)
+
+
 def compile_program(prog: Program) -> Callable[..., tuple]:
     """Generate a Python function ``run(*inputs) -> tuple(outputs)`` for ``prog``.
 
@@ -357,7 +375,13 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     lines.append("    return run")
     src = "\n".join(lines)
     glb = dict(nm.globals)
-    exec(compile(src, "<torch_linearize program>", "exec"), glb)
+    code = _code_cache.get(src)
+    if code is None:
+        code = compile(src, "<torch_linearize program>", "exec")
+        if len(_code_cache) > 256:
+            _code_cache.clear()
+        _code_cache[src] = code
+    exec(code, glb)
     run = glb["_make"](*prog.residuals)
     run.__torch_linearize_source__ = src  # type: ignore[attr-defined]
     return run

@@ -9,6 +9,7 @@ during ``linearize`` so that memory can be accounted honestly.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ class ResidualTable:
         self._by_layout: dict[tuple, int] = {}
         self._by_storage: dict[int, list[int]] = {}
 
-    def capture(self, t: torch.Tensor, origin: str = "") -> int:
+    def capture(self, t: torch.Tensor, origin: Any = "") -> int:
         """Return the slot of ``t``, adding it if it is new."""
         idx = self._by_id.get(id(t))
         if idx is not None:
@@ -70,7 +71,7 @@ class ResidualTable:
             # alias (detaching below autograd would not share the version counter).
             self.tensors.append(t)
             self.versions.append(t._version)
-            self.origin.append(origin)
+            self.origin.append(str(origin))
             if lkey is not None:
                 self._by_layout[lkey] = idx
                 self._by_storage.setdefault(skey, []).append(idx)

@@ -18,7 +18,6 @@ See ``docs/design.md`` ("Tracing") for the full story. In short:
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,10 +81,16 @@ class _OpInfo:
     write_args: tuple  # ((position, name, is_list), ...)
     fresh_outputs: bool  # outputs never alias inputs -> new storages
     random: bool
+    returns_tensor: bool  # False for metadata queries (is_same_size, ...) and data reads
 
 
-@functools.cache
+_op_infos: dict[Any, _OpInfo] = {}
+
+
 def _op_info(func) -> _OpInfo:
+    info = _op_infos.get(func)
+    if info is not None:
+        return info
     schema = func._schema
     writes = []
     for pos, a in enumerate(schema.arguments):
@@ -95,7 +100,10 @@ def _op_info(func) -> _OpInfo:
     fresh = all(r.alias_info is None for r in schema.returns)
     random = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
     base = schema.name.split("::")[-1]
-    return _OpInfo(base, tuple(writes), fresh, random)
+    returns_tensor = any("Tensor" in str(r.type) for r in schema.returns)
+    info = _OpInfo(base, tuple(writes), fresh, random, returns_tensor)
+    _op_infos[func] = info
+    return info
 
 
 _local = threading.local()
@@ -190,7 +198,7 @@ class Tracer(TorchDispatchMode):
             self.created.add(k)
 
     # ------------------------------------------------------------------ mutation safety
-    def before_write(self, t: torch.Tensor, tracked_write: bool, opname: str) -> None:
+    def before_write(self, t: torch.Tensor, tracked_write: bool, opname: Any) -> None:
         """Called before ``t`` is written in place."""
         k = storage_key(t)
         self.residuals.copy_on_write(k)
@@ -201,7 +209,7 @@ class Tracer(TorchDispatchMode):
         elif k is not None and k in self.input_storage:
             self.mutated_inputs.add(self.input_storage[k])
 
-    def _promote(self, t: torch.Tensor, k: int | None, opname: str) -> None:
+    def _promote(self, t: torch.Tensor, k: int | None, opname: Any) -> None:
         """Tangent data is about to be written into a buffer that holds no tangent.
 
         At application time that buffer must start from its current contents and
@@ -244,27 +252,52 @@ class Tracer(TorchDispatchMode):
         return v
 
     # ------------------------------------------------------------------ dispatch
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing is compiled inside this mode; skip the per-call dynamo-disable wrapper.
+        return False
+
+    def _any_tracked(self, args, kwargs) -> bool:
+        lookup = self.lookup
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if lookup(a) is not None:
+                    return True
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, torch.Tensor) and lookup(b) is not None:
+                        return True
+        for a in kwargs.values():
+            if isinstance(a, torch.Tensor):
+                if lookup(a) is not None:
+                    return True
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, torch.Tensor) and lookup(b) is not None:
+                        return True
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.paused_depth:
             return func(*args, **kwargs)
         info = _op_info(func)
-        flat, spec = tree_flatten((args, kwargs))
-        tracked = False
-        for a in flat:
-            if isinstance(a, torch.Tensor) and self.lookup(a) is not None:
-                tracked = True
-                break
-        if not tracked:
+        if not info.returns_tensor and func not in _DATA_READS:
+            return func(*args, **kwargs)  # metadata query: no tensor data is read
+        if self._any_tracked(args, kwargs):
+            return self._record(func, args, kwargs, info)
+        if info.write_args:
             for t in self._written(args, kwargs, info):
                 self.before_write(t, False, info.name)
-            out = func(*args, **kwargs)
-            if info.fresh_outputs or func is aten.lift_fresh.default:
-                for o in tree_flatten(out)[0]:
+        out = func(*args, **kwargs)
+        if info.fresh_outputs or func is aten.lift_fresh.default:
+            if isinstance(out, torch.Tensor):
+                self.note_created(out)
+            elif isinstance(out, (list, tuple)):
+                for o in out:
                     if isinstance(o, torch.Tensor):
                         self.note_created(o)
-            return out
-        return self._record(func, args, kwargs, flat, spec, info)
+        return out
 
     @staticmethod
     def _written(args, kwargs, info: _OpInfo) -> list[torch.Tensor]:
@@ -321,14 +354,30 @@ class Tracer(TorchDispatchMode):
                             "a tangent.")
         return None
 
-    def _record(self, func, args, kwargs, flat, spec, info: _OpInfo):
+    def _sym(self, x: Any, origin) -> Any:
+        if isinstance(x, torch.Tensor):
+            return self.symbolic(x, origin)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._sym(y, origin) for y in x)
+        return x
+
+    def _record(self, func, args, kwargs, info: _OpInfo):
         poison = self._nonlinearity(func, info, args)
-        written = self._written(args, kwargs, info)
+        written = self._written(args, kwargs, info) if info.write_args else []
         for t in written:
-            self.before_write(t, True, str(func))
+            self.before_write(t, True, func)
         written_vars = tuple(self.lookup(t) for t in written)
-        sym = [self.symbolic(a, str(func)) for a in flat]
+        sargs = tuple(self._sym(a, func) for a in args)
+        skwargs = {k: self._sym(v, func) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
+            # Fast path: one floating output.
+            eqn = Eqn(func, sargs, skwargs, self.new_var(out),
+                      mutates=tuple(v for v in written_vars if v is not None))
+            if poison is not None:
+                self._poison(eqn, poison)
+            self.eqns.append(eqn)
+            return out
         out_flat, out_spec = tree_flatten(out)
         tensors = [o for o in out_flat if isinstance(o, torch.Tensor)]
         if not tensors:
@@ -348,17 +397,19 @@ class Tracer(TorchDispatchMode):
             else None if isinstance(o, torch.Tensor) else o
             for o in out_flat
         ]
-        sargs, skwargs = tree_unflatten(sym, spec)
-        eqn = Eqn(func, tuple(sargs), dict(skwargs), tree_unflatten(out_syms, out_spec),
+        eqn = Eqn(func, sargs, skwargs, tree_unflatten(out_syms, out_spec),
                   mutates=tuple(v for v in written_vars if v is not None))
         if poison is not None:
-            eqn.poison = poison
-            for v in eqn.out_vars():
-                self.poisoned[v.id] = poison
-            for v in eqn.mutates:
-                self.poisoned[v.id] = poison
+            self._poison(eqn, poison)
         self.emit(eqn)
         return out
+
+    def _poison(self, eqn: Eqn, why: str) -> None:
+        eqn.poison = why
+        for v in eqn.out_vars():
+            self.poisoned[v.id] = why
+        for v in eqn.mutates:
+            self.poisoned[v.id] = why
 
     # ------------------------------------------------------------------ outputs
     def tangent_of(self, t: torch.Tensor) -> Var | torch.Tensor | None:
