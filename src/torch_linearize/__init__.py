@@ -4,11 +4,13 @@ Public API:
 
 * :func:`linearize` -- ``y, jvp_fn = linearize(f, *primals)``.
 * :class:`LinearMap` -- the type of ``jvp_fn``.
+* :func:`trace_jvp` -- opt a custom Function into PyTorch's own forward-AD tracing.
 * Errors: :class:`NonLinearTangentError`, :class:`NoForwardADError`,
   :class:`ReleasedError`, :class:`StaleResidualError` (all :class:`LinearizeError`).
 """
 
 from ._api import linearize
+from ._custom_function import trace_jvp
 from ._errors import (
     LinearizeError,
     NoForwardADError,
@@ -26,6 +28,7 @@ __all__ = [
     "ReleasedError",
     "StaleResidualError",
     "linearize",
+    "trace_jvp",
 ]
 
 __version__ = "0.1.0"

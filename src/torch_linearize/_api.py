@@ -87,7 +87,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                     with tracer.paused():
                         if torch._debug_has_internal_overlap(p) == 1:
                             p = p.clone()
-                        ph = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        ph = torch.ones_like(p, memory_format=torch.preserve_format)
                     tracer.add_input(ph)
                     layouts.append((tuple(ph.stride()), ph.storage_offset()))
                     duals.append(fwAD.make_dual(p, ph, level=level))

@@ -25,7 +25,6 @@ differentiate through them.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from typing import Any
 
@@ -37,30 +36,58 @@ from ._errors import LinearizeError, NoForwardADError
 from ._program import Eqn, Var, type_str
 from ._trace import Tracer, current_tracer
 
-__all__ = ["LinearizeCtx", "OpaqueJvp", "function_patch"]
+__all__ = ["LinearizeCtx", "OpaqueJvp", "function_patch", "trace_jvp"]
 
 _Function = torch.autograd.Function
+_SingleLevel = torch.autograd.function._SingleLevelFunction
+_BackwardCFunction = torch.autograd.function.BackwardCFunction
+_TRACE_JVP_ATTR = "_torch_linearize_trace_jvp"
 _patch_lock = threading.Lock()
 _patch_users = 0
-_original_apply = None
+_original_apply_jvp = _BackwardCFunction.__dict__["apply_jvp"]
+
+
+def _base_apply(cls, args, kwargs):
+    """PyTorch's C++ ``Function.apply`` (what ``super().apply`` reaches without our patch)."""
+    return super(_SingleLevel, cls).apply(*args, **kwargs)
 
 
 def _patched_apply(cls, *args, **kwargs):
+    # ``Function.apply`` (Python) binds default arguments and then calls
+    # ``super().apply``, which resolves to this classmethod while a patch is
+    # installed; so even ``MyFunction.apply`` references bound before linearize
+    # was called come through here.
     tracer = current_tracer()
-    if tracer is None or tracer.paused_depth or getattr(cls, "_torch_linearize_native", False):
-        return _original_apply.__func__(cls, *args, **kwargs)
+    if tracer is None or tracer.paused_depth or getattr(cls, _TRACE_JVP_ATTR, False):
+        return _base_apply(cls, args, kwargs)
     return apply_function(tracer, cls, args, kwargs)
 
 
+def _patched_apply_jvp(self, *tangents):
+    # PyTorch's own forward AD calls a Function's jvp through here (the native
+    # path: @trace_jvp Functions, Functions inside torch.func transforms). Check
+    # that the result was computed from the tangents with operations we saw.
+    out = _original_apply_jvp(self, *tangents)
+    tracer = current_tracer()
+    if tracer is not None and not tracer.paused_depth:
+        _check_native_jvp_result(tracer, self._forward_cls, tangents, out)
+    return out
+
+
 class function_patch:
-    """Context manager: route ``Function.apply`` through the tracer while any trace runs."""
+    """Context manager: route custom Functions through the tracer while any trace runs.
+
+    Installs (reference-counted, thread-safe) ``_SingleLevelFunction.apply`` and
+    ``BackwardCFunction.apply_jvp`` hooks, removed when the last trace ends. Calls
+    from threads that are not tracing go straight to PyTorch.
+    """
 
     def __enter__(self):
-        global _patch_users, _original_apply
+        global _patch_users
         with _patch_lock:
             if _patch_users == 0:
-                _original_apply = _Function.__dict__["apply"]
-                _Function.apply = classmethod(_patched_apply)
+                _SingleLevel.apply = classmethod(_patched_apply)
+                _BackwardCFunction.apply_jvp = _patched_apply_jvp
             _patch_users += 1
         return self
 
@@ -69,12 +96,54 @@ class function_patch:
         with _patch_lock:
             _patch_users -= 1
             if _patch_users == 0:
-                _Function.apply = _original_apply
+                del _SingleLevel.apply
+                _BackwardCFunction.apply_jvp = _original_apply_jvp
         return False
 
 
-def _call_original(cls, args, kwargs):
-    return _original_apply.__func__(cls, *args, **kwargs)
+def _check_native_jvp_result(tracer: Tracer, cls: type, tangents: tuple, out: Any) -> None:
+    if not any(isinstance(t, torch.Tensor) and tracer.lookup(t) is not None for t in tangents):
+        return
+    outs = out if isinstance(out, tuple) else (out,)
+    for j, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor) or tracer.lookup(o) is not None or o._is_zerotensor():
+            continue
+        with tracer.paused():
+            zero = o.numel() == 0 or not bool(torch.any(o != 0))
+        if not zero:
+            raise LinearizeError(
+                f"linearize: {cls.__qualname__}.jvp ran at trace time (PyTorch's own forward AD: "
+                "the Function is decorated with @trace_jvp or runs inside a torch.func transform) "
+                f"and returned tangent {j} without computing it from the input tangents with "
+                "PyTorch operations (e.g. through numpy or raw data pointers). Such a jvp can only "
+                "be called opaquely: remove @trace_jvp / call linearize outside torch.func."
+            )
+
+
+def trace_jvp(cls: type) -> type:
+    """Class decorator: let ``linearize`` trace this Function with PyTorch's own forward AD.
+
+    By default ``linearize`` treats a custom ``torch.autograd.Function`` as opaque:
+    ``forward`` runs once and ``jvp`` runs per tangent, on plain tensors. A Function
+    decorated with ``@trace_jvp`` is instead run the way eager forward-mode AD runs
+    it: ``forward`` and ``jvp`` run once at ``linearize`` time (with placeholder
+    tangents) and the PyTorch operations of ``jvp`` are recorded into the linear
+    program. Use it when reverse-mode autograd must run through the Function
+    inside the linearized function (forward-over-reverse, e.g. Hessian-vector
+    products with ``torch.autograd.grad(..., create_graph=True)``). ``jvp`` (and
+    ``backward``) must then be written in differentiable PyTorch operations.
+
+    Example:
+        >>> @trace_jvp
+        ... class Square(torch.autograd.Function):
+        ...     ...
+    """
+    if not (isinstance(cls, type) and issubclass(cls, _Function)):
+        raise TypeError(
+            f"trace_jvp: expected a torch.autograd.Function subclass, got {cls!r}."
+        )
+    setattr(cls, _TRACE_JVP_ATTR, True)
+    return cls
 
 
 def _uses_setup_context(cls) -> bool:
@@ -214,13 +283,6 @@ class OpaqueJvp:
         self._zeros.clear()
 
 
-def _bind_default_args(func, args, kwargs):
-    sig = inspect.signature(func)
-    bound = sig.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound.args, bound.kwargs
-
-
 class _ReverseGuard(torch.autograd.Function):
     """Connects opaque outputs to inputs that require grad; refuses backward during a trace."""
 
@@ -236,18 +298,16 @@ class _ReverseGuard(torch.autograd.Function):
             f"linearize: reverse-mode autograd ran through custom Function {ctx.name} inside the "
             "linearized function (forward-over-reverse, e.g. a Hessian-vector product). "
             "linearize runs custom Functions opaquely (forward once, jvp per tangent), so it cannot "
-            "differentiate their backward. Use torch.func.grad inside f (then the Function follows "
-            "torch.func rules), or set `_torch_linearize_native = True` on the Function class to "
-            "let PyTorch trace its jvp natively."
+            "differentiate their backward. Decorate the Function with @torch_linearize.trace_jvp "
+            "(its jvp and backward must then be PyTorch code), or use torch.func.grad inside f."
         )
 
 
 def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     """``cls.apply(*args, **kwargs)`` while ``tracer`` records."""
-    if _uses_setup_context(cls):
-        args, kwargs = _bind_default_args(cls.forward, args, kwargs)
+    # Function.apply has already bound default arguments for setup_context-style Functions.
     if torch._C._are_functorch_transforms_active() or kwargs:
-        return _call_original(cls, args, kwargs)
+        return _base_apply(cls, args, kwargs)
 
     name = cls.__qualname__
     primals: list[Any] = []
@@ -269,7 +329,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
                 primals.append(a)
                 tangent_syms.append(None)
     if not has_tangent:
-        return _call_original(cls, args, kwargs)
+        return _base_apply(cls, args, kwargs)
     if not _has_jvp(cls):
         raise NoForwardADError(
             f"linearize: custom autograd.Function {name} receives tangent inputs but does not "
@@ -331,10 +391,8 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     diff_idx = [j for j, m in enumerate(metas) if m is not None and j not in dirty]
     if reverse_live and diff_idx:
         req = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-        with tracer.paused(), torch.enable_grad():
-            guarded = _call_original(
-                _ReverseGuard, (name, len(diff_idx), *req, *[outs[j] for j in diff_idx]), {}
-            )
+        with tracer.paused(), torch.enable_grad(), fwAD._set_fwd_grad_enabled(False):
+            guarded = _ReverseGuard.apply(name, len(diff_idx), *req, *[outs[j] for j in diff_idx])
         for j, g in zip(diff_idx, guarded):
             results[j] = g
 
@@ -344,7 +402,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
             primal = results[j]
             if torch._debug_has_internal_overlap(primal) == 1:
                 primal = primal.clone()  # forward AD cannot attach a tangent to overlapping memory
-            placeholder = torch.zeros_like(primal, memory_format=torch.preserve_format)
+            placeholder = torch.ones_like(primal, memory_format=torch.preserve_format)
             out_vars[j] = tracer.new_var(placeholder)
             tracer.note_created(outs[j])
         # make_dual runs with the tracer recording: a layout fix-up it performs on the

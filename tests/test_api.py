@@ -1,0 +1,251 @@
+"""Tests for ``torch_linearize/_api.py``: the ``linearize`` entry point."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_linearize as tl
+from helpers import OpCounter, assert_jvp_matches, central_difference, rand_like_tree
+
+D = torch.float64
+
+
+def test_elementwise_chain_matches_func_jvp_and_finite_differences():
+    x = torch.randn(7, dtype=D)
+
+    def f(x):
+        return torch.sin(torch.exp(torch.tanh(x)))
+
+    _, jvp_fn = assert_jvp_matches(f, x)
+    t = torch.randn(7, dtype=D)
+    torch.testing.assert_close(jvp_fn(t), central_difference(f, (x,), (t,)), rtol=1e-6, atol=1e-8)
+
+
+def test_multiple_primals_and_tuple_output():
+    a, b = torch.randn(3, 4, dtype=D), torch.randn(4, 5, dtype=D)
+    assert_jvp_matches(lambda a, b: (a @ b, (a.sum(), torch.cos(b))), a, b)
+
+
+def test_dict_of_parameters_with_functional_call():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 4, dtype=D)
+
+    def f(p):
+        return torch.func.functional_call(model, p, (x,))
+
+    y, jvp_fn = assert_jvp_matches(f, params)
+    assert y.shape == (5, 3)
+
+
+def test_dict_output_structure_is_preserved():
+    x = torch.randn(3, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: {"s": x.sin(), "c": [x.cos(), x * 2]}, x)
+    out = jvp_fn(torch.ones(3, dtype=D))
+    assert set(out) == {"s", "c"} and isinstance(out["c"], list)
+    torch.testing.assert_close(out["c"][1], 2 * torch.ones(3, dtype=D))
+
+
+def test_output_independent_of_input_gets_zeros():
+    x = torch.randn(3, dtype=D)
+    c = torch.randn(2, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: (x * 2, c.exp(), torch.arange(3)), x)
+    dy = jvp_fn(torch.ones(3, dtype=D))
+    torch.testing.assert_close(dy[1], torch.zeros(2, dtype=D))
+    assert dy[2].dtype == torch.int64 and not dy[2].any()
+    dy[1].add_(1)  # the zero outputs are fresh tensors: mutating one changes nothing later
+    torch.testing.assert_close(jvp_fn(torch.ones(3, dtype=D))[1], torch.zeros(2, dtype=D))
+
+
+def test_has_aux():
+    x = torch.randn(3, dtype=D)
+    y, jvp_fn, aux = tl.linearize(lambda x: (x.sin(), {"norm": x.norm(), "tag": "hi"}), x,
+                                  has_aux=True)
+    torch.testing.assert_close(aux["norm"], x.norm())
+    assert aux["tag"] == "hi" and not aux["norm"].requires_grad
+    torch.testing.assert_close(jvp_fn(torch.ones(3, dtype=D)), x.cos())
+
+
+def test_has_aux_requires_pair():
+    with pytest.raises(ValueError, match="has_aux=True"):
+        tl.linearize(lambda x: x, torch.randn(2), has_aux=True)
+
+
+def test_output_is_detached_and_equals_f():
+    x = torch.randn(4, dtype=D, requires_grad=True)
+    w = torch.randn(4, dtype=D, requires_grad=True)
+    y, jvp_fn = tl.linearize(lambda x: (x * w).exp(), x)
+    assert not y.requires_grad and y.grad_fn is None
+    torch.testing.assert_close(y, (x * w).exp().detach())
+    assert not jvp_fn(torch.ones(4, dtype=D)).requires_grad
+
+
+def test_f_runs_exactly_once():
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return x.sin()
+
+    _, jvp_fn = tl.linearize(f, torch.randn(3))
+    for _ in range(4):
+        jvp_fn(torch.randn(3))
+    assert len(calls) == 1
+
+
+def test_apply_runs_no_primal_kernels():
+    x = torch.randn(100, dtype=D)
+    t = torch.randn(100, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: torch.sin(torch.exp(torch.tanh(x))), x)
+    with OpCounter() as c:
+        jvp_fn(t)
+    assert not {"sin", "exp", "tanh", "cos"} & set(c.counts), c.counts
+    assert sum(c.counts.values()) <= 3  # tanh_backward and two multiplications
+
+
+def test_integer_primal_leaves_are_constants():
+    x = torch.randn(4, dtype=D)
+    idx = torch.tensor([0, 2])
+    y, jvp_fn = tl.linearize(lambda x, i: x[i] * 3, x, idx)
+    torch.testing.assert_close(jvp_fn(torch.ones(4, dtype=D), None), torch.full((2,), 3.0, dtype=D))
+
+
+def test_random_ops_share_the_draw():
+    x = torch.randn(1000, dtype=D)
+
+    def f(x):
+        return F.dropout(x, p=0.5, training=True) * 2
+
+    torch.manual_seed(7)
+    y, jvp_fn = tl.linearize(f, x)
+    t = torch.randn(1000, dtype=D)
+    # The mask of y's draw: kept elements are x * 2 / 0.5.
+    kept = y != 0
+    torch.testing.assert_close(jvp_fn(t), torch.where(kept, t * 4, torch.zeros_like(t)))
+    torch.manual_seed(7)
+    ry, rt = torch.func.jvp(f, (x,), (t,))
+    torch.testing.assert_close(y, ry)
+    torch.testing.assert_close(jvp_fn(t), rt)
+
+
+def test_in_place_and_views_inside_f():
+    x = torch.randn(4, 5, dtype=D)
+
+    def f(x):
+        y = x.clone()
+        y[1:].mul_(x[:-1].exp())
+        z = y.t()
+        z[0].add_(1.0)
+        buf = torch.zeros(6, 5, dtype=D)
+        buf[1:5] = y.sin()
+        buf.index_add_(0, torch.tensor([0, 5]), x[:2] * 3)
+        return buf.cumsum(0), y
+
+    assert_jvp_matches(f, x)
+
+
+def test_jvp_fn_never_mutates_the_callers_tangent():
+    x = torch.randn(5, dtype=D)
+
+    def f(x):
+        y = x.view(5)
+        y.mul_(2)  # in place on the primal's view: the tangent is scaled in place too
+        return y.sin()
+
+    y, jvp_fn = tl.linearize(f, x.clone())
+    t = torch.randn(5, dtype=D)
+    t_before = t.clone()
+    out1 = jvp_fn(t)
+    out2 = jvp_fn(t)
+    torch.testing.assert_close(t, t_before)
+    torch.testing.assert_close(out1, out2)
+    _, ref = torch.func.jvp(f, (x.clone(),), (t_before,))
+    torch.testing.assert_close(out1, ref)
+
+
+def test_non_contiguous_primal_and_tangent_layouts():
+    base = torch.randn(6, 4, dtype=D)
+    x = base.t()  # non-contiguous primal
+    f = functools.partial(torch.nn.functional.softmax, dim=0)
+    y, jvp_fn = tl.linearize(f, x)
+    for t in (torch.randn(4, 6, dtype=D), torch.randn(6, 4, dtype=D).t(),
+              torch.randn(10, 6, dtype=D)[3:7]):
+        torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t.contiguous(),))[1])
+
+
+def test_expanded_primal():
+    # torch.func.jvp itself rejects primals with internal overlap; linearize accepts them.
+    x = torch.randn(3, 1, dtype=D).expand(3, 4)
+
+    def f(x):
+        return (x * x.exp()).sum(1)
+
+    y, jvp_fn = tl.linearize(f, x)
+    t = torch.randn(3, 4, dtype=D)
+    ry, rt = torch.func.jvp(f, (x.contiguous(),), (t,))
+    torch.testing.assert_close(y, ry)
+    torch.testing.assert_close(jvp_fn(t), rt)
+
+
+def test_complex_primal():
+    x = torch.randn(4, dtype=torch.complex128)
+    assert_jvp_matches(lambda x: (x.exp() * x.conj()).abs() + x.real, x)
+
+
+def test_many_applications_are_consistent():
+    x = torch.randn(8, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: torch.tanh(x).cumprod(0), x)
+    ts = [torch.randn(8, dtype=D) for _ in range(5)]
+    first = [jvp_fn(t) for t in ts]
+    second = [jvp_fn(t) for t in ts]
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+    # linearity: J(a t1 + b t2) = a J t1 + b J t2
+    torch.testing.assert_close(jvp_fn(2 * ts[0] - 3 * ts[1]), 2 * first[0] - 3 * first[1])
+
+
+def test_hvp_via_func_grad_inside_f():
+    x = torch.randn(5, dtype=D)
+
+    def loss(x):
+        return (x.sin() * x.exp()).sum() + (x @ x) ** 2
+
+    g, hvp = tl.linearize(torch.func.grad(loss), x)
+    hess = torch.func.hessian(loss)(x)
+    v = torch.randn(5, dtype=D)
+    torch.testing.assert_close(g, torch.func.grad(loss)(x))
+    torch.testing.assert_close(hvp(v), hess @ v)
+
+
+def test_hvp_via_autograd_grad_create_graph_inside_f():
+    x = torch.randn(5, dtype=D)
+
+    def loss(x):
+        return (x.cos() * x).sum() ** 2
+
+    def grad(x):
+        with torch.enable_grad():
+            x = x.requires_grad_()
+            (g,) = torch.autograd.grad(loss(x), x, create_graph=True)
+        return g
+
+    g, hvp = tl.linearize(grad, x)
+    v = torch.randn(5, dtype=D)
+    torch.testing.assert_close(hvp(v), torch.func.hessian(loss)(x) @ v)
+
+
+def test_vmap_inside_f():
+    x = torch.randn(4, 3, dtype=D)
+    w = torch.randn(3, dtype=D)
+    assert_jvp_matches(lambda x: torch.vmap(lambda r: (r * w).sin().sum())(x), x)
+
+
+def test_random_tangent_tree_helper_is_used_correctly():
+    p = {"a": torch.randn(2, dtype=D), "b": [torch.randn(3, dtype=D)]}
+    t = rand_like_tree(p)
+    y, jvp_fn = tl.linearize(lambda p: p["a"].sum() * p["b"][0], p)
+    _, ref = torch.func.jvp(lambda p: p["a"].sum() * p["b"][0], (p,), (t,))
+    torch.testing.assert_close(jvp_fn(t), ref)

@@ -1,0 +1,395 @@
+"""Tests for ``torch_linearize/_custom_function.py``: custom autograd.Functions."""
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import custom_functions as cf
+import torch_linearize as tl
+from helpers import eager_jvp
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _reset_counts():
+    cf.reset()
+    yield
+
+
+def test_forum_example_counts_and_values():
+    x, a, b, c = (torch.tensor(v, dtype=D) for v in (2.0, 3.0, 4.0, 5.0))
+    y, jvp_fn = tl.linearize(cf.Forum.apply, x, a, b, c)
+    assert cf.CALLS == {"Forum.forward": 1, "Forum.setup_context": 1}
+    torch.testing.assert_close(y, cf.Forum.ref(x, a, b, c))
+    gen = torch.Generator().manual_seed(0)
+    for k in range(1, 6):
+        ts = [torch.randn((), dtype=D, generator=gen) for _ in range(4)]
+        _, want = torch.func.jvp(cf.Forum.ref, (x, a, b, c), tuple(ts))
+        torch.testing.assert_close(jvp_fn(*ts), want)
+        assert cf.CALLS["Forum.jvp"] == k
+    assert cf.CALLS["Forum.forward"] == 1 and cf.CALLS["Forum.setup_context"] == 1
+    assert cf.CALLS["Forum.backward"] == 0
+
+
+def test_forum_example_fails_under_torch_func_linearize():
+    # The motivating failure: torch.func.linearize cannot trace the .item() calls.
+    x, a, b, c = (torch.tensor(v, dtype=D) for v in (2.0, 3.0, 4.0, 5.0))
+    with pytest.raises(Exception):  # noqa: B017 - any failure demonstrates the point
+        torch.func.linearize(cf.Forum.apply, x, a, b, c)
+
+
+def test_numpy_function_matches_eager_forward_ad():
+    x = torch.randn(5, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: cf.NumpyCube.apply(x).sin(), x)
+    t = torch.randn(5, dtype=D)
+    assert cf.CALLS["NumpyCube.forward"] == 1
+    ry, rt = eager_jvp(lambda x: cf.NumpyCube.apply(x).sin(), (x,), (t,))
+    cf.reset()
+    torch.testing.assert_close(y, ry)
+    torch.testing.assert_close(jvp_fn(t), rt)
+    torch.testing.assert_close(jvp_fn(t), 3 * x**2 * t * x.pow(3).cos())
+    assert cf.CALLS["NumpyCube.forward"] == 0 and cf.CALLS["NumpyCube.jvp"] == 2
+
+
+def test_saved_tensors_semantics_match_eager():
+    # With only save_for_backward, eager forward AD shows () in jvp; we must too.
+    seen = {}
+
+    class OnlyBackwardSaves(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 2
+
+        @staticmethod
+        def jvp(ctx, t):
+            seen.setdefault("jvp", []).append(ctx.saved_tensors)
+            return t * 2
+
+    x = torch.randn(3, dtype=D)
+    eager_jvp(OnlyBackwardSaves.apply, (x,), (torch.ones(3, dtype=D),))
+    _, jvp_fn = tl.linearize(OnlyBackwardSaves.apply, x)
+    jvp_fn(torch.ones(3, dtype=D))
+    assert seen["jvp"][0] == () and seen["jvp"][1] == ()
+
+
+def test_ctypes_kernel_on_raw_data_pointers():
+    x = torch.randn(6, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: cf.CtypesScale.apply(x, 2.5) ** 2, x)
+    t = torch.randn(6, dtype=D)
+    torch.testing.assert_close(jvp_fn(t), 2 * (2.5 * x) * 2.5 * t)
+    torch.testing.assert_close(y, (2.5 * x) ** 2)
+    assert cf.CALLS["CtypesScale.forward"] == 1 and cf.CALLS["CtypesScale.jvp"] == 1
+
+
+def test_multiple_outputs_non_tensor_and_non_differentiable_outputs():
+    x = torch.randn(4, dtype=D)
+
+    def f(x):
+        s, c, idx, tag, marker = cf.SinCosPair.apply(x)
+        assert tag == "a-string" and idx.dtype == torch.int64
+        return s * c, marker, idx
+
+    y, jvp_fn = tl.linearize(f, x)
+    t = torch.randn(4, dtype=D)
+    dy = jvp_fn(t)
+    torch.testing.assert_close(dy[0], t * torch.cos(2 * x))
+    torch.testing.assert_close(dy[1], torch.zeros(4, dtype=D))  # marked non-differentiable
+    assert not dy[2].any()
+    torch.testing.assert_close(y[1], x)
+
+
+def test_mark_dirty_in_place_function_matches_eager():
+    x = torch.randn(4, dtype=D)
+
+    def f(x):
+        y = x.clone()
+        z = cf.ScaleInPlace.apply(y, 3.0)
+        assert z is y
+        return z.exp()
+
+    t = torch.randn(4, dtype=D)
+    ry, rt = eager_jvp(f, (x,), (t,))
+    y, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(y, ry)
+    t_copy = t.clone()
+    torch.testing.assert_close(jvp_fn(t), rt)
+    torch.testing.assert_close(jvp_fn(t), rt)  # replay does not accumulate in-place scaling
+    torch.testing.assert_close(t, t_copy)
+
+
+def test_mark_dirty_on_the_primal_input_does_not_mutate_callers_tangent():
+    x = torch.randn(4, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: cf.ScaleInPlace.apply(x, 2.0), x.clone())
+    t = torch.randn(4, dtype=D)
+    t0 = t.clone()
+    torch.testing.assert_close(jvp_fn(t), 2 * t0)
+    torch.testing.assert_close(t, t0)
+
+
+def test_materialize_grads_false_passes_none_and_needs_input_grad():
+    x, w = torch.randn(3, 4, dtype=D), torch.randn(4, dtype=D)
+    # Only x is a primal: w's tangent is None in jvp (materialize_grads=False).
+    y, jvp_fn = tl.linearize(lambda x: cf.WeightedSum.apply(x, w), x)
+    t = torch.randn(3, 4, dtype=D)
+    torch.testing.assert_close(jvp_fn(t), (t * w).sum(-1))
+    assert cf.CALLS["WeightedSum.jvp.tw_is_none=True"] == 1
+    # needs_input_grad marks the inputs that carry a tangent (documented choice).
+    _, jvp_fn2 = tl.linearize(cf.WeightedSum.apply, x, w)
+    tw = torch.randn(4, dtype=D)
+    torch.testing.assert_close(jvp_fn2(t, tw), (t * w).sum(-1) + (x * tw).sum(-1))
+    assert cf.CALLS["WeightedSum.jvp.tw_is_none=False"] == 1
+
+
+def test_needs_input_grad_reports_tangent_carrying_inputs():
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(x, w, k):
+            return x * w * k
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            seen.append(ctx.needs_input_grad)
+            ctx.w, ctx.k = inputs[1], inputs[2]
+
+        @staticmethod
+        def jvp(ctx, tx, tw, tk):
+            return tx * ctx.w * ctx.k
+
+    w = torch.randn(3, dtype=D)
+    tl.linearize(lambda x: Probe.apply(x, w, 2.0), torch.randn(3, dtype=D))
+    assert seen == [(True, False, False)]
+
+
+def test_same_function_used_several_times_has_separate_ctx():
+    x = torch.randn(5, dtype=D)
+
+    def f(x):
+        a = cf.NumpyCube.apply(x)
+        b = cf.NumpyCube.apply(a * 0.5)
+        return a + b
+
+    t = torch.randn(5, dtype=D)
+    y, jvp_fn = tl.linearize(f, x)
+    ref = torch.func.jvp(lambda x: x**3 + (0.5 * x**3) ** 3, (x,), (t,))
+    torch.testing.assert_close(y, ref[0])
+    torch.testing.assert_close(jvp_fn(t), ref[1])
+    assert cf.CALLS["NumpyCube.forward"] == 2 and cf.CALLS["NumpyCube.jvp"] == 2
+
+
+def test_nested_functions():
+    x = torch.randn(4, dtype=D)
+    y, jvp_fn = tl.linearize(cf.Outer.apply, x)
+    t = torch.randn(4, dtype=D)
+    torch.testing.assert_close(y, x**3 + 1)
+    torch.testing.assert_close(jvp_fn(t), 3 * x**2 * t)
+    assert cf.CALLS["Outer.forward"] == 1 and cf.CALLS["NumpyCube.forward"] == 1
+    # Outer.jvp calls CtypesScale.apply on plain tensors: its forward, not its jvp.
+    assert cf.CALLS["Outer.jvp"] == 1 and cf.CALLS["CtypesScale.forward"] == 1
+
+
+def test_function_without_jvp_raises_naming_it():
+    with pytest.raises(tl.NoForwardADError, match="NoJvp"):
+        tl.linearize(cf.NoJvp.apply, torch.randn(3))
+
+
+def test_jvp_with_wrong_shape_raises_at_apply():
+    _, jvp_fn = tl.linearize(cf.WrongShapeJvp.apply, torch.randn(3))
+    with pytest.raises(tl.LinearizeError, match=r"WrongShapeJvp.jvp returned a tangent of type f32\[\]"):
+        jvp_fn(torch.randn(3))
+
+
+def test_ctx_lives_exactly_as_long_as_the_map():
+    ctxs = []
+
+    class Keep(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctxs.append(weakref.ref(ctx))
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return t * 2 + 0 * x
+
+    _, jvp_fn = tl.linearize(lambda x: Keep.apply(x).sin(), torch.randn(3))
+    gc.collect()
+    assert ctxs[0]() is not None
+    torch.testing.assert_close(jvp_fn(torch.ones(3)).shape, torch.Size([3]))
+    del jvp_fn
+    gc.collect()
+    assert ctxs[0]() is None
+
+
+def test_closure_parameters_requiring_grad_keep_opaque_path():
+    w = torch.randn(4, dtype=D, requires_grad=True)
+    x = torch.randn(4, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: cf.NumpyCube.apply(x * w), x)
+    t = torch.randn(4, dtype=D)
+    torch.testing.assert_close(jvp_fn(t), 3 * (x * w.detach()) ** 2 * w.detach() * t)
+    assert cf.CALLS["NumpyCube.jvp"] == 1
+
+
+def test_reverse_mode_through_opaque_function_inside_f_raises():
+    def grad_of(x):
+        with torch.enable_grad():
+            x = x.requires_grad_()
+            (g,) = torch.autograd.grad(cf.NumpyCube.apply(x).sum(), x, create_graph=True)
+        return g
+
+    with pytest.raises(tl.LinearizeError, match="trace_jvp"):
+        tl.linearize(grad_of, torch.randn(3, dtype=D))
+
+
+def test_trace_jvp_supports_forward_over_reverse():
+    @tl.trace_jvp
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x**3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return 3 * x**2 * t
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x**2 * g
+
+    def grad_of(x):
+        with torch.enable_grad():
+            x = x.requires_grad_()
+            (g,) = torch.autograd.grad((Cube.apply(x) * x.sin()).sum(), x, create_graph=True)
+        return g
+
+    x = torch.randn(4, dtype=D)
+    g, hvp = tl.linearize(grad_of, x)
+    hess = torch.func.hessian(lambda x: (x**3 * x.sin()).sum())(x)
+    v = torch.randn(4, dtype=D)
+    torch.testing.assert_close(hvp(v), hess @ v)
+
+
+def test_trace_jvp_detects_opaque_jvp():
+    @tl.trace_jvp
+    class Opaque(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, t):
+            return torch.from_numpy(t.numpy() * 2)
+
+    with pytest.raises(tl.LinearizeError, match="Opaque.jvp ran at trace time"):
+        tl.linearize(Opaque.apply, torch.randn(3))
+
+
+def test_function_bound_before_linearize_is_intercepted():
+    cube = cf.NumpyCube.apply  # bound method created before any patch exists
+    _, jvp_fn = tl.linearize(lambda x: cube(x), torch.randn(3, dtype=D))
+    assert cf.CALLS["NumpyCube.jvp"] == 0
+    jvp_fn(torch.randn(3, dtype=D))
+    assert cf.CALLS["NumpyCube.jvp"] == 1
+
+
+def test_trace_jvp_rejects_non_functions():
+    with pytest.raises(TypeError, match="torch.autograd.Function subclass"):
+        tl.trace_jvp(int)
+
+
+def test_function_inside_torch_func_grad_follows_torch_func_rules():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x**2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return 2 * x * t
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    def loss(x):
+        return (Square.apply(x) * x).sum()
+
+    x = torch.randn(3, dtype=D)
+    _, hvp = tl.linearize(torch.func.grad(loss), x)
+    v = torch.randn(3, dtype=D)
+    torch.testing.assert_close(hvp(v), torch.func.hessian(lambda x: (x**3).sum())(x) @ v)
+
+
+def test_function_patch_is_removed_after_linearize_and_on_error():
+    single = torch.autograd.function._SingleLevelFunction
+    backward_cls = torch.autograd.function.BackwardCFunction
+    apply_jvp = backward_cls.__dict__["apply_jvp"]
+    tl.linearize(cf.NumpyCube.apply, torch.randn(2, dtype=D))
+    assert "apply" not in single.__dict__ and backward_cls.__dict__["apply_jvp"] is apply_jvp
+
+    def boom(x):
+        cf.NumpyCube.apply(x)
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        tl.linearize(boom, torch.randn(2, dtype=D))
+    assert "apply" not in single.__dict__ and backward_cls.__dict__["apply_jvp"] is apply_jvp
+    # Functions still work normally outside linearize, including forward AD.
+    with fwAD.dual_level():
+        d = fwAD.make_dual(torch.ones(2, dtype=D), torch.ones(2, dtype=D))
+        assert fwAD.unpack_dual(cf.NumpyCube.apply(d)).tangent is not None
+
+
+def test_functions_in_other_threads_are_not_intercepted():
+    stop = threading.Event()
+    errors = []
+
+    def worker():
+        try:
+            while not stop.is_set():
+                x = torch.randn(3, dtype=D, requires_grad=True)
+                cf.NumpyCube.apply(x).sum().backward()
+                assert torch.allclose(x.grad, 3 * x.detach() ** 2)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    th = threading.Thread(target=worker)
+    th.start()
+    try:
+        for _ in range(20):
+            _, jvp_fn = tl.linearize(cf.NumpyCube.apply, torch.randn(3, dtype=D))
+            jvp_fn(torch.randn(3, dtype=D))
+    finally:
+        stop.set()
+        th.join()
+    assert not errors, errors
