@@ -149,7 +149,10 @@ def _tols(dtype):
     return dict(rtol=1e-7, atol=1e-9)
 
 
-def check_sample(op, sample, dtype, seed=0) -> Outcome:
+def check_sample(op, sample, dtype, seed=0, modes=("jvp",)) -> Outcome:
+    """Check one sample. ``modes``: "jvp" (always), "vmap" (a batch of 3 tangents through
+    ``torch.vmap(jvp_fn)`` vs one ``torch.func.jvp`` per tangent) and "transpose"
+    (``jvp_fn.transpose()`` vs ``torch.func.vjp``'s vjp_fn, for ops with backward)."""
     name = op_full_name(op)
     f, primals = sample_function(op, sample)
     if not primals:
@@ -162,22 +165,92 @@ def check_sample(op, sample, dtype, seed=0) -> Outcome:
         _, rtb, _ = reference_jvp(f, primals, tangents_b, seed)
     except Exception as e:  # the reference cannot run this sample
         return Outcome(name, -1, "skip", f"reference failed: {type(e).__name__}: {str(e)[:120]}")
+    tol = _tols(dtype)
+    stage = "linearize"
     try:
         torch.manual_seed(seed)
         y, jvp_fn = tl.linearize(f, *primals)
+        stage = "apply"
         ta = jvp_fn(*tangents_a)
         tb = jvp_fn(*tangents_b)
-    except Exception as e:
-        tb_str = traceback.format_exc(limit=-3)
-        return Outcome(name, -1, "error", f"{type(e).__name__}: {str(e)[:300]}\n{tb_str}")
-    try:
-        tol = _tols(dtype)
         torch.testing.assert_close(tuple(y), ry, equal_nan=True, **tol, msg=lambda m: "output y: " + m)
         torch.testing.assert_close(tuple(ta), rta, equal_nan=True, **tol, msg=lambda m: "tangent a: " + m)
         torch.testing.assert_close(tuple(tb), rtb, equal_nan=True, **tol, msg=lambda m: "tangent b: " + m)
+        if "vmap" in modes:
+            stage = "vmap"
+            batch = [tuple(random_tangent(p, gen) for p in primals) for _ in range(3)]
+            stacked = tuple(torch.stack([b[i] for b in batch]) for i in range(len(primals)))
+            got = torch.vmap(jvp_fn)(*stacked)
+            for k, b in enumerate(batch):
+                _, want, _ = reference_jvp(f, primals, b, seed)
+                torch.testing.assert_close(tuple(g[k] for g in got), want, equal_nan=True, **tol,
+                                           msg=lambda m: "vmap(jvp_fn): " + m)
+        if "transpose" in modes and op.supports_autograd and ry:
+            stage = "transpose-reference"
+            cots = tuple(random_tangent(o, gen) for o in ry)
+            torch.manual_seed(seed)
+            _, ref_vjp = torch.func.vjp(f, *primals)
+            want = ref_vjp(cots)
+            stage = "transpose"
+            vjp_fn = jvp_fn.transpose()
+            got = vjp_fn(cots)
+            try:
+                torch.testing.assert_close(tuple(got), tuple(want), equal_nan=True, **tol,
+                                           msg=lambda m: "transpose: " + m)
+            except AssertionError:
+                # Some PyTorch ops have forward- and reverse-mode formulas that are not
+                # transposes of each other. Then the honest check is the dot-product test
+                # <J t, u> == <t, J^T u> for our pair, and evidence that PyTorch's own pair
+                # (torch.func.jvp, torch.func.vjp) fails the same test.
+                if not adjoint_explains(f, primals, jvp_fn, vjp_fn, want, cots, gen, seed):
+                    raise
+                return Outcome(name, -1, "pass", "adjoint: PyTorch's jvp and vjp disagree")
     except AssertionError as e:
-        return Outcome(name, -1, "fail", f"vs {how}: {str(e)[:400]}")
+        return Outcome(name, -1, "fail", f"{stage} vs {how}: {str(e)[:400]}")
+    except Exception as e:
+        if stage == "transpose-reference":
+            return Outcome(name, -1, "pass", "transpose reference failed")
+        tb_str = traceback.format_exc(limit=-3)
+        return Outcome(name, -1, "error", f"{stage}: {type(e).__name__}: {str(e)[:300]}\n{tb_str}")
     return Outcome(name, -1, "pass")
+
+
+def _dot(a, b) -> float:
+    return float(sum((x.conj() * y).real.sum() for x, y in zip(a, b) if x is not None))
+
+
+def adjoint_explains(f, primals, jvp_fn, vjp_fn, ref_vjp_out, cots, gen, seed) -> bool:
+    """Ours is the exact transpose of PyTorch's forward-mode Jacobian, and torch.func.vjp is not.
+
+    The forward-mode Jacobian J comes from torch.func.jacfwd (for small samples), so
+    ``vjp_fn(u) == J^T u`` is checked independently of our recording. Larger samples
+    use the dot-product test <J t, u> == <t, J^T u> instead.
+    """
+    if any(p.is_complex() for p in primals):
+        return False
+    got = vjp_fn(cots)
+    n_in = sum(p.numel() for p in primals)
+    n_out = sum(c.numel() for c in cots)
+    if n_in * n_out <= 250_000:
+        def flat_f(*ps):
+            return torch.cat([o.reshape(-1) for o in f(*ps)])
+
+        torch.manual_seed(seed)
+        jac = torch.func.jacfwd(flat_f, argnums=tuple(range(len(primals))))(*primals)
+        u = torch.cat([c.reshape(-1) for c in cots])
+        exact = [(j.reshape(n_out, -1).T @ u).reshape(p.shape) for j, p in zip(jac, primals)]
+
+        def close(a, b):
+            return all(torch.allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True)
+                       for x, y in zip(a, b) if x is not None)
+
+        return close(got, exact) and not close(ref_vjp_out, exact)
+    t = tuple(random_tangent(p, gen) for p in primals)
+    ours_l, ours_r = _dot(jvp_fn(*t), cots), _dot(t, got)
+    _, ref_jt, _ = reference_jvp(f, primals, t, seed)
+    torch_l, torch_r = _dot(ref_jt, cots), _dot(t, ref_vjp_out)
+    scale = max(1.0, abs(ours_l), abs(torch_l))
+    return abs(ours_l - ours_r) <= 1e-9 * scale and abs(torch_l - torch_r) > 1e-9 * scale
 
 
 def samples_for(op, dtype, limit):
@@ -193,7 +266,7 @@ def samples_for(op, dtype, limit):
         return []
 
 
-def run_sweep(dtypes, limit, ops=None, verbose=False, out=sys.stdout):
+def run_sweep(dtypes, limit, ops=None, verbose=False, out=sys.stdout, modes=("jvp",)):
     results: list[Outcome] = []
     ops = ops if ops is not None else forward_ad_ops()
     t0 = time.time()
@@ -204,7 +277,7 @@ def run_sweep(dtypes, limit, ops=None, verbose=False, out=sys.stdout):
             for i, s in enumerate(samples_for(op, dtype, limit)):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    r = check_sample(op, s, dtype)
+                    r = check_sample(op, s, dtype, modes=modes)
                 r.index = i
                 if expected_failure(r, r.op, dtype):
                     r.status = "xfail"
@@ -230,18 +303,21 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=8, help="samples per op and dtype (0 = all)")
     ap.add_argument("--dtypes", default="float64", help="comma list: float64,float32,complex128")
     ap.add_argument("--ops", default="", help="comma list of OpInfo names to restrict to")
+    ap.add_argument("--modes", default="jvp,vmap,transpose", help="comma list: jvp,vmap,transpose")
     args = ap.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     ops = forward_ad_ops()
     if args.ops:
         wanted = set(args.ops.split(","))
         ops = [op for op in ops if op.name in wanted or op_full_name(op) in wanted]
-    results, secs = run_sweep(dtypes, args.limit or None, ops, verbose=True)
+    results, secs = run_sweep(dtypes, args.limit or None, ops, verbose=True,
+                              modes=tuple(args.modes.split(",")))
     p, n, ok, nops = summarize(results)
     skipped = sum(1 for r in results if r.status == "skip")
     xfailed = sum(1 for r in results if r.status == "xfail")
     total = n + xfailed
-    print(f"\nOpInfo sweep ({args.dtypes}, limit={args.limit or 'all'}): {p} of {total} samples pass "
+    print(f"\nOpInfo sweep ({args.dtypes}, limit={args.limit or 'all'}, checks={args.modes}): "
+          f"{p} of {total} samples pass "
           f"({100.0 * p / max(total, 1):.2f}%); {xfailed} known failures (XFAIL, with reasons); "
           f"{n - p} unexpected failures; {ok} of {nops} (op, dtype) pairs pass all counted samples; "
           f"{skipped} samples skipped (the reference itself cannot run them); {secs:.0f}s")

@@ -16,14 +16,21 @@ from torch.utils._pytree import (
     tree_unflatten,
 )
 
-from ._checks import flatten_primals
+from ._checks import flatten_primals, leaf_specs_of
 from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, StaleResidualError
 from ._forward_ad import shared_dual_level
 from ._linear_map import LinearMap
 from ._passes import forward_identities
-from ._program import Program, Var, ZeroOut, compile_program, dead_code_elimination
-from ._residuals import distinct_storage_bytes, storage_key
+from ._program import (
+    Program,
+    Var,
+    ZeroOut,
+    check_linear_at_zero,
+    compile_program,
+    dead_code_elimination,
+)
+from ._residuals import ctx_tensors, distinct_storage_bytes, storage_key
 from ._trace import Tracer
 
 __all__ = ["linearize"]
@@ -138,6 +145,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
             "modified in place later during f by code linearize cannot see (e.g. through numpy or "
             "a raw data pointer). Clone it before modifying it."
         )
+    suspect = bool(set(prog.used_residuals()) & tracer.suspect_residuals)
     prog.prune_residuals()
     live_nodes = {id(e.fn) for e in prog.eqns}
     opaque = [n for n in tracer.opaque_nodes if id(n) in live_nodes]
@@ -145,7 +153,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         if id(n) not in live_nodes:
             n.release()
 
-    kept = list(prog.residuals) + [t for n in opaque for t in _ctx_tensors(n.ctx)]
+    kept = list(prog.residuals) + [t for n in opaque for t in ctx_tensors(n.ctx)]
     created = tracer.created
     residual_bytes = distinct_storage_bytes(kept, only=created)
     external_bytes = distinct_storage_bytes(kept, exclude=created)
@@ -163,10 +171,15 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
             watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs)))
 
     run = compile_program(prog)
-    diff_positions = [i for i, ls in enumerate(leaf_specs) if ls.differentiable]
-    jvp_fn = LinearMap(prog, run, in_spec, leaf_specs, diff_positions, out_spec, watch,
-                       residual_bytes, external_bytes, opaque)
+    if suspect:
+        check_linear_at_zero(prog, run, opaque, _API)
     y = tree_unflatten(y_flat, out_spec)
+    jvp_fn = LinearMap(
+        prog, run, api="jvp_fn(*tangents)", arg_name="tangents", ref_name="primals",
+        in_spec=in_spec, in_leaves=leaf_specs, out_spec=out_spec,
+        out_leaves=leaf_specs_of(y), stale_watch=watch, residual_bytes=residual_bytes,
+        external_bytes=external_bytes, opaque_nodes=opaque, created=set(created),
+    )
     return (y, jvp_fn, aux) if has_aux else (y, jvp_fn)
 
 
@@ -199,17 +212,6 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
             )
         y_flat.append(fwAD.unpack_dual(o, level=tracer.level).primal.detach())
     return outputs, y_flat, out_spec
-
-
-def _ctx_tensors(ctx: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    if ctx is None:
-        return found
-    for v in ctx.__dict__.values():
-        for leaf in tree_flatten(v)[0] if isinstance(v, (list, tuple, dict)) else [v]:
-            if isinstance(leaf, torch.Tensor):
-                found.append(leaf)
-    return found
 
 
 def _describe_residual(prog: Program, i: int, primals: list, leaf_specs) -> str:

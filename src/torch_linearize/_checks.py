@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, keystr, tree_flatten, tree_flatten_with_path
 
-__all__ = ["LeafSpec", "flatten_primals", "flatten_tangents", "is_differentiable_dtype"]
+__all__ = [
+    "LeafSpec", "flatten_primals", "flatten_tangents", "is_differentiable_dtype", "leaf_specs_of",
+]
 
 
 def is_differentiable_dtype(dtype: torch.dtype) -> bool:
@@ -60,42 +62,50 @@ def flatten_primals(api: str, primals: tuple) -> tuple[list[torch.Tensor], TreeS
     return leaves, spec, specs
 
 
-def flatten_tangents(api: str, tangents: tuple, spec: TreeSpec, leaf_specs: list[LeafSpec]) -> list:
-    """Flatten ``tangents`` and check them leaf by leaf against the primals.
+def leaf_specs_of(tree: Any) -> list[LeafSpec]:
+    """LeafSpecs (path relative to ``tree``) for every tensor leaf of ``tree``."""
+    return [
+        LeafSpec(keystr(kp), tuple(x.shape), x.dtype, x.device, is_differentiable_dtype(x.dtype))
+        for kp, x in tree_flatten_with_path(tree)[0]
+    ]
 
-    Leaves of primals with a non-differentiable dtype (integers, bool) take ``None``
-    (or a tensor, which is ignored after its shape is checked).
+
+def flatten_tangents(api: str, tangents: tuple, spec: TreeSpec, leaf_specs: list[LeafSpec],
+                     arg: str = "tangents", ref: str = "primals") -> list:
+    """Flatten ``tangents`` and check them leaf by leaf against ``leaf_specs``.
+
+    Leaves with a non-differentiable dtype (integers, bool) take ``None`` (or a
+    tensor of the right shape, which is ignored). ``arg``/``ref`` name the two
+    trees in messages (e.g. "tangents"/"primals", "cotangents"/"output").
     """
     leaves, tspec = tree_flatten(tangents, is_leaf=_is_none)
     if tspec != spec:
         raise ValueError(
-            f"{api}: tangents must have the same pytree structure as primals. "
+            f"{api}: {arg} must have the same pytree structure as {ref}. "
             f"Expected {len(leaf_specs)} leaves structured as {spec}, got {len(leaves)} leaves "
             f"structured as {tspec}."
         )
     for t, ls in zip(leaves, leaf_specs):
-        name = f"tangents{ls.path}"
+        name, want = f"{arg}{ls.path}", f"{ref}{ls.path}"
         if t is None:
             if ls.differentiable:
                 raise ValueError(
-                    f"{api}: {name} is None, but primals{ls.path} is a differentiable "
-                    f"{ls.dtype} tensor; pass a tensor (use torch.zeros_like for a zero tangent)."
+                    f"{api}: {name} is None, but {want} is a differentiable {ls.dtype} tensor; "
+                    "pass a tensor (use torch.zeros_like for a zero tangent)."
                 )
             continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{api}: {name} must be a torch.Tensor, got {type(t).__name__}.")
         if tuple(t.shape) != ls.shape:
             raise ValueError(
-                f"{api}: {name} has shape {tuple(t.shape)}, but primals{ls.path} has shape {ls.shape}."
+                f"{api}: {name} has shape {tuple(t.shape)}, but {want} has shape {ls.shape}."
             )
         if ls.differentiable and t.dtype != ls.dtype:
             raise ValueError(
-                f"{api}: {name} has dtype {t.dtype}, but primals{ls.path} has dtype {ls.dtype}; "
-                "tangents must have the primal's dtype."
+                f"{api}: {name} has dtype {t.dtype}, but {want} has dtype {ls.dtype}; "
+                f"{arg} must have the same dtype."
             )
         if t.device != ls.device:
-            raise ValueError(
-                f"{api}: {name} is on device {t.device}, but primals{ls.path} is on {ls.device}."
-            )
+            raise ValueError(f"{api}: {name} is on device {t.device}, but {want} is on {ls.device}.")
     return leaves
 

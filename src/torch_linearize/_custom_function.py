@@ -33,10 +33,11 @@ import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import FunctionCtx
 
 from ._errors import LinearizeError, NoForwardADError
-from ._program import Eqn, Var, type_str
+from ._opaque import OpaqueJvp
+from ._program import Eqn, Var
 from ._trace import Tracer, current_tracer
 
-__all__ = ["LinearizeCtx", "OpaqueJvp", "function_patch", "trace_jvp"]
+__all__ = ["LinearizeCtx", "function_patch", "trace_jvp"]
 
 _Function = torch.autograd.Function
 _SingleLevel = torch.autograd.function._SingleLevelFunction
@@ -192,97 +193,6 @@ class LinearizeCtx(FunctionCtx):
         return f"<LinearizeCtx of {self._forward_cls.__qualname__}>"
 
 
-class OpaqueJvp:
-    """The equation that applies a custom Function's ``jvp`` on its saved ctx."""
-
-    def __init__(self, cls: type, ctx: LinearizeCtx, zero_inputs: dict[int, tuple],
-                 outputs: list[tuple | None], dirty: dict[int, int], single_output: bool):
-        self.cls = cls
-        self.ctx = ctx
-        self.zero_inputs = zero_inputs  # input index -> (shape, dtype, device) to materialize
-        self.outputs = outputs  # per forward output: (shape, dtype, stride) or None
-        self.dirty = dirty  # output index -> input index modified in place
-        self.single_output = single_output
-        self.display_name = f"{cls.__qualname__}.jvp"
-        self._zeros: dict[int, torch.Tensor] = {}
-        self._zero_versions: dict[int, int] = {}
-        self.calls = 0
-
-    def _zero(self, i: int) -> torch.Tensor:
-        """A zero tangent for input ``i``; cached, and re-zeroed if jvp wrote into it."""
-        z = self._zeros.get(i)
-        if z is None:
-            shape, dtype, device = self.zero_inputs[i]
-            z = torch.zeros(shape, dtype=dtype, device=device)
-            self._zeros[i] = z
-            self._zero_versions[i] = z._version
-        elif z._version != self._zero_versions[i]:
-            z.zero_()
-            self._zero_versions[i] = z._version
-        return z
-
-    def __call__(self, *tangents):
-        ctx = self.ctx
-        if ctx is None:
-            from ._errors import ReleasedError
-
-            raise ReleasedError(f"{self.display_name}: the linear map was released.")
-        ts = list(tangents)
-        if ctx.materialize_grads:
-            for i in self.zero_inputs:
-                if ts[i] is None:
-                    ts[i] = self._zero(i)
-        ctx._tl_phase = "jvp"
-        self.calls += 1
-        with fwAD._set_fwd_grad_enabled(False):
-            out = self.cls.jvp(ctx, *ts)
-        outs = (out,) if self.single_output and not isinstance(out, tuple) else out
-        if not isinstance(outs, (tuple, list)) or len(outs) != len(self.outputs):
-            n = len(outs) if isinstance(outs, (tuple, list)) else 1
-            raise LinearizeError(
-                f"{self.display_name} returned {n} tangent(s); expected {len(self.outputs)} "
-                f"(one per output of forward, None for non-differentiable outputs)."
-            )
-        result = []
-        for j, (meta, o) in enumerate(zip(self.outputs, outs)):
-            if meta is None:
-                if o is not None:
-                    raise LinearizeError(
-                        f"{self.display_name} returned a tangent at position {j}, but that output "
-                        "of forward is not a differentiable tensor. Return None there."
-                    )
-                result.append(None)
-                continue
-            shape, dtype, stride, device = meta
-            if o is None:
-                o = torch.zeros(shape, dtype=dtype, device=device)
-            elif not isinstance(o, torch.Tensor):
-                raise LinearizeError(
-                    f"{self.display_name} returned {type(o).__name__} at position {j}; "
-                    "expected a tensor or None."
-                )
-            elif tuple(o.shape) != shape or o.dtype != dtype:
-                raise LinearizeError(
-                    f"{self.display_name} returned a tangent of type {type_str(o.shape, o.dtype)} "
-                    f"at position {j}; the output of forward is {type_str(shape, dtype)}."
-                )
-            if j in self.dirty:
-                i = self.dirty[j]
-                if o is not ts[i]:
-                    raise LinearizeError(
-                        f"{self.display_name}: forward modifies input {i} in place (mark_dirty), "
-                        "so jvp must modify that input's tangent in place and return it as-is."
-                    )
-            elif stride is not None and o.stride() != stride:
-                o = torch.empty_strided(shape, stride, dtype=dtype, device=o.device).copy_(o)
-            result.append(o)
-        return tuple(result)
-
-    def release(self) -> None:
-        self.ctx = None
-        self._zeros.clear()
-
-
 class _ReverseGuard(torch.autograd.Function):
     """Connects opaque outputs to inputs that require grad; refuses backward during a trace."""
 
@@ -379,12 +289,12 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
             dirty[j] = i
         metas.append((tuple(o.shape), o.dtype, tuple(o.stride()), o.device))
 
-    zero_inputs = {
-        i: (tuple(p.shape), p.dtype, p.device)
-        for i, p in enumerate(primals)
-        if isinstance(p, torch.Tensor) and tangent_syms[i] is None
-    }
-    node = OpaqueJvp(cls, ctx, zero_inputs, metas, dirty, single)
+    in_meta = [(tuple(p.shape), p.dtype, p.device) if isinstance(p, torch.Tensor) else None
+               for p in primals]
+    fwd_out_tensors = [(tuple(o.shape), o.dtype, o.device) if isinstance(o, torch.Tensor) else None
+                       for o in outs]
+    node = OpaqueJvp(cls, ctx, in_meta, metas, dirty, single, fwd_out_tensors,
+                     [s is not None for s in tangent_syms])
     tracer.opaque_nodes.append(node)
 
     results: list[Any] = list(outs)

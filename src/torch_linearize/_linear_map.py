@@ -1,7 +1,8 @@
-"""``LinearMap``: the object ``linearize`` returns (``jvp_fn``)."""
+"""``LinearMap``: the object ``linearize`` returns (``jvp_fn``), and its transpose."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -14,76 +15,152 @@ from ._program import Program, Var, format_eqn, type_str
 
 __all__ = ["LinearMap"]
 
-_API = "jvp_fn(*tangents)"
-
 
 class LinearMap:
-    """The Jacobian-vector product of ``f`` at a fixed point, as a reusable linear function.
+    """A linear function of tensors recorded by :func:`torch_linearize.linearize`.
 
-    Returned by :func:`torch_linearize.linearize`. Calling it with tangents
-    structured like the primals returns the tangent of ``f``'s output
-    (structured like the output). Applying it runs only the recorded tangent
-    operations (and custom Functions' ``jvp``) on residuals computed once.
+    ``jvp_fn = linearize(f, *primals)[1]`` maps tangents (structured like
+    ``primals``) to the tangent of ``f``'s output (structured like the output).
+    ``jvp_fn.transpose()`` maps cotangents (structured like the output) to
+    cotangents for the primals (a tuple with one entry per primal), like the
+    ``vjp_fn`` of ``torch.func.vjp``. Both only run recorded linear operations
+    (and custom Functions' ``jvp``/``backward``) on residuals computed once.
+
+    Works under ``torch.func.vmap`` (the whole batch goes through the program
+    once), under autograd (reverse mode through the map gives its transpose),
+    and with :meth:`jacobian`.
 
     Attributes:
         residual_bytes: bytes of the distinct storages allocated during
-            ``linearize`` that this map keeps alive.
-        external_bytes: bytes of the pre-existing storages it references
-            (primals, captured parameters); kept alive, not allocated by it.
+            ``linearize`` (or ``transpose``) that this map keeps alive.
+        external_bytes: bytes of pre-existing storages it references
+            (primals, captured parameters): kept alive, not allocated by it.
     """
 
     def __init__(
         self,
         program: Program,
         run: Callable[..., tuple],
+        *,
+        api: str,
+        arg_name: str,
+        ref_name: str,
         in_spec: TreeSpec,
         in_leaves: list[LeafSpec],
-        diff_positions: list[int],
         out_spec: TreeSpec,
+        out_leaves: list[LeafSpec | None],
         stale_watch: list[tuple[torch.Tensor, int, str]],
         residual_bytes: int,
         external_bytes: int,
         opaque_nodes: list[Any],
+        created: set[int],
     ):
         self._program = program
         self._run = run
+        self._api = api
+        self._arg_name = arg_name
+        self._ref_name = ref_name
         self._in_spec = in_spec
         self._in_leaves = in_leaves
-        self._diff_positions = diff_positions
+        self._diff_positions = [i for i, ls in enumerate(in_leaves) if ls.differentiable]
         self._out_spec = out_spec
+        self._out_leaves = out_leaves
+        # Program outputs cover the differentiable output leaves; others are None.
+        self._out_positions = [i for i, ls in enumerate(out_leaves) if ls is not None]
+        self._n_out = len(out_leaves)
         self._stale_watch = stale_watch
         self._opaque_nodes = opaque_nodes
+        self._created = created
         self.residual_bytes = residual_bytes
         self.external_bytes = external_bytes
         self._fast = len(in_leaves) == 1 and in_leaves[0].differentiable
         self._released = False
+        self._transposed: LinearMap | None = None
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ application
-    def __call__(self, *tangents: Any) -> Any:
+    def __call__(self, *args: Any) -> Any:
         run = self._run
         if run is None:
-            raise ReleasedError(f"{_API}: this linear map was released; call linearize again.")
-        if self._fast and len(tangents) == 1 and type(tangents[0]) is torch.Tensor:
-            t = tangents[0]
+            raise ReleasedError(f"{self._api}: this linear map was released; call linearize again.")
+        if self._fast and len(args) == 1 and type(args[0]) is torch.Tensor:
+            t = args[0]
             ls = self._in_leaves[0]
             if t.shape != ls.shape or t.dtype != ls.dtype or t.device != ls.device:
-                flatten_tangents(_API, tangents, self._in_spec, self._in_leaves)  # raises
+                self._flatten(args)  # raises with a precise message
             flat = [t]
         else:
-            leaves = flatten_tangents(_API, tangents, self._in_spec, self._in_leaves)
+            leaves = self._flatten(args)
             flat = [leaves[i] for i in self._diff_positions]
         if self._stale_watch:
             self._check_stale()
-        return tree_unflatten(list(run(*flat)), self._out_spec)
+        outs = run(*flat)
+        if len(self._out_positions) != self._n_out:
+            full: list[Any] = [None] * self._n_out
+            for pos, val in zip(self._out_positions, outs):
+                full[pos] = val
+            outs = full
+        return tree_unflatten(list(outs), self._out_spec)
+
+    def _flatten(self, args: tuple) -> list:
+        return flatten_tangents(self._api, args, self._in_spec, self._in_leaves,
+                                arg=self._arg_name, ref=self._ref_name)
 
     def _check_stale(self) -> None:
         for t, version, what in self._stale_watch:
             if t._version != version:
                 raise StaleResidualError(
-                    f"{_API}: {what} was modified in place after linearize (its version changed "
-                    f"from {version} to {t._version}); the linearization no longer matches it. "
-                    "Call linearize again at the new point."
+                    f"{self._api}: {what} was modified in place after linearize (its version "
+                    f"changed from {version} to {t._version}); the linearization no longer matches "
+                    "it. Call linearize again at the new point."
                 )
+
+    # ------------------------------------------------------------------ transformations
+    def transpose(self) -> LinearMap:
+        """The transpose (adjoint for real dtypes) of this map, as another ``LinearMap``.
+
+        For ``jvp_fn`` from ``linearize(f, *primals)``, ``vjp_fn = jvp_fn.transpose()``
+        takes one argument structured like ``f``'s output and returns a tuple of
+        cotangents, one per primal, equal to ``torch.func.vjp(f, *primals)[1]``,
+        without evaluating ``f`` again. Built-in operations are transposed by
+        recording PyTorch's own backward formulas for the recorded linear program;
+        custom Functions through their ``backward`` (or ``vjp``) on the same ctx.
+        The result is cached; ``vjp_fn.transpose()`` is ``jvp_fn``.
+
+        Cost: one application of this map plus one backward pass, once.
+        """
+        if self._run is None:
+            raise ReleasedError(f"{self._api}.transpose(): this linear map was released.")
+        with self._lock:
+            if self._transposed is None:
+                from ._transpose import transpose_map
+
+                t = transpose_map(self)
+                t._transposed = self
+                self._transposed = t
+            return self._transposed
+
+    @property
+    def T(self) -> LinearMap:
+        """Shorthand for :meth:`transpose`."""
+        return self.transpose()
+
+    def jacobian(self, argnums: int | tuple[int, ...] | None = None,
+                 chunk_size: int | None = None) -> Any:
+        """The full Jacobian, in ``torch.func.jacfwd``'s layout.
+
+        Built from batched applications of this map to basis tangents; ``f`` is not
+        evaluated again. ``argnums`` selects positional arguments like ``jacfwd``
+        (default: all of them, or just the one if there is one). ``chunk_size``
+        bounds how many basis tangents go through the map at once (memory).
+
+        Returns, for each output leaf, the Jacobian with respect to the selected
+        argument(s): shape ``out.shape + in.shape`` per (output leaf, input leaf),
+        nested like ``jacfwd(f, argnums=argnums)(*primals)``.
+        """
+        from ._jacobian import jacobian
+
+        return jacobian(self, argnums, chunk_size)
 
     # ------------------------------------------------------------------ memory
     def release(self) -> None:
@@ -96,11 +173,13 @@ class LinearMap:
         self._program.residuals = []
         self._program.eqns = []
         self._stale_watch = []
+        self._transposed = None
         self.residual_bytes = 0
         self.external_bytes = 0
 
     @property
     def released(self) -> bool:
+        """Whether :meth:`release` was called."""
         return self._released
 
     # ------------------------------------------------------------------ introspection
@@ -108,6 +187,11 @@ class LinearMap:
     def source(self) -> str:
         """The generated Python source of the linear program."""
         return getattr(self._run, "__torch_linearize_source__", "")
+
+    @property
+    def num_ops(self) -> int:
+        """Number of operations in the linear program."""
+        return len(self._program.eqns)
 
     def __repr__(self) -> str:
         if self._released:
@@ -133,9 +217,3 @@ class LinearMap:
             f"external_bytes={self.external_bytes} (pre-existing tensors kept alive)"
         )
         return "\n".join(lines)
-
-    @property
-    def num_ops(self) -> int:
-        """Number of operations in the linear program."""
-        return len(self._program.eqns)
-

@@ -62,10 +62,10 @@ def _identity_candidate(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> V
     x = a[0] if a else None
     if fn in (aten.add.Tensor, aten.sub.Tensor) and len(a) == 2 and kw.get("alpha", 1) == 1:
         for var, other, ok in ((a[0], a[1], True), (a[1], a[0], fn is aten.add.Tensor)):
-            if ok and isinstance(var, Var) and isinstance(other, Res) and \
-                    _is_zero_residual(prog, other, zero_cache):
-                if var.shape == out.shape and var.dtype == out.dtype:
-                    return var
+            if (ok and isinstance(var, Var) and isinstance(other, Res)
+                    and var.shape == out.shape and var.dtype == out.dtype
+                    and _is_zero_residual(prog, other, zero_cache)):
+                return var
         return None
     if not isinstance(x, Var) or x.shape != out.shape or x.dtype != out.dtype:
         return None

@@ -35,14 +35,15 @@ _var_ids = itertools.count()
 class Var:
     """A tangent value: the output of an equation or a program input."""
 
-    __slots__ = ("dtype", "group", "id", "shape", "stride")
+    __slots__ = ("device", "dtype", "group", "id", "shape", "stride")
 
-    def __init__(self, shape, dtype, stride=None, group=None):
+    def __init__(self, shape, dtype, stride=None, group=None, device=None):
         self.id = next(_var_ids)
         self.shape = tuple(shape)
         self.dtype = dtype
         self.stride = stride
         self.group = group
+        self.device = device
 
     @classmethod
     def like(cls, t: torch.Tensor, group=None) -> Var:
@@ -50,7 +51,7 @@ class Var:
             stride = tuple(t.stride())
         except RuntimeError:  # sparse / nested layouts have no strides
             stride = None
-        return cls(t.shape, t.dtype, stride, group)
+        return cls(t.shape, t.dtype, stride, group, t.device)
 
     def __repr__(self) -> str:
         return f"v{self.id}"
@@ -257,6 +258,11 @@ def format_eqn(e: Eqn) -> str:
 
 
 def _relayout(t: torch.Tensor, stride: tuple) -> torch.Tensor:
+    """A copy of ``t`` with the strides (and zero storage offset) the program was traced with."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        # Under vmap/grad transforms layouts are per-example and logical: a fresh
+        # contiguous copy is what the traced placeholders (contiguous) looked like.
+        return t.contiguous() if t.stride() != stride else t.clone()
     out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
     out.copy_(t)
     return out
@@ -386,3 +392,69 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     run.__torch_linearize_source__ = src  # type: ignore[attr-defined]
     return run
 
+
+
+def interpret(prog: Program, inputs: list, impl: Callable[[Eqn], Callable] | None = None) -> tuple:
+    """Run ``prog`` equation by equation (``impl(eqn)`` may substitute implementations).
+
+    Slower than :func:`compile_program`; used where operations must be swapped,
+    e.g. for decompositions that autograd can differentiate when transposing.
+    """
+    env: dict[int, Any] = {v.id: x for v, x in zip(prog.inputs, inputs)}
+    res = prog.residuals
+
+    def val(a):
+        if isinstance(a, Var):
+            return env[a.id]
+        if isinstance(a, Res):
+            return res[a.index]
+        if isinstance(a, (list, tuple)):
+            return type(a)(val(b) for b in a)
+        return a
+
+    for e in prog.eqns:
+        fn = impl(e) if impl is not None else e.fn
+        out = fn(*[val(a) for a in e.args], **{k: val(v) for k, v in e.kwargs.items()})
+        if isinstance(e.outs, Var):
+            env[e.outs.id] = out
+        else:
+            for v, o in zip(tree_flatten(e.outs)[0], tree_flatten(out)[0]):
+                if isinstance(v, Var):
+                    env[v.id] = o
+    return tuple(
+        env[o.id] if isinstance(o, Var) else torch.zeros(o.shape, dtype=o.dtype, device=o.device)
+        for o in prog.outputs
+    )
+
+
+def check_linear_at_zero(prog: Program, run: Callable[..., tuple], nodes, what: str) -> None:
+    """Raise if the program maps zero inputs to a non-zero output (it is affine, not linear).
+
+    Custom-Function nodes output zeros during the check (``shape_only``); their
+    own linearity is their author's contract.
+    """
+    from ._errors import NonLinearTangentError
+
+    zeros = []
+    for k, v in enumerate(prog.inputs):
+        stride = prog.input_layouts[k][0] if prog.input_layouts else None
+        z = (torch.zeros(v.shape, dtype=v.dtype, device=v.device) if stride is None else
+             torch.empty_strided(v.shape, stride, dtype=v.dtype, device=v.device).zero_())
+        zeros.append(z)
+    for n in nodes:
+        n.shape_only = True
+    try:
+        with torch.no_grad():
+            outs = run(*zeros)
+    finally:
+        for n in nodes:
+            n.shape_only = False
+    for k, o in enumerate(outs):
+        # Only finite non-zeros are evidence of an added constant (0 * inf residuals
+        # give NaN without any constant).
+        if isinstance(o, torch.Tensor) and o.numel() and bool(torch.any((o != 0) & o.isfinite())):
+            raise NonLinearTangentError(
+                f"{what}: the recorded tangent program is affine, not linear: with zero tangents "
+                f"it returns a non-zero output {k}. A constant was added to a tangent-dependent "
+                "value (for example tangent + torch.ones_like(tangent))."
+            )

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["ResidualTable", "storage_key", "storage_nbytes"]
+__all__ = [
+    "ResidualTable", "ctx_tensors", "distinct_storage_bytes", "storage_key", "storage_nbytes",
+]
 
 
 def storage_key(t: torch.Tensor) -> int | None:
@@ -138,3 +140,16 @@ def distinct_storage_bytes(tensors: Iterable[torch.Tensor], only: set[int] | Non
         seen.add(k)
         total += storage_nbytes(t)
     return total
+
+
+def ctx_tensors(ctx: Any) -> list[torch.Tensor]:
+    """Tensors a custom-Function ctx keeps alive (saved tensors and attributes, one level deep)."""
+    from torch.utils._pytree import tree_flatten
+
+    found: list[torch.Tensor] = []
+    if ctx is None:
+        return found
+    for v in ctx.__dict__.values():
+        leaves = tree_flatten(v)[0] if isinstance(v, (list, tuple, dict)) else [v]
+        found.extend(x for x in leaves if isinstance(x, torch.Tensor))
+    return found

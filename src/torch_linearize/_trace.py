@@ -47,6 +47,15 @@ _DATA_READS = {
     aten.item.default,
 }
 
+# Deterministic factories whose tensor arguments only supply metadata: their outputs
+# do not depend on tangent *values*, so they are constants (residuals) even when an
+# argument is tracked. Residuals made this way are "suspect": a program that adds
+# one to a tangent would be affine, so such programs are checked (J(0) == 0).
+_VALUE_INDEPENDENT = {
+    "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full",
+    "new_empty", "new_empty_strided", "_new_zeros_with_same_feature_meta",
+}
+
 # Pointwise/reduction operations that are not linear in any tensor argument.
 _NONLINEAR = {
     "abs", "acos", "acosh", "angle", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "clamp",
@@ -124,12 +133,16 @@ class Tracer(TorchDispatchMode):
         self.eqns: list[Eqn] = []
         self.residuals = ResidualTable()
         self.inputs: list[Var] = []
-        self.input_storage: dict[int, int] = {}
+        # Storage-keyed maps hold the storage itself, so its address cannot be reused by
+        # another storage while the trace runs.
+        self.input_storage: dict[int, tuple[Any, int]] = {}
         self.mutated_inputs: set[int] = set()
-        self.promoted: dict[int, Var] = {}
+        self.promoted: dict[int, tuple[Any, Var]] = {}
         self.created: set[int] = set()  # storages allocated by operations during the trace
         self.opaque_nodes: list[Any] = []
         self.poisoned: dict[int, str] = {}  # Var id -> why its value is not linear
+        self.suspect_storages: set[int] = set()  # constants made from tracked metadata
+        self.suspect_residuals: set[int] = set()
         self.paused_depth = 0
 
     # ------------------------------------------------------------------ activation
@@ -176,11 +189,14 @@ class Tracer(TorchDispatchMode):
         self.inputs.append(v)
         k = storage_key(placeholder)
         if k is not None:
-            self.input_storage[k] = len(self.inputs) - 1
+            self.input_storage[k] = (placeholder.untyped_storage(), len(self.inputs) - 1)
         return v
 
-    def capture(self, t: torch.Tensor, origin: str = "") -> Res:
-        return Res(self.residuals.capture(t, origin))
+    def capture(self, t: torch.Tensor, origin: Any = "") -> Res:
+        idx = self.residuals.capture(t, origin)
+        if self.suspect_storages and storage_key(t) in self.suspect_storages:
+            self.suspect_residuals.add(idx)
+        return Res(idx)
 
     def symbolic(self, x: Any, origin: str = "") -> Any:
         if isinstance(x, torch.Tensor):
@@ -207,7 +223,7 @@ class Tracer(TorchDispatchMode):
         if self.lookup(t) is None:
             self._promote(t, k, opname)
         elif k is not None and k in self.input_storage:
-            self.mutated_inputs.add(self.input_storage[k])
+            self.mutated_inputs.add(self.input_storage[k][1])
 
     def _promote(self, t: torch.Tensor, k: int | None, opname: Any) -> None:
         """Tangent data is about to be written into a buffer that holds no tangent.
@@ -232,14 +248,20 @@ class Tracer(TorchDispatchMode):
             flat = torch.empty(0, dtype=t.dtype, device=t.device)
             flat.set_(t.untyped_storage(), 0, (nbytes // item,), (1,))
             snapshot = flat.clone()
-        root = Var((nbytes // item,), t.dtype, (1,), group=k)
-        self.emit(Eqn(aten.clone.default, (self.capture(snapshot, "buffer snapshot"),), {}, root,
-                      name="fresh_copy"))
-        self.promoted[k] = root
+        root = Var((nbytes // item,), t.dtype, (1,), group=k, device=t.device)
+        with torch.utils._python_dispatch._disable_current_modes():
+            all_zero = not bool(torch.any(snapshot != 0))
+        if all_zero:  # the common case (a zeros buffer): allocate, do not store a snapshot
+            self.emit(Eqn(aten.zeros.default, ([nbytes // item],),
+                          {"dtype": t.dtype, "device": t.device}, root, name="fresh_zeros"))
+        else:
+            self.emit(Eqn(aten.clone.default, (self.capture(snapshot, "buffer snapshot"),), {},
+                          root, name="fresh_copy"))
+        self.promoted[k] = (t.untyped_storage(), root)
         self._alias_of_promoted(t, k)
 
     def _alias_of_promoted(self, t: torch.Tensor, k: int) -> Var:
-        root = self.promoted[k]
+        root = self.promoted[k][1]
         if t.dtype != root.dtype:
             raise NotImplementedError(
                 "linearize: a buffer that receives tangent data is viewed with two dtypes "
@@ -284,6 +306,14 @@ class Tracer(TorchDispatchMode):
         info = _op_info(func)
         if not info.returns_tensor and func not in _DATA_READS:
             return func(*args, **kwargs)  # metadata query: no tensor data is read
+        if info.name in _VALUE_INDEPENDENT:
+            out = func(*args, **kwargs)
+            self.note_created(out)
+            if self._any_tracked(args, kwargs):
+                k = storage_key(out)
+                if k is not None:
+                    self.suspect_storages.add(k)
+            return out
         if self._any_tracked(args, kwargs):
             return self._record(func, args, kwargs, info)
         if info.write_args:

@@ -1,0 +1,361 @@
+"""Opaque equations: a custom Function's ``jvp`` (and, transposed, its ``backward``).
+
+An opaque node calls user code on the Function's saved context at application
+time, with plain tensors. This module gives such nodes the three abilities the
+rest of the library needs:
+
+* **batching** -- under ``torch.func.vmap`` the node receives the physical
+  batched tensors through :class:`_OpaqueApply`'s ``vmap`` rule (nested vmaps
+  add leading batch dimensions) and runs, in order of preference, the
+  Function's ``batched_jvp`` / ``batched_vjp`` staticmethod (one call for the
+  whole batch; the natural place for a CUDA kernel), ``torch.vmap`` over
+  ``jvp``/``backward`` when the Function declares ``generate_vmap_rule = True``,
+  or a per-tangent loop (correct, slower);
+* **transposition** -- :class:`_OpaqueApply` is an ``autograd.Function`` whose
+  backward is the user's ``backward`` on the same ctx (the transpose of
+  ``jvp``), so autograd through a linear program works, and
+  :mod:`torch_linearize._transpose` can record it as an :class:`OpaqueVjp` node;
+* **validation** -- results are checked against the shapes and dtypes recorded
+  at linearize time, naming the Function when they do not match.
+
+Contract of ``batched_jvp(ctx, *tangents)``: every tangent is a tensor with one
+extra leading batch dimension ``B`` (inputs without a tangent get expanded zeros,
+or ``None`` if the Function called ``ctx.set_materialize_grads(False)``;
+non-tensor inputs get ``None``); it returns one tensor per differentiable output
+with leading dimension ``B`` (``None`` for non-differentiable outputs), exactly
+what ``jvp`` would return for each of the ``B`` tangents, stacked. ``ctx`` is
+the same (unbatched) context ``jvp`` sees. ``batched_vjp(ctx, *grads)`` is the
+same for ``backward``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from ._errors import LinearizeError, ReleasedError
+from ._program import type_str
+
+__all__ = ["OpaqueJvp", "OpaqueVjp"]
+
+_Function = torch.autograd.Function
+
+
+def _has_user_backward(cls: type) -> bool:
+    return cls.backward is not _Function.backward or cls.vjp is not _Function.vjp
+
+
+def _user_backward(cls: type):
+    return cls.vjp if cls.vjp is not _Function.vjp else cls.backward
+
+
+def _needs_autograd_wrapper(args) -> bool:
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+class _OpaqueNode:
+    """Shared machinery of :class:`OpaqueJvp` and :class:`OpaqueVjp`.
+
+    ``in_meta[i]``: ``(shape, dtype, device)`` for tensor argument ``i`` (zeros are
+    materialized from it), ``None`` for a non-tensor position.
+    ``out_meta[j]``: ``(shape, dtype, stride, device)`` for result ``j``, ``None``
+    where the result must be ``None``.
+    """
+
+    phase = ""
+    batched_name = ""
+
+    def __init__(self, cls: type, ctx: Any, in_meta: list, out_meta: list,
+                 dirty: dict[int, int], single_output: bool):
+        self.cls = cls
+        self.ctx = ctx
+        self.in_meta = in_meta
+        self.out_meta = out_meta
+        self.dirty = dirty  # result index -> argument index modified in place
+        self.single_output = single_output
+        self.recorder = None  # set while _transpose records this node's transpose
+        self.shape_only = False  # set while _transpose builds the autograd graph
+        self.calls = 0
+        self._zeros: dict[int, torch.Tensor] = {}
+        self._zero_versions: dict[int, int] = {}
+        self._transposed: _OpaqueNode | None = None
+
+    # ---------------------------------------------------------------- entry point
+    def __call__(self, *args):
+        if self.ctx is None:
+            raise ReleasedError(f"{self.display_name}: the linear map was released.")
+        if _needs_autograd_wrapper(args):
+            return _OpaqueApply.apply(self, 0, *args)
+        return self.run(0, args)
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.cls.__qualname__}.{self.phase}"
+
+    def user_fn(self):
+        raise NotImplementedError
+
+    def release(self) -> None:
+        self.ctx = None
+        self._zeros.clear()
+        self._transposed = None
+
+    # ---------------------------------------------------------------- execution
+    def _zero(self, i: int) -> torch.Tensor:
+        """A zero argument for position ``i``; cached, re-zeroed if user code wrote into it."""
+        z = self._zeros.get(i)
+        if z is None:
+            shape, dtype, device = self.in_meta[i]
+            z = torch.zeros(shape, dtype=dtype, device=device)
+            self._zeros[i] = z
+            self._zero_versions[i] = z._version
+        elif z._version != self._zero_versions[i]:
+            z.zero_()
+            self._zero_versions[i] = z._version
+        return z
+
+    def _materialize(self) -> bool:
+        return bool(getattr(self.ctx, "materialize_grads", True))
+
+    def _invoke(self, args: list) -> tuple:
+        """Call the user function once on unbatched arguments; normalized tuple result."""
+        ctx = self.ctx
+        ctx._tl_phase = "jvp" if self.phase == "jvp" else "backward"
+        self.calls += 1
+        with fwAD._set_fwd_grad_enabled(False):
+            out = self.user_fn()(ctx, *args)
+        return self._as_tuple(out)
+
+    def _as_tuple(self, out) -> tuple:
+        n = len(self.out_meta)
+        if not isinstance(out, (tuple, list)):
+            out = (out,)
+        out = tuple(out)
+        # backward may return trailing Nones beyond the number of inputs, like PyTorch allows.
+        if len(out) > n and all(o is None for o in out[n:]):
+            out = out[:n]
+        if len(out) != n:
+            raise LinearizeError(
+                f"{self.display_name} returned {len(out)} value(s); expected {n} "
+                f"(one per {'output' if self.phase == 'jvp' else 'input'} of forward, None where "
+                "there is nothing to return)."
+            )
+        return out
+
+    def _check(self, j: int, o: Any, args: list, batch: tuple) -> Any:
+        meta = self.out_meta[j]
+        if meta is None:
+            if o is not None and self.phase == "jvp":
+                raise LinearizeError(
+                    f"{self.display_name} returned a tangent at position {j}, but that output of "
+                    "forward is not a differentiable tensor. Return None there."
+                )
+            return None
+        shape, dtype, stride, device = meta
+        full = (*batch, *shape)
+        if o is None:
+            return torch.zeros(full, dtype=dtype, device=device)
+        if not isinstance(o, torch.Tensor):
+            raise LinearizeError(f"{self.display_name} returned {type(o).__name__} at position {j}; "
+                                 "expected a tensor or None.")
+        if tuple(o.shape) != full or o.dtype != dtype:
+            raise LinearizeError(
+                f"{self.display_name} returned {type_str(o.shape, o.dtype)} at position {j}; "
+                f"expected {type_str(full, dtype)}."
+            )
+        if j in self.dirty:
+            i = self.dirty[j]
+            if o is not args[i]:
+                raise LinearizeError(
+                    f"{self.display_name}: forward modifies input {i} in place (mark_dirty), so jvp "
+                    "must modify that input's tangent in place and return it as-is."
+                )
+        elif not batch and stride is not None and o.stride() != stride:
+            o = torch.empty_strided(shape, stride, dtype=dtype, device=o.device).copy_(o)
+        return o
+
+    def run(self, nbatch: int, args) -> tuple:
+        """Apply the node; the leading ``nbatch`` dimensions of tensor arguments are batch dims."""
+        args = list(args)
+        if self.shape_only:  # building an autograd graph: values are irrelevant (linear map)
+            batch = _batch_shape(args, nbatch)
+            return tuple(None if m is None else torch.zeros((*batch, *m[0]), dtype=m[1], device=m[3])
+                         for m in self.out_meta)
+        materialize = self._materialize()
+        if nbatch == 0:
+            for i, meta in enumerate(self.in_meta):
+                if args[i] is None and meta is not None and materialize:
+                    args[i] = self._zero(i)
+            out = self._invoke(args)
+            return tuple(self._check(j, o, args, ()) for j, o in enumerate(out))
+        return self._run_batched(nbatch, args, materialize)
+
+    def _run_batched(self, nbatch: int, args: list, materialize: bool) -> tuple:
+        batch = _batch_shape(args, nbatch)
+        b = math.prod(batch)
+        flat: list[Any] = []
+        for i, a in enumerate(args):
+            meta = self.in_meta[i]
+            if isinstance(a, torch.Tensor):
+                flat.append(a.reshape(b, *a.shape[nbatch:]))
+            elif a is None and meta is not None and materialize:
+                flat.append(self._zero(i).expand(b, *meta[0]))
+            else:
+                flat.append(a)
+        batched_fn = getattr(self.cls, self.batched_name, None)
+        if batched_fn is not None:
+            self.ctx._tl_phase = "jvp" if self.phase == "jvp" else "backward"
+            self.calls += 1
+            with fwAD._set_fwd_grad_enabled(False):
+                out = self._as_tuple(batched_fn(self.ctx, *flat))
+        elif getattr(self.cls, "generate_vmap_rule", False) and not self.dirty:
+            in_dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in flat)
+            out = self._as_tuple(torch.vmap(lambda *xs: self._invoke(list(xs)), in_dims=in_dims)(*flat))
+        else:  # per-tangent loop: correct for any user code, one call per batch element
+            per = []
+            for k in range(b):
+                sl = [a[k] if isinstance(a, torch.Tensor) else a for a in flat]
+                res = self._invoke(sl)
+                per.append(tuple(self._check(j, o, sl, ()) for j, o in enumerate(res)))
+            out = tuple(
+                None if self.out_meta[j] is None
+                else (flat[self.dirty[j]] if j in self.dirty else torch.stack([p[j] for p in per]))
+                for j in range(len(self.out_meta))
+            )
+        result = []
+        for j, o in enumerate(out):
+            o = self._check(j, o, flat, (b,)) if not (j in self.dirty and o is flat[self.dirty[j]]) else o
+            result.append(None if o is None else o.reshape(*batch, *o.shape[1:]))
+        return tuple(result)
+
+    # ---------------------------------------------------------------- transposition
+    def transposed(self) -> _OpaqueNode:
+        raise NotImplementedError
+
+    def record_transpose(self, grads: tuple) -> tuple:
+        """Record this node's transpose into ``self.recorder``; return placeholder cotangents."""
+        from ._program import Eqn
+
+        tracer = self.recorder
+        node = self.transposed()
+        syms = [None if g is None else tracer.symbolic(g, node.display_name) for g in grads]
+        outs, results = [], []
+        with tracer.paused():
+            for meta in node.out_meta:
+                if meta is None:
+                    outs.append(None)
+                    results.append(None)
+                    continue
+                shape, dtype, stride, device = meta
+                ph = torch.ones(shape, dtype=dtype, device=device)
+                if stride is not None and ph.stride() != stride:
+                    ph = torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1)
+                outs.append(tracer.new_var(ph))
+                results.append(ph)
+        tracer.opaque_nodes.append(node)
+        tracer.emit(Eqn(node, tuple(syms), {}, tuple(outs), name=node.display_name))
+        return tuple(results)
+
+
+def _batch_shape(args, nbatch: int) -> tuple:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return tuple(a.shape[:nbatch])
+    return ()
+
+
+class OpaqueJvp(_OpaqueNode):
+    """Calls ``cls.jvp(ctx, *tangents)``; arguments: one per forward input.
+
+    ``fwd_out_tensors[j]``: ``(shape, dtype, device)`` of forward output ``j`` if it is
+    a tensor (differentiable or not), else ``None``; ``has_tangent[i]``: whether
+    forward input ``i`` carries a tangent. Both describe the transpose.
+    """
+
+    phase = "jvp"
+    batched_name = "batched_jvp"
+
+    def __init__(self, cls, ctx, in_meta, out_meta, dirty, single_output,
+                 fwd_out_tensors: list, has_tangent: list):
+        super().__init__(cls, ctx, in_meta, out_meta, dirty, single_output)
+        self.fwd_out_tensors = fwd_out_tensors
+        self.has_tangent = has_tangent
+
+    def user_fn(self):
+        return self.cls.jvp
+
+    def transposed(self) -> OpaqueVjp:
+        if self._transposed is None:
+            if not _has_user_backward(self.cls):
+                raise LinearizeError(
+                    f"transpose(): custom autograd.Function {self.cls.__qualname__} has no backward "
+                    "(or vjp) staticmethod, so its jvp cannot be transposed. Implement backward."
+                )
+            # backward gets a gradient for every tensor output (zeros for non-differentiable
+            # ones, as in PyTorch) and returns one per input; only inputs that carry a
+            # tangent have a cotangent.
+            out_meta = [
+                (m[0], m[1], None, m[2]) if m is not None and self.has_tangent[i] else None
+                for i, m in enumerate(self.in_meta)
+            ]
+            node = OpaqueVjp(self.cls, self.ctx, list(self.fwd_out_tensors), out_meta, {}, False)
+            node._transposed = self
+            self._transposed = node
+        return self._transposed
+
+
+class OpaqueVjp(_OpaqueNode):
+    """Calls ``cls.backward(ctx, *grads)``; arguments: one per forward output."""
+
+    phase = "backward"
+    batched_name = "batched_vjp"
+
+    def user_fn(self):
+        return _user_backward(self.cls)
+
+    def transposed(self) -> OpaqueJvp:
+        assert self._transposed is not None
+        return self._transposed  # type: ignore[return-value]
+
+
+class _OpaqueApply(_Function):
+    """Autograd/vmap entry for an opaque node: ``outs = node.run(nbatch, args)``."""
+
+    @staticmethod
+    def forward(node, nbatch, *args):
+        return node.run(nbatch, args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.node = inputs[0]
+        ctx.nbatch = inputs[1]
+        ctx.set_materialize_grads(False)
+        node = inputs[0]
+        if node.dirty:
+            ctx.mark_dirty(*[inputs[2 + i] for i in node.dirty.values()])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        node = ctx.node
+        if node.recorder is not None:
+            cots = node.record_transpose(grads)
+        else:
+            cots = node.transposed().run(ctx.nbatch, grads)
+        return (None, None, *cots)
+
+    @staticmethod
+    def vmap(info, in_dims, node, nbatch, *args):
+        moved = []
+        for a, d in zip(args, in_dims[2:]):
+            if isinstance(a, torch.Tensor):
+                a = a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
+            moved.append(a)
+        outs = _OpaqueApply.apply(node, nbatch + 1, *moved)
+        return outs, tuple(None if o is None else 0 for o in outs)
