@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 import traceback
@@ -40,22 +41,21 @@ _PINV = (
     "tests/test_opinfo.py::test_upstream_complex_pinv_under_dispatch_mode); linearize traces "
     "under such a mode."
 )
-_BCE = (
-    "PyTorch eager forward-mode AD rejects binary_cross_entropy_with_logits when weight or "
-    "pos_weight carry tangents ('Setting a forward grad that itself has a forward gradient'); "
-    "torch.func.jvp uses functorch levels instead. Close over weight/pos_weight instead."
-)
 _UNPOOL = (
     "max_unpool scatters with duplicate indices when pooling windows overlap; which value wins "
     "is nondeterministic in PyTorch, so two runs can disagree."
 )
+_LOGCUMSUMEXP = (
+    "PyTorch's forward-AD formula for complex logcumsumexp overflows on the OpInfo samples with "
+    "|x| ~ 1e4 (its residuals exp(x) are inf); the transpose of that formula is NaN there, while "
+    "torch.func.vjp uses a different, stable reverse-mode formula. The jvp itself matches."
+)
 XFAIL: dict[tuple[str, torch.dtype], tuple[str, str]] = {
+    ("logcumsumexp", torch.complex128): (_LOGCUMSUMEXP, "transpose"),
     ("pinverse", torch.complex128): (_PINV, "not close"),
     ("linalg.pinv", torch.complex128): (_PINV, "not close"),
     ("linalg.pinv.singular", torch.complex128): (_PINV, "not close"),
     ("linalg.lstsq.grad_oriented", torch.complex128): (_PINV, "not close"),
-    ("nn.functional.binary_cross_entropy_with_logits", torch.float64): (_BCE, "itself has a forward gradient"),
-    ("nn.functional.binary_cross_entropy_with_logits", torch.float32): (_BCE, "itself has a forward gradient"),
     ("nn.functional.max_unpool1d", torch.float32): (_UNPOOL, "not close"),
     ("nn.functional.max_unpool2d", torch.float32): (_UNPOOL, "not close"),
     ("nn.functional.max_unpool3d", torch.float32): (_UNPOOL, "not close"),
@@ -66,8 +66,13 @@ XFAIL: dict[tuple[str, torch.dtype], tuple[str, str]] = {
 
 
 def expected_failure(outcome: Outcome, name: str, dtype: torch.dtype) -> bool:
+    """Every part of the failure (the full check, the per-input checks) matches XFAIL."""
+    if outcome.status not in ("fail", "error"):
+        return False
     entry = XFAIL.get((name, dtype))
-    return entry is not None and outcome.status in ("fail", "error") and entry[1] in outcome.detail
+    if entry is None:
+        return False
+    return all(entry[1] in part for part in outcome.detail.split("\n[only input"))
 
 
 def op_full_name(op) -> str:
@@ -84,11 +89,17 @@ def _is_diff(x) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
-def sample_function(op, sample):
-    """Return (f, primals) where f(*primals) == op(sample) and primals are the diff tensors."""
+def sample_function(op, sample, only=None):
+    """Return (f, primals) where f(*primals) == op(sample) and primals are the diff tensors.
+
+    ``only``: index (among the differentiable tensors) of the single one to make a
+    primal; the others are closed over as constants.
+    """
     tree = (sample.input, sample.args, sample.kwargs)
     leaves, spec = tree_flatten(tree)
     idx = [i for i, x in enumerate(leaves) if _is_diff(x)]
+    if only is not None:
+        idx = [idx[only]]
     primals = tuple(leaves[i].detach() for i in idx)
 
     def f(*ps):
@@ -151,10 +162,36 @@ def _tols(dtype):
 
 def check_sample(op, sample, dtype, seed=0, modes=("jvp",)) -> Outcome:
     """Check one sample. ``modes``: "jvp" (always), "vmap" (a batch of 3 tangents through
-    ``torch.vmap(jvp_fn)`` vs one ``torch.func.jvp`` per tangent) and "transpose"
-    (``jvp_fn.transpose()`` vs ``torch.func.vjp``'s vjp_fn, for ops with backward)."""
+    ``torch.vmap(jvp_fn)`` vs one ``torch.func.jvp`` per tangent), "transpose"
+    (``jvp_fn.transpose()`` vs ``torch.func.vjp``'s vjp_fn, for ops with backward) and
+    "each" (when there are several differentiable inputs, also linearize with respect to
+    each one alone, the others closed over: catches formulas that drop a tangent)."""
+    outcome = _check_one(op, sample, dtype, seed, modes, None)
+    if "each" in modes:
+        each = check_each(op, sample, dtype, seed)
+        if outcome.status in ("pass", "skip") and each.status not in ("pass", "skip"):
+            return each
+        if outcome.status != "pass" and each.status not in ("pass", "skip"):
+            outcome.detail += f"\n{each.detail}"
+    return outcome
+
+
+def check_each(op, sample, dtype, seed=0) -> Outcome:
+    """Linearize with respect to each differentiable input alone (others closed over)."""
+    n = len(sample_function(op, sample)[1])
+    if n < 2:
+        return Outcome(op_full_name(op), -1, "skip", "fewer than two differentiable inputs")
+    for k in range(n):
+        o = _check_one(op, sample, dtype, seed, ("jvp",), k)
+        if o.status not in ("pass", "skip"):
+            o.detail = f"[only input {k} differentiable] {o.detail}"
+            return o
+    return Outcome(op_full_name(op), -1, "pass")
+
+
+def _check_one(op, sample, dtype, seed, modes, only) -> Outcome:
     name = op_full_name(op)
-    f, primals = sample_function(op, sample)
+    f, primals = sample_function(op, sample, only)
     if not primals:
         return Outcome(name, -1, "skip", "no differentiable inputs")
     gen = torch.Generator().manual_seed(1234)
@@ -174,8 +211,14 @@ def check_sample(op, sample, dtype, seed=0, modes=("jvp",)) -> Outcome:
         ta = jvp_fn(*tangents_a)
         tb = jvp_fn(*tangents_b)
         torch.testing.assert_close(tuple(y), ry, equal_nan=True, **tol, msg=lambda m: "output y: " + m)
-        torch.testing.assert_close(tuple(ta), rta, equal_nan=True, **tol, msg=lambda m: "tangent a: " + m)
-        torch.testing.assert_close(tuple(tb), rtb, equal_nan=True, **tol, msg=lambda m: "tangent b: " + m)
+        # torch.func.jvp sometimes returns a tangent in a wider dtype than its output
+        # (e.g. addcmul with a Python scalar); ours must match the output's dtype.
+        for yy, tt in zip(y, ta):
+            assert tt.dtype == yy.dtype, f"tangent dtype {tt.dtype} != output dtype {yy.dtype}"
+        torch.testing.assert_close(tuple(ta), rta, equal_nan=True, check_dtype=False, **tol,
+                                   msg=lambda m: "tangent a: " + m)
+        torch.testing.assert_close(tuple(tb), rtb, equal_nan=True, check_dtype=False, **tol,
+                                   msg=lambda m: "tangent b: " + m)
         if "vmap" in modes:
             stage = "vmap"
             batch = [tuple(random_tangent(p, gen) for p in primals) for _ in range(3)]
@@ -222,16 +265,17 @@ def _dot(a, b) -> float:
 def adjoint_explains(f, primals, jvp_fn, vjp_fn, ref_vjp_out, cots, gen, seed) -> bool:
     """Ours is the exact transpose of PyTorch's forward-mode Jacobian, and torch.func.vjp is not.
 
-    The forward-mode Jacobian J comes from torch.func.jacfwd (for small samples), so
-    ``vjp_fn(u) == J^T u`` is checked independently of our recording. Larger samples
-    use the dot-product test <J t, u> == <t, J^T u> instead.
+    For small real samples the forward-mode Jacobian J comes from torch.func.jacfwd,
+    so ``vjp_fn(u) == J^T u`` is checked independently of our recording. Otherwise
+    (large or complex samples, where the maps are only R-linear) the dot-product
+    test Re<J t, u> == Re<t, J* u> must hold for our pair and fail for PyTorch's.
     """
-    if any(p.is_complex() for p in primals):
-        return False
     got = vjp_fn(cots)
+    single = any(p.dtype in (torch.float32, torch.complex64) for p in primals)
+    tight = 1e-4 if single else 1e-9
     n_in = sum(p.numel() for p in primals)
     n_out = sum(c.numel() for c in cots)
-    if n_in * n_out <= 250_000:
+    if not any(p.is_complex() for p in primals) and n_in * n_out <= 250_000:
         def flat_f(*ps):
             return torch.cat([o.reshape(-1) for o in f(*ps)])
 
@@ -241,7 +285,7 @@ def adjoint_explains(f, primals, jvp_fn, vjp_fn, ref_vjp_out, cots, gen, seed) -
         exact = [(j.reshape(n_out, -1).T @ u).reshape(p.shape) for j, p in zip(jac, primals)]
 
         def close(a, b):
-            return all(torch.allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True)
+            return all(torch.allclose(x, y, rtol=tight, atol=tight * 1e-3, equal_nan=True)
                        for x, y in zip(a, b) if x is not None)
 
         return close(got, exact) and not close(ref_vjp_out, exact)
@@ -250,7 +294,7 @@ def adjoint_explains(f, primals, jvp_fn, vjp_fn, ref_vjp_out, cots, gen, seed) -
     _, ref_jt, _ = reference_jvp(f, primals, t, seed)
     torch_l, torch_r = _dot(ref_jt, cots), _dot(t, ref_vjp_out)
     scale = max(1.0, abs(ours_l), abs(torch_l))
-    return abs(ours_l - ours_r) <= 1e-9 * scale and abs(torch_l - torch_r) > 1e-9 * scale
+    return abs(ours_l - ours_r) <= tight * scale and abs(torch_l - torch_r) > tight * scale
 
 
 def samples_for(op, dtype, limit):
@@ -275,6 +319,8 @@ def run_sweep(dtypes, limit, ops=None, verbose=False, out=sys.stdout, modes=("jv
             if dtype not in op.supported_dtypes("cpu"):
                 continue
             for i, s in enumerate(samples_for(op, dtype, limit)):
+                if os.environ.get("OPINFO_TRACE"):
+                    print(f"-> {op_full_name(op)} {dtype} #{i}", file=out, flush=True)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     r = check_sample(op, s, dtype, modes=modes)
@@ -303,7 +349,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=8, help="samples per op and dtype (0 = all)")
     ap.add_argument("--dtypes", default="float64", help="comma list: float64,float32,complex128")
     ap.add_argument("--ops", default="", help="comma list of OpInfo names to restrict to")
-    ap.add_argument("--modes", default="jvp,vmap,transpose", help="comma list: jvp,vmap,transpose")
+    ap.add_argument("--modes", default="jvp,vmap,transpose,each",
+                    help="comma list: jvp,vmap,transpose,each")
     args = ap.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     ops = forward_ad_ops()

@@ -200,9 +200,9 @@ def test_non_tensor_output_is_named():
 
 def test_wrong_number_of_tangents(single_map):
     jvp_fn, x = single_map
-    with pytest.raises(ValueError, match=r"(?s)same pytree structure as primals\. Expected 1 leaves.*got 2 leaves"):
+    with pytest.raises(ValueError, match=r"same pytree structure as primals; unexpected tangents\[1\]"):
         jvp_fn(x, x)
-    with pytest.raises(ValueError, match=r"(?s)Expected 1 leaves.*got 0 leaves"):
+    with pytest.raises(ValueError, match=r"same pytree structure as primals; missing tangents\[0\]"):
         jvp_fn()
 
 
@@ -218,16 +218,10 @@ def test_wrong_number_of_tangents(single_map):
 )
 def test_structure_mismatch_says_expected_and_got(dict_map, tangents):
     jvp_fn, _, _ = dict_map
-    with pytest.raises(ValueError, match=r"(?s)same pytree structure as primals\. Expected 3 leaves "
-                                         r"structured as .*dict.*got .* leaves structured as"):
+    with pytest.raises(ValueError, match=r"same pytree structure as primals; (missing|unexpected) tangents"):
         jvp_fn(*tangents())
 
 
-@pytest.mark.xfail(
-    reason="bug: a pytree-structure mismatch reports the two whole TreeSpecs but not the path "
-           "where they differ (here tangents[1], missing key 'b')",
-    strict=True,
-)
 def test_structure_mismatch_names_the_path_where_it_differs():
     x = torch.randn(3, dtype=D)
     _, jvp_fn = tl.linearize(lambda x, p: x.sum() * p["w"].sum() + p["b"], x, _params())

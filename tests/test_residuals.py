@@ -353,12 +353,6 @@ def test_captured_tensor_written_in_place_later_in_f_is_snapshotted():
     torch.testing.assert_close(jvp_fn(t), t * w0)
 
 
-@pytest.mark.xfail(
-    reason="bug: copy-on-write snapshots are cloned with the tracer's mode disabled, so their "
-           "storages are not recorded as created by linearize; residual_bytes misses them and "
-           "external_bytes counts them as pre-existing",
-    strict=True,
-)
 def test_copy_on_write_snapshot_is_counted_as_allocated():
     x = torch.randn(3, 4, dtype=D)
 

@@ -18,11 +18,12 @@ from torch.utils._pytree import (
 
 from ._checks import flatten_primals, leaf_specs_of
 from ._custom_function import function_patch
-from ._errors import LinearizeError, NoForwardADError, StaleResidualError
+from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError, StaleResidualError
 from ._forward_ad import shared_dual_level
 from ._linear_map import LinearMap
 from ._passes import forward_identities
 from ._program import (
+    Eqn,
     Program,
     Var,
     ZeroOut,
@@ -31,7 +32,7 @@ from ._program import (
     dead_code_elimination,
 )
 from ._residuals import ctx_tensors, distinct_storage_bytes, storage_key
-from ._trace import Tracer
+from ._trace import Tracer, current_tracer
 
 __all__ = ["linearize"]
 
@@ -79,6 +80,19 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     if not callable(func):
         raise TypeError(f"{_API}: f must be callable, got {type(func).__name__}.")
     flat, in_spec, leaf_specs = flatten_primals(_API, primals)
+    outer = current_tracer()
+    if outer is not None and outer.level is not None:
+        for leaf, ls in zip(flat, leaf_specs):
+            with outer.paused():
+                carries = fwAD.unpack_dual(leaf, level=outer.level).tangent is not None
+            if carries:
+                raise LinearizeError(
+                    f"{_API}: called inside a function that is itself being linearized, on "
+                    f"primals{ls.path}, which carries the outer tangent. Nested forward-mode AD "
+                    "(forward-over-forward) is not supported by PyTorch's eager forward AD; "
+                    "linearize the composition once, or pass .detach()ed primals if the inner "
+                    "linearization should not be differentiated."
+                )
 
     with shared_dual_level() as level, function_patch():
         tracer = Tracer(level)
@@ -122,6 +136,9 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                     out, aux = out
                 with tracer.paused():
                     outputs, y_flat, out_spec = _collect_outputs(tracer, out)
+                    for kp, a in tree_flatten_with_path(aux)[0]:
+                        if isinstance(a, torch.Tensor):
+                            _refuse_tangent_dependent(tracer, a, f"aux{keystr(kp)}")
                     aux = tree_map(lambda a: _primal(a, level), aux)
         finally:
             changed = tracer.residuals.end_trace()
@@ -141,9 +158,9 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     stale = sorted(set(prog.used_residuals()) & set(changed))
     if stale:
         raise StaleResidualError(
-            f"{_API}: a tensor read by the tangent program ({prog.residual_names[stale[0]]}) was "
-            "modified in place later during f by code linearize cannot see (e.g. through numpy or "
-            "a raw data pointer). Clone it before modifying it."
+            f"{_API}: {_describe_residual(prog, stale[0], flat, leaf_specs)} was modified in "
+            "place later during f by code linearize cannot see (e.g. through numpy or a raw data "
+            "pointer). Clone it before modifying it."
         )
     suspect = bool(set(prog.used_residuals()) & tracer.suspect_residuals)
     prog.prune_residuals()
@@ -189,6 +206,27 @@ def _primal(a: Any, level: int) -> Any:
     return a
 
 
+def _refuse_tangent_dependent(tracer: Tracer, value: torch.Tensor, what: str) -> None:
+    """Raise if a *primal* result (an output or aux value) was computed from tangent data."""
+    v = tracer.lookup(value)
+    if v is None:
+        return
+    why = tracer.poisoned.get(v.id)
+    if why is not None:
+        raise NonLinearTangentError(why)
+    producer = next((e for e in reversed(tracer.eqns) if v in e.out_vars()), None)
+    by = f" (computed by {e_name(producer)})" if producer is not None else ""
+    raise NonLinearTangentError(
+        f"{_API}: the value of {what} depends on tangent data{by}: f read a tangent (e.g. with "
+        "torch.autograd.forward_ad.unpack_dual) and used it in the primal computation. The "
+        "value of f must not depend on the tangents."
+    )
+
+
+def e_name(e) -> str:
+    return e.name or str(e.fn)
+
+
 def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
     with_path, out_spec = tree_flatten_with_path(out)
     outputs: list[Var | ZeroOut] = []
@@ -199,7 +237,14 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
                 f"{_API}: f must return a pytree of tensors, but output{keystr(kp)} is "
                 f"{type(o).__name__}. Return non-tensors through has_aux=True."
             )
+        _refuse_tangent_dependent(tracer, o, f"output{keystr(kp)}")
         tan = tracer.tangent_of(o)
+        if isinstance(tan, Var) and tan.dtype != o.dtype:
+            # Eager forward AD can leave a tangent in a narrower dtype than its output
+            # (type promotion with constant operands); torch.func.jvp casts it.
+            cast = Var(tan.shape, o.dtype, tan.stride, device=tan.device)
+            tracer.emit(Eqn(torch.ops.aten._to_copy.default, (tan,), {"dtype": o.dtype}, cast))
+            tan = cast
         if isinstance(tan, Var):
             outputs.append(tan)
         elif tan is None or tan._is_zerotensor() or not bool(torch.any(tan != 0)):

@@ -81,9 +81,8 @@ def flatten_tangents(api: str, tangents: tuple, spec: TreeSpec, leaf_specs: list
     leaves, tspec = tree_flatten(tangents, is_leaf=_is_none)
     if tspec != spec:
         raise ValueError(
-            f"{api}: {arg} must have the same pytree structure as {ref}. "
-            f"Expected {len(leaf_specs)} leaves structured as {spec}, got {len(leaves)} leaves "
-            f"structured as {tspec}."
+            f"{api}: {arg} must have the same pytree structure as {ref}; "
+            f"{_structure_difference(tangents, spec, arg, ref)}"
         )
     for t, ls in zip(leaves, leaf_specs):
         name, want = f"{arg}{ls.path}", f"{ref}{ls.path}"
@@ -109,3 +108,22 @@ def flatten_tangents(api: str, tangents: tuple, spec: TreeSpec, leaf_specs: list
             raise ValueError(f"{api}: {name} is on device {t.device}, but {want} is on {ls.device}.")
     return leaves
 
+
+
+def _structure_difference(tangents: tuple, spec: TreeSpec, arg: str, ref: str) -> str:
+    """Name the first leaf paths where ``tangents`` and ``spec`` differ."""
+    want = [keystr(kp) for kp, _ in tree_flatten_with_path(spec.unflatten([0] * spec.num_leaves))[0]]
+    got = [keystr(kp) for kp, _ in tree_flatten_with_path(tangents, is_leaf=_is_none)[0]]
+    missing = [p for p in want if p not in set(got)]
+    extra = [p for p in got if p not in set(want)]
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(arg + p for p in missing[:3])}"
+                     f"{' ...' if len(missing) > 3 else ''} (present in {ref})")
+    if extra:
+        parts.append(f"unexpected {', '.join(arg + p for p in extra[:3])}"
+                     f"{' ...' if len(extra) > 3 else ''} (not in {ref})")
+    if not parts:  # same paths, different container types (e.g. list vs tuple)
+        parts.append(f"same leaves but different containers: expected {spec}, got "
+                     f"{tree_flatten(tangents, is_leaf=_is_none)[1]}")
+    return "; ".join(parts) + "."

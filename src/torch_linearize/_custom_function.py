@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import FunctionCtx
 
+from . import _overrides
 from ._errors import LinearizeError, NoForwardADError
 from ._opaque import OpaqueJvp
 from ._program import Eqn, Var
@@ -89,6 +90,7 @@ class function_patch:
             if _patch_users == 0:
                 _SingleLevel.apply = classmethod(_patched_apply)
                 _BackwardCFunction.apply_jvp = _patched_apply_jvp
+                _overrides.install()
             _patch_users += 1
         return self
 
@@ -99,6 +101,7 @@ class function_patch:
             if _patch_users == 0:
                 del _SingleLevel.apply
                 _BackwardCFunction.apply_jvp = _original_apply_jvp
+                _overrides.uninstall()
         return False
 
 

@@ -15,6 +15,34 @@ from ._program import Program, Var, format_eqn, type_str
 
 __all__ = ["LinearMap"]
 
+_ft = torch._C._functorch
+
+
+def _loop_over_vmap_batch(run: Callable[..., tuple], flat: list) -> tuple | None:
+    """Fallback for ``vmap(linear_map)`` when an operation of the program has no batching rule.
+
+    Unwraps the inputs of the innermost vmap level, runs the program once per
+    batch element and re-wraps the stacked results. Returns None when no input
+    is batched (the error was not a batching problem).
+    """
+    levels = [_ft.maybe_get_level(x) for x in flat
+              if isinstance(x, torch.Tensor) and _ft.is_batchedtensor(x)]
+    if not levels:
+        return None
+    level = max(levels)
+    unwrapped, size = [], None
+    for x in flat:
+        if isinstance(x, torch.Tensor) and _ft.is_batchedtensor(x) and _ft.maybe_get_level(x) == level:
+            t, bdim = _ft._unwrap_batched(x, level)
+            t = t.movedim(bdim, 0)
+            size = t.shape[0]
+            unwrapped.append((t, True))
+        else:
+            unwrapped.append((x, False))
+    per = [run(*[t[b] if batched else t for t, batched in unwrapped]) for b in range(size)]
+    return tuple(_ft._add_batch_dim(torch.stack([p[j] for p in per]), 0, level)
+                 for j in range(len(per[0])))
+
 
 class LinearMap:
     """A linear function of tensors recorded by :func:`torch_linearize.linearize`.
@@ -94,7 +122,12 @@ class LinearMap:
             flat = [leaves[i] for i in self._diff_positions]
         if self._stale_watch:
             self._check_stale()
-        outs = run(*flat)
+        try:
+            outs = run(*flat)
+        except RuntimeError:
+            outs = _loop_over_vmap_batch(run, flat)
+            if outs is None:
+                raise
         if len(self._out_positions) != self._n_out:
             full: list[Any] = [None] * self._n_out
             for pos, val in zip(self._out_positions, outs):

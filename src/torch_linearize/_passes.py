@@ -110,13 +110,17 @@ def forward_identities(prog: Program) -> int:
         src = _identity_source(prog, e, zero_cache)
         if src is not None:
             out = e.outs
-            safe = out.group not in mutated and src.group not in mutated
-            if id(out) in outputs and src.group in input_groups:
-                safe = False  # never hand the caller's own tangent back as an output
-            if safe:
-                rename[out.id] = src
-                removed += 1
-                continue
+            if out.group not in mutated and src.group not in mutated:
+                if id(out) in outputs and src.group in input_groups:
+                    # Never hand the caller's own tangent back as an output: a copy
+                    # (still cheaper than the original op, and no residual).
+                    if e.fn is not aten.clone.default:
+                        e = Eqn(aten.clone.default, (src,), {}, out, name="")
+                        removed += 1
+                else:
+                    rename[out.id] = src
+                    removed += 1
+                    continue
         kept.append(e)
     prog.eqns = kept
     prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]

@@ -84,20 +84,27 @@ class ResidualTable:
     def storage_is_captured(self, skey: int | None) -> bool:
         return skey is not None and skey in self._by_storage
 
-    def copy_on_write(self, skey: int | None) -> None:
-        """Snapshot every residual in storage ``skey`` before that storage is written."""
+    def copy_on_write(self, skey: int | None) -> list[torch.Tensor]:
+        """Snapshot every residual in storage ``skey`` before that storage is written.
+
+        Returns the new snapshots (allocated by the trace).
+        """
         if skey is None:
-            return
+            return []
         slots = self._by_storage.pop(skey, None)
         if not slots:
-            return
+            return []
+        snaps = []
         for i in slots:
             snap = self.tensors[i].clone()
             self.tensors[i] = snap
             self.versions[i] = snap._version
+            snaps.append(snap)
         # Later captures from this storage see the new contents: forget old keys.
         self._by_layout = {k: v for k, v in self._by_layout.items() if k[0] != skey}
         self._by_id = {k: v for k, v in self._by_id.items() if v not in slots}
+        self._pin.extend(snaps)
+        return snaps
 
     def end_trace(self) -> list[int]:
         """Finish the trace: detach every residual; return slots written since capture.

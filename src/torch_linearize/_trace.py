@@ -115,6 +115,37 @@ def _op_info(func) -> _OpInfo:
     return info
 
 
+_ZEROTENSOR_OK = {aten._efficientzerotensor.default}
+
+
+def _tensor_args(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if isinstance(b, torch.Tensor))
+
+
+def _has_zerotensor(args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a._is_zerotensor():
+                return True
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor) and b._is_zerotensor():
+                    return True
+    return False
+
+
+def _materialize_zero(a):
+    if isinstance(a, torch.Tensor) and a._is_zerotensor():
+        return torch.zeros(a.shape, dtype=a.dtype, device=a.device)
+    if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in a):
+        return type(a)(_materialize_zero(b) for b in a)
+    return a
+
+
 _local = threading.local()
 
 
@@ -214,18 +245,20 @@ class Tracer(TorchDispatchMode):
             self.created.add(k)
 
     # ------------------------------------------------------------------ mutation safety
-    def before_write(self, t: torch.Tensor, tracked_write: bool, opname: Any) -> None:
-        """Called before ``t`` is written in place."""
+    def before_write(self, t: torch.Tensor, tracked_write: bool, opname: Any,
+                     like: Var | None = None) -> None:
+        """Called before ``t`` is written in place (``like``: a tracked input of the writer)."""
         k = storage_key(t)
-        self.residuals.copy_on_write(k)
+        for snap in self.residuals.copy_on_write(k):
+            self.note_created(snap)
         if not tracked_write:
             return
         if self.lookup(t) is None:
-            self._promote(t, k, opname)
+            self._promote(t, k, opname, like)
         elif k is not None and k in self.input_storage:
             self.mutated_inputs.add(self.input_storage[k][1])
 
-    def _promote(self, t: torch.Tensor, k: int | None, opname: Any) -> None:
+    def _promote(self, t: torch.Tensor, k: int | None, opname: Any, like: Var | None) -> None:
         """Tangent data is about to be written into a buffer that holds no tangent.
 
         At application time that buffer must start from its current contents and
@@ -251,12 +284,20 @@ class Tracer(TorchDispatchMode):
         root = Var((nbytes // item,), t.dtype, (1,), group=k, device=t.device)
         with torch.utils._python_dispatch._disable_current_modes():
             all_zero = not bool(torch.any(snapshot != 0))
-        if all_zero:  # the common case (a zeros buffer): allocate, do not store a snapshot
-            self.emit(Eqn(aten.zeros.default, ([nbytes // item],),
-                          {"dtype": t.dtype, "device": t.device}, root, name="fresh_zeros"))
+        # The fresh buffer is made with ``new_zeros`` from a tracked value when there is
+        # one, so that under vmap it is batched like the data written into it.
+        opts = {"dtype": t.dtype, "device": t.device}
+        n = [nbytes // item]
+        if like is not None:
+            zeros = Eqn(aten.new_zeros.default, (like, n), opts, root, name="fresh_zeros")
         else:
-            self.emit(Eqn(aten.clone.default, (self.capture(snapshot, "buffer snapshot"),), {},
-                          root, name="fresh_copy"))
+            zeros = Eqn(aten.zeros.default, (n,), opts, root, name="fresh_zeros")
+        self.emit(zeros)
+        if not all_zero:  # start from the buffer's current contents
+            filled = Var(root.shape, root.dtype, (1,), group=k, device=t.device)
+            self.emit(Eqn(aten.copy_.default, (root, self.capture(snapshot, "buffer snapshot")),
+                          {}, filled, mutates=(root,), name="fresh_copy"))
+            root = filled
         self.promoted[k] = (t.untyped_storage(), root)
         self._alias_of_promoted(t, k)
 
@@ -306,6 +347,12 @@ class Tracer(TorchDispatchMode):
         info = _op_info(func)
         if not info.returns_tensor and func not in _DATA_READS:
             return func(*args, **kwargs)  # metadata query: no tensor data is read
+        if _has_zerotensor(args) and func not in _ZEROTENSOR_OK:
+            # Forward AD's "efficient zero tensors" have no storage; a few kernels crash
+            # on them under a Python dispatch mode (e.g. mul.Scalar segfaults in torch 2.13).
+            # Materialize: same values, and ``x + 0`` is removed again by the passes.
+            args = tuple(_materialize_zero(a) for a in args)
+            kwargs = {k: _materialize_zero(v) for k, v in kwargs.items()}
         if info.name in _VALUE_INDEPENDENT:
             out = func(*args, **kwargs)
             self.note_created(out)
@@ -355,8 +402,8 @@ class Tracer(TorchDispatchMode):
                 "(e.g. .item(), bool(), torch.equal). The linearized function must be linear in "
                 "its tangents; read only primal values."
             )
-        for a in args:
-            if isinstance(a, torch.Tensor):
+        if self.poisoned:
+            for a in _tensor_args(args, {}):
                 v = self.lookup(a)
                 if v is not None and v.id in self.poisoned:
                     return self.poisoned[v.id]
@@ -394,8 +441,11 @@ class Tracer(TorchDispatchMode):
     def _record(self, func, args, kwargs, info: _OpInfo):
         poison = self._nonlinearity(func, info, args)
         written = self._written(args, kwargs, info) if info.write_args else []
-        for t in written:
-            self.before_write(t, True, func)
+        if written:
+            like = next(v for v in (self.lookup(a) for a in _tensor_args(args, kwargs))
+                        if v is not None)
+            for t in written:
+                self.before_write(t, True, func, like)
         written_vars = tuple(self.lookup(t) for t in written)
         sargs = tuple(self._sym(a, func) for a in args)
         skwargs = {k: self._sym(v, func) for k, v in kwargs.items()}
