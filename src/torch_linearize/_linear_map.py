@@ -10,7 +10,7 @@ import torch
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ._checks import LeafSpec, flatten_tangents
-from ._errors import ReleasedError, StaleResidualError
+from ._errors import LinearizeError, ReleasedError, StaleResidualError
 from ._program import Program, Var, format_eqn, type_str
 
 __all__ = ["LinearMap"]
@@ -124,7 +124,10 @@ class LinearMap:
             self._check_stale()
         try:
             outs = run(*flat)
+        except LinearizeError:
+            raise
         except RuntimeError:
+            # Under vmap, an operation without a batching rule: run element by element.
             outs = _loop_over_vmap_batch(run, flat)
             if outs is None:
                 raise

@@ -1,0 +1,194 @@
+"""Tests for ``torch_linearize/_opaque.py``: batching and transposing custom-Function nodes."""
+
+import collections
+
+import pytest
+import torch
+
+import torch_linearize as tl
+
+D = torch.float64
+CALLS = collections.Counter()
+
+
+def make_scale(batched_jvp=False, generate=False, batched_vjp=False):
+    """y = x * w with w saved; optional batched rules and vmap support."""
+    attrs = {}
+
+    def forward(x, w):
+        return x * w
+
+    def setup_context(ctx, inputs, output):
+        ctx.x, ctx.w = inputs
+
+    def jvp(ctx, tx, tw):
+        CALLS["jvp"] += 1
+        assert not torch._C._functorch.is_batchedtensor(tx) or generate
+        return tx * ctx.w + ctx.x * tw
+
+    def backward(ctx, g):
+        CALLS["backward"] += 1
+        return g * ctx.w, g * ctx.x
+
+    attrs.update(forward=staticmethod(forward), setup_context=staticmethod(setup_context),
+                 jvp=staticmethod(jvp), backward=staticmethod(backward))
+    if batched_jvp:
+        def bjvp(ctx, tx, tw):
+            CALLS["batched_jvp"] += 1
+            assert tx.dim() == ctx.x.dim() + 1 and tw.dim() == ctx.w.dim() + 1
+            return tx * ctx.w + ctx.x * tw
+
+        attrs["batched_jvp"] = staticmethod(bjvp)
+    if batched_vjp:
+        def bvjp(ctx, g):
+            CALLS["batched_vjp"] += 1
+            return g * ctx.w, g * ctx.x
+
+        attrs["batched_vjp"] = staticmethod(bvjp)
+    if generate:
+        attrs["generate_vmap_rule"] = True
+    return type("Scale", (torch.autograd.Function,), attrs)
+
+
+def ref(x, w):
+    return (x * w).sin()
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    CALLS.clear()
+    yield
+
+
+@pytest.mark.parametrize("kind", ["batched_jvp", "generate_vmap_rule", "loop"])
+def test_vmap_over_custom_function(kind):
+    Fn = make_scale(batched_jvp=kind == "batched_jvp", generate=kind == "generate_vmap_rule")
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x, w: Fn.apply(x, w).sin(), x, w)
+    tx, tw = torch.randn(5, 3, dtype=D), torch.randn(5, 3, dtype=D)
+    got = torch.vmap(jvp_fn)(tx, tw)
+    want = torch.vmap(lambda a, b: torch.func.jvp(ref, (x, w), (a, b))[1])(tx, tw)
+    torch.testing.assert_close(got, want)
+    expected = {"batched_jvp": {"batched_jvp": 1}, "generate_vmap_rule": {"jvp": 1},
+                "loop": {"jvp": 5}}[kind]
+    assert dict(CALLS) == expected
+
+
+def test_nested_vmap_flattens_batch_dims_into_one_batched_call():
+    Fn = make_scale(batched_jvp=True)
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x, w: Fn.apply(x, w), x, w)
+    tx, tw = torch.randn(4, 2, 3, dtype=D), torch.randn(4, 2, 3, dtype=D)
+    got = torch.vmap(torch.vmap(jvp_fn))(tx, tw)
+    torch.testing.assert_close(got, tx * w + x * tw)
+    assert CALLS["batched_jvp"] == 1
+
+
+def test_in_dims_none_and_chunk_size():
+    Fn = make_scale(batched_jvp=True)
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x, w: Fn.apply(x, w), x, w)
+    tx, tw = torch.randn(6, 3, dtype=D), torch.randn(3, dtype=D)
+    got = torch.vmap(jvp_fn, in_dims=(0, None), chunk_size=2)(tx, tw)
+    torch.testing.assert_close(got, tx * w + x * tw)
+    assert CALLS["batched_jvp"] == 3
+
+
+def test_batched_vjp_for_vmap_over_transpose():
+    Fn = make_scale(batched_vjp=True)
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x, w: Fn.apply(x, w).sin(), x, w)
+    us = torch.randn(5, 3, dtype=D)
+    gx, gw = torch.vmap(jvp_fn.transpose())(us)
+    _, ref_vjp = torch.func.vjp(ref, x, w)
+    want = [ref_vjp(u) for u in us]
+    torch.testing.assert_close(gx, torch.stack([g[0] for g in want]))
+    torch.testing.assert_close(gw, torch.stack([g[1] for g in want]))
+    assert CALLS["batched_vjp"] == 1 and CALLS["backward"] == 0
+
+
+def test_loop_fallback_for_opaque_kernels_under_vmap():
+    class NumpySquare(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return torch.from_numpy(x.numpy() ** 2)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.x = inputs[0]
+
+        @staticmethod
+        def jvp(ctx, t):
+            CALLS["jvp"] += 1
+            return torch.from_numpy(2 * ctx.x.numpy() * t.numpy())  # needs plain tensors
+
+        @staticmethod
+        def backward(ctx, g):
+            CALLS["backward"] += 1
+            return torch.from_numpy(2 * ctx.x.numpy() * g.numpy())
+
+    x = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(NumpySquare.apply, x)
+    ts = torch.randn(3, 4, dtype=D)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(ts), 2 * x * ts)
+    torch.testing.assert_close(torch.vmap(jvp_fn.transpose())(ts)[0], 2 * x * ts)
+    assert CALLS["jvp"] == 3 and CALLS["backward"] == 3
+
+
+def test_mark_dirty_function_under_vmap():
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            x.mul_(2)
+            ctx.mark_dirty(x)
+            return x
+
+        @staticmethod
+        def jvp(ctx, t):
+            t.mul_(2)
+            return t
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    x = torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: Double.apply(x.clone()).exp(), x)
+    ts = torch.randn(4, 3, dtype=D)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(ts), 2 * ts * (2 * x).exp())
+
+
+def test_wrong_batched_jvp_shape_is_reported():
+    class Bad(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def batched_jvp(ctx, t):
+            return t.sum(0)  # drops the batch dimension
+
+    _, jvp_fn = tl.linearize(Bad.apply, torch.randn(3))
+    with pytest.raises(tl.LinearizeError, match=r"Bad.jvp returned f32\[3\] at position 0; expected f32\[4, 3\]"):
+        torch.vmap(jvp_fn)(torch.randn(4, 3))
+
+
+def test_builtin_op_without_batching_rule_falls_back_to_a_loop():
+    x = torch.randn(4, 4, dtype=D)
+
+    def f(x):  # as_strided_scatter has no vmap batching rule in PyTorch
+        return torch.as_strided_scatter(x.exp(), x[:2, :2].sin(), (2, 2), (4, 1), 5)
+
+    _, jvp_fn = tl.linearize(f, x)
+    ts = torch.randn(3, 4, 4, dtype=D)
+    got = torch.vmap(jvp_fn)(ts)
+    want = torch.stack([torch.func.jvp(f, (x,), (t,))[1] for t in ts])
+    torch.testing.assert_close(got, want)

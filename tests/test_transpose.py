@@ -1,0 +1,258 @@
+"""Tests for ``torch_linearize/_transpose.py``: ``jvp_fn.transpose()`` (VJPs without re-running f)."""
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import custom_functions as cf
+import torch_linearize as tl
+from helpers import OpCounter, rand_like_tree
+
+D = torch.float64
+
+
+def _dot(a, b):
+    la, _ = torch.utils._pytree.tree_flatten(a)
+    lb, _ = torch.utils._pytree.tree_flatten(b)
+    return sum(float((x.conj() * y).real.sum()) for x, y in zip(la, lb) if x is not None)
+
+
+def assert_transpose_matches(f, *primals, n=3, seed=0, ref_f=None):
+    """vjp_fn equals torch.func.vjp of ``ref_f`` (default f) and passes the dot-product test."""
+    gen = torch.Generator().manual_seed(seed)
+    y, jvp_fn = tl.linearize(f, *primals)
+    vjp_fn = jvp_fn.transpose()
+    _, ref = torch.func.vjp(ref_f or f, *primals)
+    for _ in range(n):
+        u = rand_like_tree(y, gen)
+        got = vjp_fn(u)
+        assert isinstance(got, tuple) and len(got) == len(primals)
+        torch.testing.assert_close(got, ref(u))
+        # dot-product test: <J t, u> == <t, J^T u>
+        t = tuple(rand_like_tree(p, gen) for p in primals)
+        assert abs(_dot(jvp_fn(*t), u) - _dot(t, got)) < 1e-9 * max(1.0, abs(_dot(t, got)))
+    return jvp_fn, vjp_fn
+
+
+def test_mlp_with_dict_parameters():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(4, 5, dtype=D)
+    assert_transpose_matches(lambda p: torch.func.functional_call(model, p, (x,)), params)
+
+
+def test_multiple_primals_and_pytree_outputs():
+    a, b = torch.randn(3, 4, dtype=D), torch.randn(4, dtype=D)
+    assert_transpose_matches(lambda a, b: {"m": a @ b, "s": [torch.sin(a).sum(0) * b]}, a, b)
+
+
+def test_views_in_place_and_indexing():
+    x = torch.randn(5, 4, dtype=D)
+
+    def f(x):
+        y = x.clone()
+        y[1:].mul_(x[:-1].exp())
+        buf = torch.zeros(7, 4, dtype=D)
+        buf.index_add_(0, torch.tensor([0, 3, 6, 3, 1]), y)
+        return buf.t().cumsum(0), F.softmax(x, dim=1)
+
+    assert_transpose_matches(f, x)
+
+
+def test_complex_function():
+    x = torch.randn(4, dtype=torch.complex128)
+    assert_transpose_matches(lambda x: (x.exp() * x.conj(), x.abs()), x)
+
+
+def test_integer_output_takes_none_cotangent():
+    x = torch.randn(5, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: (x.sin(), x.argmax()), x)
+    vjp_fn = jvp_fn.T
+    u = torch.randn(5, dtype=D)
+    (g,) = vjp_fn((u, None))
+    torch.testing.assert_close(g, u * x.cos())
+
+
+def test_integer_primal_gets_none_cotangent():
+    x = torch.randn(4, dtype=D)
+    idx = torch.tensor([0, 2])
+    y, jvp_fn = tl.linearize(lambda x, i: x[i] * 3, x, idx)
+    gx, gi = jvp_fn.transpose()(torch.ones(2, dtype=D))
+    assert gi is None
+    torch.testing.assert_close(gx, torch.tensor([3.0, 0, 3, 0], dtype=D))
+
+
+def test_transpose_does_not_evaluate_f_or_primal_ops():
+    x = torch.randn(50, dtype=D)
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return torch.sin(torch.exp(torch.tanh(x)))
+
+    y, jvp_fn = tl.linearize(f, x)
+    vjp_fn = jvp_fn.transpose()
+    u = torch.randn(50, dtype=D)
+    with OpCounter() as c:
+        vjp_fn(u)
+    assert len(calls) == 1
+    assert not {"sin", "exp", "tanh", "cos"} & set(c.counts), c.counts
+
+
+def test_transpose_is_cached_and_involutive():
+    x = torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(torch.sin, x)
+    vjp_fn = jvp_fn.transpose()
+    assert jvp_fn.transpose() is vjp_fn and jvp_fn.T is vjp_fn
+    assert vjp_fn.transpose() is jvp_fn
+
+
+def test_custom_function_transposes_through_backward_on_same_ctx():
+    cf.reset()
+    x = torch.randn(5, dtype=D)
+    # (torch.func.vjp cannot run this old-style Function; the reference is the same maths.)
+    jvp_fn, vjp_fn = assert_transpose_matches(lambda x: cf.NumpyCube.apply(x).sin(), x,
+                                              ref_f=lambda x: (x**3).sin())
+    assert cf.CALLS["NumpyCube.forward"] == 1  # the single linearize
+    assert cf.CALLS["NumpyCube.backward"] == 3  # once per vjp application
+
+
+def test_custom_function_setup_context_style_with_non_tensor_input():
+    x = torch.randn(4, dtype=D)
+    assert_transpose_matches(lambda x: cf.CtypesScale.apply(x, 1.5) ** 2, x)
+
+
+def test_forum_function_transpose():
+    x, a, b, c = (torch.tensor(v, dtype=D) for v in (2.0, 3.0, 4.0, 5.0))
+    cf.reset()
+    y, jvp_fn = tl.linearize(cf.Forum.apply, x, a, b, c)
+    vjp_fn = jvp_fn.transpose()
+    g = vjp_fn(torch.tensor(1.0, dtype=D))
+    _, ref = torch.func.vjp(cf.Forum.ref, x, a, b, c)
+    torch.testing.assert_close(g, ref(torch.tensor(1.0, dtype=D)))
+    assert cf.CALLS["Forum.forward"] == 1 and cf.CALLS["Forum.backward"] == 1
+    assert cf.CALLS["Forum.jvp"] == 0
+
+
+def test_function_without_backward_cannot_be_transposed():
+    class OnlyJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, t):
+            return t * 2
+
+    _, jvp_fn = tl.linearize(lambda x: OnlyJvp.apply(x).sin(), torch.randn(3))
+    with pytest.raises(tl.LinearizeError, match="OnlyJvp has no backward"):
+        jvp_fn.transpose()
+
+
+def test_reverse_mode_through_the_linear_map_is_its_transpose():
+    x = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: cf.NumpyCube.apply(x) * x.exp(), x)
+    t = torch.randn(4, dtype=D, requires_grad=True)
+    u = torch.randn(4, dtype=D)
+    (g,) = torch.autograd.grad(jvp_fn(t), t, u)
+    torch.testing.assert_close(g, jvp_fn.transpose()(u)[0])
+
+
+def test_vmap_over_transpose():
+    x = torch.randn(3, 4, dtype=D)
+    f = lambda x: torch.tanh(x @ x.T).sum(0)  # noqa: E731
+    _, jvp_fn = tl.linearize(f, x)
+    us = torch.randn(6, 3, dtype=D)
+    got = torch.vmap(jvp_fn.transpose())(us)[0]
+    _, ref = torch.func.vjp(f, x)
+    torch.testing.assert_close(got, torch.stack([ref(u)[0] for u in us]))
+
+
+def test_cotangent_validation_names_the_output_leaf():
+    x = torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: {"a": x.sin(), "b": x[:2]}, x)
+    vjp_fn = jvp_fn.transpose()
+    with pytest.raises(ValueError, match=r"cotangents\['b'\] has shape \(3,\), but output\['b'\] has shape \(2,\)"):
+        vjp_fn({"a": torch.ones(3, dtype=D), "b": torch.ones(3, dtype=D)})
+    with pytest.raises(ValueError, match=r"missing cotangents\[0\]\['b'\]"):
+        vjp_fn({"a": torch.ones(3, dtype=D)})
+
+
+def test_masked_non_finite_residuals_transpose_to_zero_not_nan():
+    # linalg.eigh's forward-AD formula divides by eigenvalue differences (0 on the
+    # diagonal) and then zeroes the diagonal; the transpose must not produce 0/0.
+    # PyTorch's own reverse formula for eigh differs from the transpose of its forward
+    # formula (they agree only on symmetric directions), so the reference is the transpose
+    # of torch.func.jacfwd's Jacobian.
+    torch.manual_seed(0)
+    a = torch.randn(4, 4, dtype=D)
+    a = a + a.T
+
+    def f(a):
+        return torch.linalg.eigh(a)[1]
+
+    _, jvp_fn = tl.linearize(f, a)
+    u = torch.randn(4, 4, dtype=D)
+    (g,) = jvp_fn.transpose()(u)
+    assert torch.isfinite(g).all()
+    jac = torch.func.jacfwd(f)(a).reshape(16, 16)
+    torch.testing.assert_close(g, (jac.T @ u.reshape(16)).reshape(4, 4))
+
+
+def test_release_of_one_map_keeps_the_other_usable():
+    x = torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: cf.NumpyCube.apply(x), x)
+    vjp_fn = jvp_fn.transpose()
+    jvp_fn.release()
+    torch.testing.assert_close(vjp_fn(torch.ones(3, dtype=D))[0], 3 * x**2)
+    with pytest.raises(tl.ReleasedError):
+        jvp_fn(torch.ones(3, dtype=D))
+
+
+def test_gauss_newton_step_from_one_linearization():
+    """The README's worked example: J v and J^T u from one linearize, CG on J^T J."""
+    torch.manual_seed(0)
+    t_obs = torch.linspace(0, 1, 40, dtype=D)
+    true = torch.tensor([1.5, -2.0, 0.7], dtype=D)
+
+    def model(p):
+        return p[0] * torch.exp(p[1] * t_obs) + p[2]
+
+    y_obs = model(true) + 0.01 * torch.randn(40, dtype=D)
+
+    def residual(p):
+        return model(p) - y_obs
+
+    p = torch.tensor([1.0, -1.0, 0.0], dtype=D)
+    calls = collections.Counter()
+    for _ in range(8):
+        r, J = tl.linearize(residual, p)
+        JT = J.transpose()
+        b = -JT(r)[0]
+        # CG on (J^T J) d = -J^T r, matrix-free.
+        d = torch.zeros(3, dtype=D)
+        res = b.clone()
+        q = res.clone()
+        for _ in range(3):
+            Aq = JT(J(q))[0]
+            calls["matvec"] += 1
+            alpha = (res @ res) / (q @ Aq)
+            d = d + alpha * q
+            new = res - alpha * Aq
+            if new.norm() < 1e-14:
+                break
+            q = new + (new @ new) / (res @ res) * q
+            res = new
+        # Same step as the dense normal equations.
+        Jd = torch.func.jacfwd(residual)(p)
+        torch.testing.assert_close(d, torch.linalg.solve(Jd.T @ Jd, -Jd.T @ r), rtol=1e-6, atol=1e-9)
+        p = p + d
+    torch.testing.assert_close(p, true, atol=0.05, rtol=0.05)
+    assert calls["matvec"] > 0
