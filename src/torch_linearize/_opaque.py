@@ -215,10 +215,18 @@ class _OpaqueNode:
             self.calls += 1
             with fwAD._set_fwd_grad_enabled(False):
                 out = self._as_tuple(batched_fn(self.ctx, *flat))
-        elif getattr(self.cls, "generate_vmap_rule", False) and not self.dirty:
-            in_dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in flat)
-            out = self._as_tuple(torch.vmap(lambda *xs: self._invoke(list(xs)), in_dims=in_dims)(*flat))
-        else:  # per-tangent loop: correct for any user code, one call per batch element
+        else:
+            out = None
+            if getattr(self.cls, "generate_vmap_rule", False) and not self.dirty:
+                in_dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in flat)
+                try:
+                    out = self._as_tuple(
+                        torch.vmap(lambda *xs: self._invoke(list(xs)), in_dims=in_dims)(*flat))
+                except LinearizeError:
+                    raise
+                except RuntimeError:
+                    out = None  # user code that vmap cannot batch (e.g. a raw kernel): loop
+        if out is None:  # per-tangent loop: correct for any user code, one call per batch element
             per = []
             for k in range(b):
                 sl = [a[k] if isinstance(a, torch.Tensor) else a for a in flat]
