@@ -8,6 +8,7 @@ each round) and reporting medians of many individual timings.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ContentionGuard",
     "Samples",
     "closure_tensor_bytes",
     "fmt_ms",
@@ -62,31 +64,104 @@ def time_ms(fn: Callable[[], Any]) -> tuple[float, Any]:
     return (time.perf_counter() - t0) * 1e3, out
 
 
+class ContentionGuard:
+    """Waits while *other* processes keep the CPUs busy, and counts how often they did.
+
+    On a small shared machine a second CPU-bound process makes PyTorch's worker
+    threads wait on each other for whole scheduler slices, inflating timings by
+    10-100x. Before every timed round the guard samples ``/proc/stat`` for
+    ``sample_s`` seconds while this process sleeps (subtracting this process's own
+    CPU time), and if other processes used more than ``threshold`` of the CPUs it
+    waits until they stop. After ``budget_s`` seconds of waiting in total it stops
+    waiting (and only counts). Not on Linux: it does nothing.
+    """
+
+    def __init__(self, threshold: float = 0.15, sample_s: float = 0.2,
+                 budget_s: float = 120.0) -> None:
+        self.threshold = threshold
+        self.sample_s = sample_s
+        self.budget_s = budget_s
+        self.waited_s = 0.0
+        self.busy_checks = 0
+        self.checks = 0
+        self.redone_rounds = 0
+        self.enabled = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
+
+    @staticmethod
+    def _snapshot() -> tuple[int, int, int]:
+        with open("/proc/stat") as fh:
+            cpu = [int(v) for v in fh.readline().split()[1:]]
+        with open("/proc/self/stat") as fh:
+            own = fh.read().rsplit(")", 1)[1].split()
+        total = sum(cpu[:8])
+        idle = cpu[3] + cpu[4]
+        return total, total - idle, int(own[11]) + int(own[12])  # utime + stime
+
+    def others_busy(self) -> float:
+        """Fraction of all CPUs used by other processes over the next ``sample_s`` seconds."""
+        if not self.enabled:
+            return 0.0
+        t1, b1, o1 = self._snapshot()
+        time.sleep(self.sample_s)
+        t2, b2, o2 = self._snapshot()
+        if t2 <= t1:
+            return 0.0
+        return max(0.0, ((b2 - b1) - (o2 - o1)) / (t2 - t1))
+
+    def is_busy(self) -> bool:
+        """Sample once; True if other processes are busy (counted)."""
+        self.checks += 1
+        busy = self.others_busy() > self.threshold
+        self.busy_checks += busy
+        return busy
+
+    def wait_idle(self) -> None:
+        """Return once other processes are quiet (or the waiting budget is spent)."""
+        while self.waited_s < self.budget_s and self.is_busy():
+            time.sleep(0.5)
+            self.waited_s += 0.5 + self.sample_s
+
+    def summary(self) -> str:
+        if not self.enabled:
+            return "contention guard unavailable on this platform"
+        return (f"other processes were busy at {self.busy_checks} of {self.checks} checks; "
+                f"waited {self.waited_s:.0f} s for them; re-ran {self.redone_rounds} rounds"
+                + ("; waiting budget exhausted" if self.waited_s >= self.budget_s else ""))
+
+
 def interleave(
     methods: dict[str, Callable[[int], Any]],
     rounds: int,
     inner: int = 1,
     on_error: Callable[[str, BaseException], None] | None = None,
     warmup: int = 1,
+    guard: ContentionGuard | None = None,
 ) -> dict[str, Samples]:
     """Time ``methods`` round-robin and return each one's samples (ms).
 
     Each round visits every method once, in an order rotated by one each round,
     and times ``inner`` consecutive calls of it individually; a method is called
-    as ``fn(i)`` with a running call index (to pick a tangent, say). The
-    garbage collector is run between rounds and disabled while timing. The first
-    ``warmup`` rounds are run but not recorded. A method that raises is dropped from later rounds and reported through
-    ``on_error``.
+    as ``fn(i)`` with a running call index (to pick a tangent, say). The garbage
+    collector is run between rounds and disabled while timing. The first
+    ``warmup`` rounds are run but not recorded. With a ``guard``, each round starts
+    only once other processes are quiet, and a round after which they are busy is
+    discarded and run again (at most ``rounds`` times in all). A method that raises
+    is dropped from later rounds and reported through ``on_error``.
     """
     names = list(methods)
     out = {n: Samples() for n in names}
     dead: set[str] = set()
     was_enabled = gc.isenabled()
+    redo_budget = rounds
+    r = 0
     try:
-        for r in range(warmup + rounds):
+        if guard is not None:
+            guard.wait_idle()
+        while r < warmup + rounds:
             gc.collect()
             gc.disable()
             k = r % len(names) if names else 0
+            got: dict[str, list[float]] = {n: [] for n in names}
             for name in names[k:] + names[:k]:
                 if name in dead:
                     continue
@@ -100,10 +175,20 @@ def interleave(
                             on_error(name, e)
                         break
                     del res
-                    if r >= warmup:
-                        out[name].add(ms)
+                    got[name].append(ms)
             if was_enabled:
                 gc.enable()
+            if guard is not None and guard.is_busy():
+                guard.wait_idle()
+                if redo_budget > 0:
+                    redo_budget -= 1
+                    guard.redone_rounds += 1
+                    continue
+            if r >= warmup:
+                for name, values in got.items():
+                    for v in values:
+                        out[name].add(v)
+            r += 1
     finally:
         if was_enabled:
             gc.enable()
