@@ -19,6 +19,7 @@ import gc
 import math
 import os
 import statistics
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ def _count(method: str, body: Callable[[], list[float]], note: str = "") -> Coun
         results = body()
         return CountRow(method, collections.Counter(CALLS), results, note=note)
     except Exception as e:
-        return CountRow(method, collections.Counter(CALLS), None, _short(e), note)
+        return CountRow(method, collections.Counter(CALLS), None, _short(e, 300), note)
 
 
 def forum_call_counts(k: int = 5, seed: int = 0) -> tuple[list[CountRow], torch.Tensor]:
@@ -371,6 +372,10 @@ def run_demo(k: int = 32, repeats: int = 5, print_fn: Callable[[str], None] = pr
     """
     ok = True
     k_forum = 5
+
+    def note(text: str) -> None:
+        print_fn(textwrap.fill(text, width=100, initial_indent="   ", subsequent_indent="   "))
+
     print_fn(f"torch_linearize demo  (torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, float32, CPU)")
     load = _loadavg()
@@ -385,28 +390,34 @@ def run_demo(k: int = 32, repeats: int = 5, print_fn: Callable[[str], None] = pr
     print_fn("   Test reads scalars with .item() in setup_context and in jvp.")
     print_fn("")
     rows, tangents = forum_call_counts(k_forum)
+    failed = [r for r in rows if r.error]
     print_fn(_table(
         ["approach", "forward", "setup_context", "jvp", "outcome"],
         [[r.method, str(r.counts["forward"]), str(r.counts["setup_context"]),
-          str(r.counts["jvp"]), f"fails: {r.error}" if r.error else r.note] for r in rows],
+          str(r.counts["jvp"]), f"fails [{failed.index(r) + 1}]" if r.error else r.note]
+         for r in rows],
         align="lrrrl",
     ))
-    variant = any("tensor-op variant" in r.method for r in rows)
-    if variant:
-        print_fn("   * torch.func.jvp rejects the forum's Function on this PyTorch version; the "
-                 "tensor-op variant computes the same maths with tensor operations instead of "
-                 ".item().")
-    failed = [r for r in rows if r.error]
+    for i, r in enumerate(failed, 1):
+        print_fn(textwrap.fill(f"[{i}] {r.method.split(',')[0].split(' + ')[0]}: {r.error}",
+                               width=100, initial_indent="   ", subsequent_indent="       "))
+    if any("tensor-op variant" in r.method for r in rows):
+        note("* torch.func.jvp rejects the forum's Function on this PyTorch version; the "
+             "tensor-op variant computes the same maths with tensor operations instead of .item().")
+    elif rows[0].error is None:
+        note("torch.func.jvp accepts the forum's .item() calls on this PyTorch version, but "
+             "re-runs forward (and setup_context twice) for every tangent.")
     if failed:
-        print_fn("   Counts for a failing approach are the calls made before it failed.")
+        note("Counts for a failing approach are the calls made before it failed.")
 
     lin = rows[-1]
     expect = {"forward": 1, "setup_context": 1, "jvp": k_forum}
     got = {key: lin.counts[key] for key in expect}
     counts_ok = lin.error is None and got == expect
     ok &= counts_ok
-    print_fn(f"   linearize call counts {got}: "
-             f"{'as expected (forward and setup_context once, jvp once per tangent)' if counts_ok else f'UNEXPECTED, wanted {expect}'}")
+    verdict = ("as expected: forward and setup_context once, jvp once per tangent" if counts_ok
+               else f"UNEXPECTED, wanted {expect}")
+    note(f"Check: linearize call counts {got}, {verdict}.")
     print_fn("")
 
     p = [v.item() for v in _forum_primals()]
@@ -421,13 +432,15 @@ def run_demo(k: int = 32, repeats: int = 5, print_fn: Callable[[str], None] = pr
         ok &= match
         vrows.append([str(i), *(f"{v:+.4f}" for v in t), f"{analytic[i]:+.4f}",
                       f"{got_v:+.4f}", f"{ref_v:+.4f}", "yes" if match else "NO"])
+    note("Check against the analytic derivative at this point:")
     print_fn("   dy = (2ax + b) dx + x^2 da + x db + dc = 16 dx + 4 da + 2 db + dc")
     print_fn(_table(headers, vrows))
     print_fn("")
 
     print_fn(f"2. Time for K = {k} sequential tangents (ms; median of {repeats} interleaved runs "
              "after one warm-up).")
-    print_fn("   linearize total = one linearize call + K applications.")
+    note(f"func.jvp x{k} = {k} torch.func.jvp calls; linearize+{k} = one linearize call "
+         f"+ {k} applications of jvp_fn; f(x) = one plain forward, for scale.")
     print_fn("")
     trows = time_workloads(default_workloads(), k=k, repeats=repeats)
     out = []
@@ -439,10 +452,10 @@ def run_demo(k: int = 32, repeats: int = 5, print_fn: Callable[[str], None] = pr
         out.append([r.name, _fmt(r.primal), _fmt(r.func_jvp_total), _fmt(r.lin_total),
                     _fmt(r.lin_setup), _fmt(r.lin_apply), f"{r.func_jvp_total / r.lin_total:.1f}x",
                     f"{r.max_abs_diff:.1e}"])
-    print_fn(_table(["workload", "f(x)", f"func.jvp x{k}", f"linearize+{k}", "(setup",
-                     "apply each)", "speed-up", "max |diff|"], out))
-    print_fn("   speed-up = torch.func.jvp total / linearize total, measured in this run; "
-             "max |diff| = linearize vs torch.func.jvp on one tangent.")
+    print_fn(_table(["workload", "f(x)", f"func.jvp x{k}", f"linearize+{k}", "of which setup",
+                     "apply (each)", "speed-up", "max |diff|"], out))
+    note("speed-up = torch.func.jvp total / linearize total, measured in this run; "
+         "max |diff| = linearize vs torch.func.jvp on one tangent.")
     print_fn("")
     print_fn("All checks passed." if ok else "SOME CHECKS FAILED (see above).")
     return ok
