@@ -50,7 +50,25 @@ _LOGCUMSUMEXP = (
     "|x| ~ 1e4 (its residuals exp(x) are inf); the transpose of that formula is NaN there, while "
     "torch.func.vjp uses a different, stable reverse-mode formula. The jvp itself matches."
 )
+_ROLL = (
+    "PyTorch bug: torch.vmap of torch.roll without dims on a 0-dim tensor rolls across the batch "
+    "(tests/test_opinfo.py::test_upstream_vmap_roll_of_scalars); vmap(jvp_fn) inherits it."
+)
+_NAN_INPUT = (
+    "Samples with NaN inputs: PyTorch's forward- and reverse-mode formulas for masked "
+    "reductions place NaN differently, so no map can match both; jvp_fn matches torch.func.jvp "
+    "and its transpose is the transpose of that program."
+)
 XFAIL: dict[tuple[str, torch.dtype], tuple[str, str]] = {
+    ("masked.prod", torch.float32): (_NAN_INPUT, "[nan-input] transpose"),
+    ("masked.prod", torch.float64): (_NAN_INPUT, "[nan-input] transpose"),
+    ("masked.amin", torch.float32): (_NAN_INPUT, "[nan-input] transpose"),
+    ("masked.amin", torch.float64): (_NAN_INPUT, "[nan-input] transpose"),
+    ("masked.amax", torch.float32): (_NAN_INPUT, "[nan-input] transpose"),
+    ("masked.amax", torch.float64): (_NAN_INPUT, "[nan-input] transpose"),
+    ("roll", torch.float64): (_ROLL, "vmap(jvp_fn)"),
+    ("roll", torch.float32): (_ROLL, "vmap(jvp_fn)"),
+    ("roll", torch.complex128): (_ROLL, "vmap(jvp_fn)"),
     ("logcumsumexp", torch.complex128): (_LOGCUMSUMEXP, "transpose"),
     ("pinverse", torch.complex128): (_PINV, "not close"),
     ("linalg.pinv", torch.complex128): (_PINV, "not close"),
@@ -154,9 +172,11 @@ class Outcome:
     detail: str = ""
 
 
-def _tols(dtype):
+def _tols(dtype, stage="jvp"):
     if dtype in (torch.float32, torch.complex64):
-        return dict(rtol=1e-4, atol=1e-5)
+        # Batched kernels and reverse-mode formulas accumulate in another order; float64
+        # is the strict oracle.
+        return dict(rtol=1e-4, atol=1e-5) if stage == "jvp" else dict(rtol=2e-3, atol=2e-3)
     return dict(rtol=1e-7, atol=1e-9)
 
 
@@ -226,7 +246,8 @@ def _check_one(op, sample, dtype, seed, modes, only) -> Outcome:
             got = torch.vmap(jvp_fn)(*stacked)
             for k, b in enumerate(batch):
                 _, want, _ = reference_jvp(f, primals, b, seed)
-                torch.testing.assert_close(tuple(g[k] for g in got), want, equal_nan=True, **tol,
+                torch.testing.assert_close(tuple(g[k] for g in got), want, equal_nan=True,
+                                           check_dtype=False, **_tols(dtype, "vmap"),
                                            msg=lambda m: "vmap(jvp_fn): " + m)
         if "transpose" in modes and op.supports_autograd and ry:
             stage = "transpose-reference"
@@ -238,7 +259,8 @@ def _check_one(op, sample, dtype, seed, modes, only) -> Outcome:
             vjp_fn = jvp_fn.transpose()
             got = vjp_fn(cots)
             try:
-                torch.testing.assert_close(tuple(got), tuple(want), equal_nan=True, **tol,
+                torch.testing.assert_close(tuple(got), tuple(want), equal_nan=True,
+                                           **_tols(dtype, "transpose"),
                                            msg=lambda m: "transpose: " + m)
             except AssertionError:
                 # Some PyTorch ops have forward- and reverse-mode formulas that are not
@@ -249,7 +271,8 @@ def _check_one(op, sample, dtype, seed, modes, only) -> Outcome:
                     raise
                 return Outcome(name, -1, "pass", "adjoint: PyTorch's jvp and vjp disagree")
     except AssertionError as e:
-        return Outcome(name, -1, "fail", f"{stage} vs {how}: {str(e)[:400]}")
+        tag = "[nan-input] " if any(bool(p.isnan().any()) for p in primals) else ""
+        return Outcome(name, -1, "fail", f"{tag}{stage} vs {how}: {str(e)[:400]}")
     except Exception as e:
         if stage == "transpose-reference":
             return Outcome(name, -1, "pass", "transpose reference failed")
@@ -280,7 +303,8 @@ def adjoint_explains(f, primals, jvp_fn, vjp_fn, ref_vjp_out, cots, gen, seed) -
             return torch.cat([o.reshape(-1) for o in f(*ps)])
 
         torch.manual_seed(seed)
-        jac = torch.func.jacfwd(flat_f, argnums=tuple(range(len(primals))))(*primals)
+        jac = torch.func.jacfwd(flat_f, argnums=tuple(range(len(primals))),
+                                randomness="same")(*primals)
         u = torch.cat([c.reshape(-1) for c in cots])
         exact = [(j.reshape(n_out, -1).T @ u).reshape(p.shape) for j, p in zip(jac, primals)]
 

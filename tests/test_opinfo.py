@@ -69,3 +69,9 @@ def test_upstream_complex_pinv_under_dispatch_mode():
     eye = torch.eye(3, dtype=a.dtype)
     assert torch.allclose(a @ plain, eye)
     assert not torch.allclose(a @ moded, eye), "upstream bug fixed: drop the pinv XFAIL entries"
+
+
+def test_upstream_vmap_roll_of_scalars():
+    """Documents the PyTorch vmap bug behind the roll XFAIL entries (drop them when it fails)."""
+    got = torch.vmap(lambda t: torch.roll(t, 10))(torch.arange(3.0))
+    assert not torch.equal(got, torch.arange(3.0)), "upstream bug fixed: drop the roll XFAIL entries"
