@@ -247,7 +247,7 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
             tan = cast
         if isinstance(tan, Var):
             outputs.append(tan)
-        elif tan is None or tan._is_zerotensor() or not bool(torch.any(tan != 0)):
+        elif tan is None or tan._is_zerotensor() or not bool(tan.any()):
             outputs.append(ZeroOut(tuple(o.shape), o.dtype, o.device))
         else:
             raise LinearizeError(

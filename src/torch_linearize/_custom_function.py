@@ -113,7 +113,7 @@ def _check_native_jvp_result(tracer: Tracer, cls: type, tangents: tuple, out: An
         if not isinstance(o, torch.Tensor) or tracer.lookup(o) is not None or o._is_zerotensor():
             continue
         with tracer.paused():
-            zero = o.numel() == 0 or not bool(torch.any(o != 0))
+            zero = o.numel() == 0 or not bool(o.any())
         if not zero:
             raise LinearizeError(
                 f"linearize: {cls.__qualname__}.jvp ran at trace time (PyTorch's own forward AD: "

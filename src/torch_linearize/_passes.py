@@ -41,7 +41,7 @@ def _is_zero_residual(prog: Program, r: Res, cache: dict[int, bool]) -> bool:
         elif t.device.type == "meta" or t.layout != torch.strided:
             z = False
         else:
-            z = t.numel() == 0 or not bool(torch.any(t != 0))
+            z = t.numel() == 0 or not bool(t.any())
         cache[r.index] = z
     return z
 

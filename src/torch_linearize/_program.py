@@ -278,6 +278,21 @@ class _Namer:
         }
         self._ids: dict[int, str] = {}
         self._keep: list[Any] = []
+        self._vars: dict[int, str] = {}
+        self._tmp = 0
+
+    def var(self, v: Var) -> str:
+        """Program-local names (v0, v1, ... in order of definition), so that the same
+        program structure always produces the same source and hits the code cache."""
+        name = self._vars.get(v.id)
+        if name is None:
+            name = f"v{len(self._vars)}"
+            self._vars[v.id] = name
+        return name
+
+    def tmp(self) -> str:
+        self._tmp += 1
+        return f"_o{self._tmp}"
 
     def glob(self, obj, prefix="c") -> str:
         key = id(obj)
@@ -291,7 +306,7 @@ class _Namer:
 
     def lit(self, x) -> str:
         if isinstance(x, Var):
-            return f"v{x.id}"
+            return self.var(x)
         if isinstance(x, Res):
             return f"r{x.index}"
         if x is None or isinstance(x, (bool, int, str)):
@@ -329,13 +344,13 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     lines: list[str] = []
     nres = len(prog.residuals)
     res_params = ", ".join(f"r{i}" for i in range(nres))
-    in_params = ", ".join(f"v{v.id}" for v in prog.inputs)
+    in_params = ", ".join(nm.var(v) for v in prog.inputs)
     lines.append(f"def _make({res_params}):")
     lines.append(f"    def run({in_params}):")
     body: list[str] = []
     for k, v in enumerate(prog.inputs):
         stride, offset = prog.input_layouts[k] if prog.input_layouts else (None, 0)
-        name = f"v{v.id}"
+        name = nm.var(v)
         if stride is not None:
             s = nm.lit(tuple(stride))
             cond = f"{name}.stride() != {s} or {name}.storage_offset() != {offset}"
@@ -350,12 +365,12 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
         call = f"{f}({', '.join(args)})"
         outs = e.outs
         if isinstance(outs, Var):
-            body.append(f"v{outs.id} = {call}")
+            body.append(f"{nm.var(outs)} = {call}")
         elif isinstance(outs, (tuple, list)) and all(
             isinstance(o, Var) or not isinstance(o, (tuple, list, dict)) for o in outs
         ):
             if any(isinstance(o, Var) for o in outs):
-                names = ", ".join(f"v{o.id}" if isinstance(o, Var) else "_" for o in outs)
+                names = ", ".join(nm.var(o) if isinstance(o, Var) else "_" for o in outs)
                 body.append(f"{names}, = {call}" if len(outs) == 1 else f"{names} = {call}")
             else:
                 body.append(call)
@@ -364,15 +379,15 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
         else:  # nested structure: flatten at run time
             leaves = tree_flatten(outs)[0]
             flat = nm.glob(tree_flatten, "f")
-            tmp = f"_o{id(e)}"
+            tmp = nm.tmp()
             body.append(f"{tmp} = {flat}({call})[0]")
             for i, o in enumerate(leaves):
                 if isinstance(o, Var):
-                    body.append(f"v{o.id} = {tmp}[{i}]")
+                    body.append(f"{nm.var(o)} = {tmp}[{i}]")
     rets = []
     for o in prog.outputs:
         if isinstance(o, Var):
-            rets.append(f"v{o.id}")
+            rets.append(nm.var(o))
         else:
             shape = nm.lit(tuple(o.shape))
             rets.append(f"torch.zeros({shape}, dtype={nm.glob(o.dtype)}, device={nm.glob(o.device)})")

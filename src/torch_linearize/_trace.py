@@ -116,6 +116,7 @@ def _op_info(func) -> _OpInfo:
 
 
 _ZEROTENSOR_OK = {aten._efficientzerotensor.default}
+_MATERIALIZE_ZEROS = [True]
 
 
 def _tensor_args(args, kwargs):
@@ -283,7 +284,7 @@ class Tracer(TorchDispatchMode):
             snapshot = flat.clone()
         root = Var((nbytes // item,), t.dtype, (1,), group=k, device=t.device)
         with torch.utils._python_dispatch._disable_current_modes():
-            all_zero = not bool(torch.any(snapshot != 0))
+            all_zero = not bool(snapshot.any())
         # The fresh buffer is made with ``new_zeros`` from a tracked value when there is
         # one, so that under vmap it is batched like the data written into it.
         opts = {"dtype": t.dtype, "device": t.device}
@@ -347,6 +348,13 @@ class Tracer(TorchDispatchMode):
         info = _op_info(func)
         if not info.returns_tensor and func not in _DATA_READS:
             return func(*args, **kwargs)  # metadata query: no tensor data is read
+        if func is aten._efficientzerotensor.default and _MATERIALIZE_ZEROS[0]:
+            # A plain zero tensor instead of forward AD's storage-less "efficient zero":
+            # ZeroTensor arithmetic runs meta computations in Python (~0.4 ms per op),
+            # which dominates small traces; the passes remove ``+ 0`` afterwards.
+            out = torch.zeros(*args, **kwargs)
+            self.note_created(out)
+            return out
         if _has_zerotensor(args) and func not in _ZEROTENSOR_OK:
             # Forward AD's "efficient zero tensors" have no storage; a few kernels crash
             # on them under a Python dispatch mode (e.g. mul.Scalar segfaults in torch 2.13).

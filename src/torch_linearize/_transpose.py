@@ -206,7 +206,7 @@ def transpose_map(lm: LinearMap) -> LinearMap:
                     sym = None if g is None else tracer.lookup(g)
                     if sym is not None:
                         outputs.append(sym)
-                    elif g is None or not bool(torch.any(g != 0)):
+                    elif g is None or not bool(g.any()):
                         outputs.append(ZeroOut(v.shape, v.dtype, v.device))
                     else:
                         raise LinearizeError(
