@@ -104,11 +104,17 @@ class Eqn:
 
     def _leaves(self) -> list:
         out: list = []
-        for x in (*self.args, *self.kwargs.values()):
+        for x in self.args:
             if isinstance(x, (list, tuple)):
                 out.extend(x)
             else:
                 out.append(x)
+        if self.kwargs:
+            for x in self.kwargs.values():
+                if isinstance(x, (list, tuple)):
+                    out.extend(x)
+                else:
+                    out.append(x)
         return out
 
     def in_vars(self) -> list[Var]:

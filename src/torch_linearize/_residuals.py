@@ -51,7 +51,7 @@ class ResidualTable:
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
         self.versions: list[int] = []
-        self.origin: list[str] = []
+        self.origin: list[Any] = []
         self._by_id: dict[int, int] = {}
         self._pin: list[torch.Tensor] = []  # keeps ids in _by_id valid during the trace
         self._by_layout: dict[tuple, int] = {}
@@ -73,7 +73,7 @@ class ResidualTable:
             # alias (detaching below autograd would not share the version counter).
             self.tensors.append(t)
             self.versions.append(t._version)
-            self.origin.append(str(origin))
+            self.origin.append(origin)  # an op (stringified lazily) or a description
             if lkey is not None:
                 self._by_layout[lkey] = idx
                 self._by_storage.setdefault(skey, []).append(idx)
