@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     if load_before > 0.75 * (os.cpu_count() or 1):
         log(f"warning: the 1-minute load average is {load_before:.1f} before starting; "
             "other processes will distort the timings")
-    guard = None if args.no_guard else ContentionGuard(budget_s=40 if args.quick else 240)
+    guard = None if args.no_guard else ContentionGuard(budget_s=20 if args.quick else 240)
     t0 = time.perf_counter()
     results = []
     for k in keys:

@@ -73,7 +73,8 @@ class ContentionGuard:
     ``sample_s`` seconds while this process sleeps (subtracting this process's own
     CPU time), and if other processes used more than ``threshold`` of the CPUs it
     waits until they stop. After ``budget_s`` seconds of waiting in total it stops
-    waiting (and only counts). Not on Linux: it does nothing.
+    waiting and checking (a run on a machine that stays busy still ends). Not on
+    Linux: it does nothing.
     """
 
     def __init__(self, threshold: float = 0.15, sample_s: float = 0.2,
@@ -121,12 +122,18 @@ class ContentionGuard:
             time.sleep(0.5)
             self.waited_s += 0.5 + self.sample_s
 
+    @property
+    def exhausted(self) -> bool:
+        """The waiting budget is spent: rounds are no longer held back or re-run."""
+        return self.waited_s >= self.budget_s
+
     def summary(self) -> str:
         if not self.enabled:
             return "contention guard unavailable on this platform"
         return (f"other processes were busy at {self.busy_checks} of {self.checks} checks; "
                 f"waited {self.waited_s:.0f} s for them; re-ran {self.redone_rounds} rounds"
-                + ("; waiting budget exhausted" if self.waited_s >= self.budget_s else ""))
+                + ("; waiting budget exhausted, later rounds kept as measured"
+                   if self.exhausted else ""))
 
 
 def interleave(
@@ -178,9 +185,9 @@ def interleave(
                     got[name].append(ms)
             if was_enabled:
                 gc.enable()
-            if guard is not None and guard.is_busy():
+            if guard is not None and not guard.exhausted and guard.is_busy():
                 guard.wait_idle()
-                if redo_budget > 0:
+                if redo_budget > 0 and not guard.exhausted:
                     redo_budget -= 1
                     guard.redone_rounds += 1
                     continue
