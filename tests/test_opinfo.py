@@ -31,7 +31,7 @@ def test_opinfo_jvp(op, request):
         if dtype not in op.supported_dtypes("cpu"):
             continue
         for i, sample in enumerate(h.samples_for(op, dtype, limit)):
-            r = h.check_sample(op, sample, dtype)
+            r = h.check_sample(op, sample, dtype, modes=("jvp", "vmap", "transpose", "each"))
             if r.status == "skip":
                 continue
             checked += 1

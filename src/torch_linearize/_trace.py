@@ -29,7 +29,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._errors import NonLinearTangentError
+from ._errors import NoForwardADError, NonLinearTangentError
 from ._program import Eqn, Res, Var
 from ._residuals import ResidualTable, storage_key
 
@@ -91,6 +91,7 @@ class _OpInfo:
     fresh_outputs: bool  # outputs never alias inputs -> new storages
     random: bool
     returns_tensor: bool  # False for metadata queries (is_same_size, ...) and data reads
+    custom: bool  # an operator outside aten/prims (torch.library custom ops, extensions)
 
 
 _op_infos: dict[Any, _OpInfo] = {}
@@ -110,13 +111,15 @@ def _op_info(func) -> _OpInfo:
     random = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
     base = schema.name.split("::")[-1]
     returns_tensor = any("Tensor" in str(r.type) for r in schema.returns)
-    info = _OpInfo(base, tuple(writes), fresh, random, returns_tensor)
+    custom = getattr(func, "namespace", "aten") not in ("aten", "prims", "debugprims", "rngprims")
+    info = _OpInfo(base, tuple(writes), fresh, random, returns_tensor, custom)
     _op_infos[func] = info
     return info
 
 
-_ZEROTENSOR_OK = {aten._efficientzerotensor.default}
-_MATERIALIZE_ZEROS = [True]
+# Forward AD's "efficient zero" tensors are *structural* zeros (0 * nan = 0), so they
+# are passed through untouched, except to kernels that crash on them.
+_ZEROTENSOR_CRASHES = {aten.mul.Scalar, aten.div.Scalar}
 
 
 def _tensor_args(args, kwargs):
@@ -125,26 +128,6 @@ def _tensor_args(args, kwargs):
             yield a
         elif isinstance(a, (list, tuple)):
             yield from (b for b in a if isinstance(b, torch.Tensor))
-
-
-def _has_zerotensor(args) -> bool:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if a._is_zerotensor():
-                return True
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, torch.Tensor) and b._is_zerotensor():
-                    return True
-    return False
-
-
-def _materialize_zero(a):
-    if isinstance(a, torch.Tensor) and a._is_zerotensor():
-        return torch.zeros(a.shape, dtype=a.dtype, device=a.device)
-    if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in a):
-        return type(a)(_materialize_zero(b) for b in a)
-    return a
 
 
 _local = threading.local()
@@ -348,19 +331,13 @@ class Tracer(TorchDispatchMode):
         info = _op_info(func)
         if not info.returns_tensor and func not in _DATA_READS:
             return func(*args, **kwargs)  # metadata query: no tensor data is read
-        if func is aten._efficientzerotensor.default and _MATERIALIZE_ZEROS[0]:
-            # A plain zero tensor instead of forward AD's storage-less "efficient zero":
-            # ZeroTensor arithmetic runs meta computations in Python (~0.4 ms per op),
-            # which dominates small traces; the passes remove ``+ 0`` afterwards.
-            out = torch.zeros(*args, **kwargs)
-            self.note_created(out)
-            return out
-        if _has_zerotensor(args) and func not in _ZEROTENSOR_OK:
-            # Forward AD's "efficient zero tensors" have no storage; a few kernels crash
-            # on them under a Python dispatch mode (e.g. mul.Scalar segfaults in torch 2.13).
-            # Materialize: same values, and ``x + 0`` is removed again by the passes.
-            args = tuple(_materialize_zero(a) for a in args)
-            kwargs = {k: _materialize_zero(v) for k, v in kwargs.items()}
+        if func in _ZEROTENSOR_CRASHES and args and isinstance(args[0], torch.Tensor) \
+                and args[0]._is_zerotensor():
+            # Forward AD's storage-less "efficient zeros" crash this kernel under a Python
+            # dispatch mode (segfault in torch 2.13); a zero times a scalar is a zero.
+            z = args[0]
+            return torch._efficientzerotensor(z.shape, dtype=torch.result_type(z, args[1]),
+                                              device=z.device)
         if info.name in _VALUE_INDEPENDENT:
             out = func(*args, **kwargs)
             self.note_created(out)
@@ -371,6 +348,8 @@ class Tracer(TorchDispatchMode):
             return out
         if self._any_tracked(args, kwargs):
             return self._record(func, args, kwargs, info)
+        if info.custom:
+            self._refuse_dropped_tangents(func, args, kwargs)
         if info.write_args:
             for t in self._written(args, kwargs, info):
                 self.before_write(t, False, info.name)
@@ -383,6 +362,32 @@ class Tracer(TorchDispatchMode):
                     if isinstance(o, torch.Tensor):
                         self.note_created(o)
         return out
+
+    def _refuse_dropped_tangents(self, func, args, kwargs) -> None:
+        """A custom operator reached the kernels with inputs that carry tangents.
+
+        PyTorch computed no forward-mode derivative for it (custom ops have none
+        unless registered with ``torch_linearize.register_jvp``), so the tangent
+        would silently be dropped: refuse instead.
+        """
+        C = torch._C
+        autograd = C.DispatchKeySet(C.DispatchKey.ADInplaceOrView)
+        for k in (C.DispatchKey.AutogradCPU, C.DispatchKey.AutogradCUDA,
+                  C.DispatchKey.AutogradOther, C.DispatchKey.AutogradMeta):
+            autograd = autograd | C.DispatchKeySet(k)
+        include, exclude = C._dispatch_tls_local_include_set(), C._dispatch_tls_local_exclude_set()
+        with C._ForceDispatchKeyGuard(include, exclude - autograd), self.paused():
+            for a in _tensor_args(args, kwargs):
+                if not (a.is_floating_point() or a.is_complex()):
+                    continue
+                t = fwAD.unpack_dual(a, level=self.level).tangent
+                if t is not None and not t._is_zerotensor():
+                    raise NoForwardADError(
+                        f"linearize: custom operator {func} has no forward-mode (JVP) rule, so "
+                        "the tangent of its input would be silently dropped. Register one with "
+                        "torch_linearize.register_jvp(op, jvp, setup_context=...), or wrap the "
+                        "call in a custom torch.autograd.Function with a jvp staticmethod."
+                    )
 
     @staticmethod
     def _written(args, kwargs, info: _OpInfo) -> list[torch.Tensor]:
