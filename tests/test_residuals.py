@@ -82,7 +82,13 @@ def test_primal_residual_is_external():
     assert ptrs == {x.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
 
 
-def test_intermediate_used_by_two_tangent_ops_is_stored_once():
+@pytest.fixture
+def no_simplify(monkeypatch):
+    """Keep the program as traced (no folding/CSE), to test residual bookkeeping itself."""
+    monkeypatch.setattr(tl._api, "simplify", lambda prog: None)
+
+
+def test_intermediate_used_by_two_tangent_ops_is_stored_once(no_simplify):
     # e = exp(x) is read by exp's tangent (t * e) and by mul's tangent (t * e).
     x = torch.randn(3, 4, dtype=D)
     seen = []
@@ -104,7 +110,7 @@ def test_intermediate_used_by_two_tangent_ops_is_stored_once():
     assert_matches_func_jvp(lambda x: x.exp() * x, x, jvp_fn)
 
 
-def test_primal_used_twice_is_stored_once():
+def test_primal_used_twice_is_stored_once(no_simplify):
     x = torch.randn(6, dtype=D)
     _, jvp_fn = tl.linearize(lambda x: x * x, x)
     assert len(jvp_fn._program.residuals) == 1
@@ -112,7 +118,7 @@ def test_primal_used_twice_is_stored_once():
     assert jvp_fn.external_bytes == nbytes(x) and jvp_fn.residual_bytes == 0
 
 
-def test_two_residual_views_of_one_storage_are_counted_once():
+def test_two_residual_views_of_one_storage_are_counted_once(no_simplify):
     # exp's tangent reads all of e, mul's tangent reads the view e[:3]: one storage.
     x = torch.randn(10, dtype=D)
 
@@ -232,7 +238,7 @@ def _residual_refs(jvp_fn):
     return refs
 
 
-def test_residuals_are_freed_with_the_map():
+def test_residuals_are_freed_with_the_map(no_simplify):
     x = torch.randn(17, 3, dtype=D)  # a distinctive shape
     _, jvp_fn = tl.linearize(lambda x: x.sin() * x.tanh(), x)
     # cos(x), tanh(x), sin(x): all allocated by linearize, none of them is x or y.
@@ -353,7 +359,7 @@ def test_captured_tensor_written_in_place_later_in_f_is_snapshotted():
     torch.testing.assert_close(jvp_fn(t), t * w0)
 
 
-def test_copy_on_write_snapshot_is_counted_as_allocated():
+def test_copy_on_write_snapshot_is_counted_as_allocated(no_simplify):
     x = torch.randn(3, 4, dtype=D)
 
     def f(x):
@@ -366,3 +372,16 @@ def test_copy_on_write_snapshot_is_counted_as_allocated():
     for _ in range(5):
         _, jvp_fn = tl.linearize(f, x)
         assert (jvp_fn.residual_bytes, jvp_fn.external_bytes) == (nbytes(x), nbytes(x))
+
+
+def test_folded_pointwise_chain_keeps_one_allocated_coefficient():
+    # exp(x) * x: the tangent t * (e + e x) folds into one stored coefficient.
+    x = torch.randn(7, 5, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: x.exp() * x, x)
+    assert jvp_fn.num_ops == 1 and len(jvp_fn._program.residuals) == 1
+    assert (jvp_fn.residual_bytes, jvp_fn.external_bytes) == (nbytes(x), 0)
+    assert_matches_func_jvp(lambda x: x.exp() * x, x, jvp_fn)
+    refs = _residual_refs(jvp_fn)
+    del jvp_fn
+    gc.collect()
+    assert all(r.expired() for r in refs)

@@ -256,3 +256,17 @@ def test_gauss_newton_step_from_one_linearization():
         p = p + d
     torch.testing.assert_close(p, true, atol=0.05, rtol=0.05)
     assert calls["matvec"] > 0
+
+
+def test_in_place_update_of_a_fresh_buffer_survives_simplification():
+    # Regression: QR's backward writes into an `empty` buffer, then halves its diagonal
+    # in place through a view before reading the whole buffer. The in-place write must
+    # stay in the program whatever the (uninitialized) buffer contained.
+    torch.manual_seed(0)
+    a = torch.randn(5, 2, dtype=D)
+    f = lambda a: torch.linalg.qr(a)  # noqa: E731
+    _, ref = torch.func.vjp(f, a)
+    for _ in range(10):
+        y, jvp_fn = tl.linearize(f, a)
+        u = tuple(torch.randn_like(o) for o in y)
+        torch.testing.assert_close(jvp_fn.transpose()(u), ref(u))

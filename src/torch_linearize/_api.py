@@ -21,7 +21,7 @@ from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError, StaleResidualError
 from ._forward_ad import shared_dual_level
 from ._linear_map import LinearMap
-from ._passes import forward_identities
+from ._passes import simplify
 from ._program import (
     Eqn,
     Program,
@@ -152,9 +152,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         mutated_inputs=set(tracer.mutated_inputs),
         residual_names=tracer.residuals.origin,
     )
-    dead_code_elimination(prog)
-    if forward_identities(prog):
-        dead_code_elimination(prog)
+    dead_code_elimination(prog)  # raises for live non-linear (poisoned) values
     stale = sorted(set(prog.used_residuals()) & set(changed))
     if stale:
         raise StaleResidualError(
@@ -163,6 +161,10 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
             "pointer). Clone it before modifying it."
         )
     suspect = bool(set(prog.used_residuals()) & tracer.suspect_residuals)
+    n_traced = len(prog.residuals)
+    simplify(prog)
+    for r in prog.residuals[n_traced:]:  # coefficients computed by the passes
+        tracer.note_created(r)
     prog.prune_residuals()
     live_nodes = {id(e.fn) for e in prog.eqns}
     opaque = [n for n in tracer.opaque_nodes if id(n) in live_nodes]
@@ -175,8 +177,11 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     residual_bytes = distinct_storage_bytes(kept, only=created)
     external_bytes = distinct_storage_bytes(kept, exclude=created)
 
-    # Tensors the user can reach (pre-existing ones, outputs, aux) may be modified in
-    # place after linearize; watch their versions so a stale map raises instead of lying.
+    # Tensors the user can reach (primals, captured tensors, outputs, aux) that the map
+    # reads by reference may be modified in place after linearize; watch their versions
+    # so that a map that would silently change raises instead. (A map that only holds
+    # coefficients computed from them, e.g. after folding, stays the linearization at
+    # the original point and keeps working.)
     reachable = {storage_key(t) for t in y_flat if isinstance(t, torch.Tensor)}
     reachable |= {storage_key(t) for t in tree_flatten(aux)[0] if isinstance(t, torch.Tensor)}
     watch = []

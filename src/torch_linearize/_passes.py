@@ -21,7 +21,7 @@ from ._program import Eqn, Program, Res, Var
 
 aten = torch.ops.aten
 
-__all__ = ["forward_identities"]
+__all__ = ["common_subexpressions", "fold_pointwise", "forward_identities", "simplify"]
 
 
 def _mutated_groups(prog: Program) -> set:
@@ -125,3 +125,428 @@ def forward_identities(prog: Program) -> int:
     prog.eqns = kept
     prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
     return removed
+
+
+# --------------------------------------------------------------------------- pointwise folding
+
+# Elementwise operations that are linear (over C, so complex works) in the arguments at
+# the given positions; every other tensor argument must be a residual. A chain or DAG
+# of them that depends on one tangent value ``b`` computes ``C * b`` for a coefficient
+# ``C`` that is its value at ``b = 1``: the whole region becomes one multiplication.
+_POINTWISE_LINEAR: dict = {
+    aten.mul.Tensor: (0, 1),
+    aten.mul.Scalar: (0,),
+    aten.div.Tensor: (0,),
+    aten.div.Scalar: (0,),
+    aten.neg.default: (0,),
+    aten.add.Tensor: (0, 1),
+    aten.sub.Tensor: (0, 1),
+    aten.where.self: (1, 2),
+    aten.masked_fill.Scalar: (0,),
+    aten.clone.default: (0,),
+    aten.alias.default: (0,),
+    aten.tanh_backward.default: (0,),
+    aten.sigmoid_backward.default: (0,),
+    aten.threshold_backward.default: (0,),
+    aten.hardtanh_backward.default: (0,),
+    aten.leaky_relu_backward.default: (0,),
+    aten.gelu_backward.default: (0,),
+    aten.silu_backward.default: (0,),
+    aten.softplus_backward.default: (0,),
+    aten.hardsigmoid_backward.default: (0,),
+    aten.hardswish_backward.default: (0,),
+    aten.mish_backward.default: (0,),
+    aten.elu_backward.default: (0,),
+    # conjugation is anti-linear: tracked as a parity per base (value = sum C * conj(b))
+    aten._conj.default: (0,),
+    aten.conj_physical.default: (0,),
+}
+_CONJUGATING = {aten._conj.default, aten.conj_physical.default}
+# Arguments (by position) that are added to the tangent: they must be zero for linearity.
+_ADDITIVE = {aten.add.Tensor: (0, 1), aten.sub.Tensor: (0, 1), aten.where.self: (1, 2)}
+
+
+def _is_zero_literal(prog: Program, x, cache: dict[int, bool]) -> bool:
+    if isinstance(x, Res):
+        return _is_zero_residual(prog, x, cache)
+    return isinstance(x, (int, float, complex)) and not isinstance(x, bool) and x == 0
+
+
+def fold_pointwise(prog: Program) -> int:
+    """Rewrite pointwise-linear regions as a few fused multiply-adds.
+
+    A value computed from tangent values ``b_1..b_k`` (all of the same shape) by the
+    operations of ``_POINTWISE_LINEAR`` only is ``sum_i C_i * b_i`` with
+    coefficients ``C_i`` (its value at ``b_i = 1``, the others 0), computed once
+    here. Emitted as ``b_1 * C_1``, then ``addcmul``/``add`` per further term; a
+    unit coefficient costs no multiplication, a constant one is a Python scalar.
+    Coefficients are evaluated with 0-d ones, so they keep the (broadcast) shape
+    of the residuals they come from; a region is rewritten only if that lowers its
+    operation count and does not grow the stored coefficients.
+
+    Returns the number of values rewritten (dead equations are left to DCE).
+    """
+    mutated = _mutated_groups(prog)
+    zero_cache: dict[int, bool] = {}
+    # var id -> (base var id -> parity (1: conjugated), number of ops, residual elements read)
+    info: dict[int, tuple[dict, int, int]] = {}
+    bases: dict[int, Var] = {}
+    producer: dict[int, Eqn] = {}
+    for e in prog.eqns:
+        out = e.outs
+        pos = _POINTWISE_LINEAR.get(e.fn)
+        if pos is None or not isinstance(out, Var) or e.mutates or e.poison is not None:
+            continue
+        if out.group in mutated or any(isinstance(v, (Var, list, tuple)) for v in e.kwargs.values()):
+            continue
+        ok, bs, ops, res = True, {}, 1, 0
+        for i, a in enumerate(e.args):
+            if isinstance(a, Var):
+                if i not in pos or a.shape != out.shape or a.dtype != out.dtype or a.group in mutated:
+                    ok = False
+                    break
+                if a.id in info:
+                    b, n, r = info[a.id]
+                    ops += n
+                    res += r
+                else:
+                    b = {a.id: 0}
+                    bases[a.id] = a
+                for bid, par in b.items():
+                    if bs.setdefault(bid, par) != par:
+                        ok = False  # would need both b and conj(b)
+                if not ok:
+                    break
+            elif isinstance(a, Res):
+                if i in _ADDITIVE.get(e.fn, ()) and not _is_zero_literal(prog, a, zero_cache):
+                    ok = False  # a constant added to a tangent: not linear
+                    break
+                res += prog.residuals[a.index].numel()
+            elif isinstance(a, (list, tuple)) or (
+                    i in _ADDITIVE.get(e.fn, ()) and not _is_zero_literal(prog, a, zero_cache)):
+                ok = False
+                break
+        if ok and bs:
+            if e.fn in _CONJUGATING:
+                bs = {bid: 1 - par for bid, par in bs.items()}
+            info[out.id] = (bs, ops, res)
+            producer[out.id] = e
+
+    if not info:
+        return 0
+    # Exits: region values used by something outside the region, or returned.
+    external: set[int] = set()
+    for e in prog.eqns:
+        in_region = isinstance(e.outs, Var) and e.outs.id in info
+        for v in e.in_vars():
+            if v.id in info and not in_region:
+                external.add(v.id)
+    external |= {o.id for o in prog.outputs if isinstance(o, Var) and o.id in info}
+
+    rewrites: dict[int, list[Eqn]] = {}
+    for vid in external:
+        bset, ops, res_elems = info[vid]
+        if ops < 2:
+            continue
+        out = producer[vid].outs
+        terms = []
+        for bid in sorted(bset):
+            coeff = _region_value(prog, producer, info, vid, {bid: 1})
+            if coeff is None:
+                break
+            terms.append((bases[bid], coeff, bset[bid]))
+        else:
+            plan = _plan_terms(terms)
+            n_ops = sum(1 for _, kind, _ in plan if kind != "first") + (
+                1 if plan and plan[0][1] == "first-scaled" else 0) + sum(
+                1 for (_, par), _, _ in plan if par)
+            stored = sum(c.numel() for _, kind, c in plan if isinstance(c, torch.Tensor))
+            if (n_ops < ops and stored <= max(res_elems, 1)
+                    and _folding_is_accurate(prog, producer, bases, bset, vid, terms)):
+                rewrites[vid] = _emit_terms(prog, plan, out)
+    if not rewrites:
+        return 0
+    new = []
+    for e in prog.eqns:
+        if isinstance(e.outs, Var) and e.outs.id in rewrites:
+            new.extend(rewrites[e.outs.id])
+        else:
+            new.append(e)
+    prog.eqns = new
+    return len(rewrites)
+
+
+def _region_value(prog, producer, info, vid, ones: dict[int, int]):
+    """Evaluate value ``vid`` of a region with base ``b`` = 1 for ``b`` in ``ones``, else 0."""
+    cache: dict[int, torch.Tensor] = {}
+
+    def value(v: Var):
+        if v.id in cache:
+            return cache[v.id]
+        e = producer.get(v.id)
+        if e is None:  # a base
+            one = ones.get(v.id, 0)
+            t = torch.full((), one, dtype=v.dtype, device=v.device)
+        else:
+            args = [value(a) if isinstance(a, Var) else
+                    prog.residuals[a.index] if isinstance(a, Res) else a for a in e.args]
+            t = e.fn(*args, **e.kwargs)
+        cache[v.id] = t
+        return t
+
+    try:
+        with torch.no_grad():
+            return value(producer[vid].outs)
+    except RuntimeError:  # an op that does not broadcast a 0-d gradient: skip the region
+        return None
+
+
+def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
+    """Reassociating sums can lose precision (cancellation); check on random inputs.
+
+    The region is evaluated as traced and as the folded sum of terms on random
+    base values; the rewrite is kept only if they agree to a few ulps of the
+    result's scale.
+    """
+    if len(terms) == 1 and not _has_additive(producer, vid):
+        return True  # a pure product: a few roundings, no cancellation
+    gen = torch.Generator().manual_seed(0)
+    vals = {}
+    for bid in bset:
+        b = bases[bid]
+        x = torch.randn(b.shape, generator=gen, dtype=torch.float64)
+        vals[bid] = x.to(b.dtype).to(b.device) if not b.dtype.is_complex else \
+            torch.complex(x, x.flip(-1) if x.dim() else x).to(b.dtype).to(b.device)
+    traced = _region_eval(prog, producer, vid, vals)
+    if traced is None:
+        return False
+    folded = sum(c * (vals[b.id].conj() if par else vals[b.id]) for b, c, par in terms)
+    scale = float(traced.abs().max()) if traced.numel() else 0.0
+    if not torch.isfinite(traced).all() or scale == 0.0:
+        return bool(torch.equal(torch.isfinite(traced), torch.isfinite(folded)))
+    eps = torch.finfo(traced.dtype).eps if (traced.is_floating_point() or traced.is_complex()) else 0
+    return float((traced - folded).abs().max()) <= 64 * eps * scale
+
+
+def _has_additive(producer, vid) -> bool:
+    seen, stack = set(), [vid]
+    while stack:
+        v = stack.pop()
+        e = producer.get(v)
+        if e is None or v in seen:
+            continue
+        seen.add(v)
+        if e.fn in _ADDITIVE:
+            return True
+        stack.extend(a.id for a in e.args if isinstance(a, Var))
+    return False
+
+
+def _region_eval(prog, producer, vid, base_values: dict[int, torch.Tensor]):
+    cache: dict[int, torch.Tensor] = {}
+
+    def value(v: Var):
+        if v.id not in cache:
+            e = producer.get(v.id)
+            if e is None:
+                cache[v.id] = base_values[v.id]
+            else:
+                args = [value(a) if isinstance(a, Var) else
+                        prog.residuals[a.index] if isinstance(a, Res) else a for a in e.args]
+                cache[v.id] = e.fn(*args, **e.kwargs)
+        return cache[v.id]
+
+    try:
+        with torch.no_grad():
+            return value(producer[vid].outs)
+    except RuntimeError:
+        return None
+
+
+def _plan_terms(terms):
+    """Order terms (unit coefficients first) and classify each coefficient."""
+    plan = []
+    for b, c, par in terms:
+        b = (b, par)
+        if c.numel() == 0:
+            kind, coef = "scaled", c
+        elif bool((c == 1).all()):
+            kind, coef = "unit", None
+        elif bool((c == c.reshape(-1)[0]).all()) and c.dtype.is_floating_point:
+            kind, coef = "scalar", c.reshape(-1)[0].item()
+        elif bool((c == 0).all()):
+            continue
+        else:
+            kind, coef = "scaled", c
+        plan.append((b, kind, coef))
+    plan.sort(key=lambda p: p[1] != "unit")
+    if plan:
+        b, kind, coef = plan[0]
+        plan[0] = (b, "first" if kind == "unit" else "first-scaled", coef)
+    return plan
+
+
+def _emit_terms(prog: Program, plan, out: Var) -> list[Eqn]:
+    eqns: list[Eqn] = []
+    if not plan:  # the value is identically zero
+        return [Eqn(aten.zeros.default, (list(out.shape),),
+                    {"dtype": out.dtype, "device": out.device}, out)]
+
+    def res(c):
+        prog.residuals.append(c.contiguous())
+        if prog.residual_names:
+            prog.residual_names.append("folded pointwise coefficient")
+        return Res(len(prog.residuals) - 1)
+
+    def new_var():
+        return Var(out.shape, out.dtype, out.stride, group=None, device=out.device)
+
+    acc = None
+    for i, ((b, par), kind, coef) in enumerate(plan):
+        if par:  # an anti-linear term: conjugate the base first
+            cb = Var(b.shape, b.dtype, b.stride, group=b.group, device=b.device)
+            eqns.append(Eqn(aten._conj.default, (b,), {}, cb))
+            b = cb
+        last = i == len(plan) - 1
+        dst = out if last else new_var()
+        if kind == "first":
+            if last:
+                eqns.append(Eqn(aten.clone.default, (b,), {}, dst))
+            acc = b if not last else dst
+            continue
+        if kind == "first-scaled":
+            c = coef if isinstance(coef, float) else res(coef)
+            fn = aten.mul.Scalar if isinstance(coef, float) else aten.mul.Tensor
+            eqns.append(Eqn(fn, (b, c), {}, dst))
+        elif kind == "unit":
+            eqns.append(Eqn(aten.add.Tensor, (acc, b), {}, dst))
+        elif kind == "scalar":
+            eqns.append(Eqn(aten.add.Tensor, (acc, b), {"alpha": coef}, dst))
+        else:
+            eqns.append(Eqn(aten.addcmul.default, (acc, b, res(coef)), {}, dst))
+        acc = dst
+    for e in eqns:
+        e.outs.group = e.outs.group if e.outs is out else None
+    return eqns
+
+
+# --------------------------------------------------------------------------- CSE
+
+
+def common_subexpressions(prog: Program) -> int:
+    """Reuse the result of an identical earlier pure operation (same op, same arguments)."""
+    mutated = _mutated_groups(prog)
+    seen: dict[tuple, Var] = {}
+    rename: dict[int, Var] = {}
+    kept = []
+    removed = 0
+
+    def key_of(x):
+        if isinstance(x, Var):
+            return ("v", x.id)
+        if isinstance(x, Res):
+            return ("r", x.index)
+        if isinstance(x, (list, tuple)):
+            return (type(x).__name__, *(key_of(y) for y in x))
+        if isinstance(x, float) and x != x:
+            return ("nan",)
+        try:
+            hash(x)
+        except TypeError:
+            return ("id", id(x))
+        return ("l", type(x).__name__, x)
+
+    def sub(x):
+        if isinstance(x, Var):
+            return rename.get(x.id, x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(sub(y) for y in x)
+        return x
+
+    for e in prog.eqns:
+        e.args = tuple(sub(a) for a in e.args)
+        e.kwargs = {k: sub(v) for k, v in e.kwargs.items()}
+        out = e.outs
+        pure = (isinstance(e.fn, torch._ops.OpOverload) and isinstance(out, Var) and not e.mutates
+                and e.poison is None and out.group not in mutated
+                and torch.Tag.nondeterministic_seeded not in e.fn.tags
+                and all(v.group not in mutated for v in e.in_vars()))
+        if pure:
+            k = (e.fn, key_of(e.args), key_of(tuple(sorted(e.kwargs.items()))))
+            prev = seen.get(k)
+            if prev is not None and prev.shape == out.shape and prev.stride == out.stride:
+                rename[out.id] = prev
+                removed += 1
+                continue
+            seen[k] = out
+        kept.append(e)
+    prog.eqns = kept
+    prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
+    return removed
+
+
+def collapse_fresh_copies(prog: Program) -> int:
+    """``buf = zeros(n); view = as_strided(buf, full); copy_(view, src)`` -> ``clone(src)``.
+
+    Forward AD sets a tangent that needs a different layout (e.g. a conjugate view)
+    by copying it into a fresh buffer; the tracer records that as a promoted buffer.
+    When the buffer is only that copy, it is a plain clone, whose result is free of
+    in-place aliasing and can take part in folding.
+    """
+    # Every alias of a promoted buffer is made from its root Var, so "the root has one
+    # use (the full view) and the view one use (the copy)" means nothing else sees it.
+    uses: dict[int, int] = {}
+    for e in prog.eqns:
+        for v in e.in_vars():
+            uses[v.id] = uses.get(v.id, 0) + 1
+    for o in prog.outputs:
+        if isinstance(o, Var):
+            uses[o.id] = uses.get(o.id, 0) + 1
+    by_out = {e.outs.id: e for e in prog.eqns if isinstance(e.outs, Var)}
+    rewrites: dict[int, Eqn] = {}
+    dead: set[int] = set()
+    for e in prog.eqns:
+        if e.fn is not aten.copy_.default or len(e.args) != 2 or not isinstance(e.outs, Var):
+            continue
+        view, src = e.args
+        if not (isinstance(view, Var) and isinstance(src, Var)) or uses.get(view.id) != 1:
+            continue
+        ve = by_out.get(view.id)
+        if ve is None or ve.fn is not aten.as_strided.default or len(ve.args) != 4:
+            continue
+        root, shape, stride, offset = ve.args
+        if not isinstance(root, Var) or uses.get(root.id) != 1 or offset != 0:
+            continue
+        re_ = by_out.get(root.id)
+        if re_ is None or re_.name != "fresh_zeros":
+            continue
+        numel = 1
+        for d in shape:
+            numel *= d
+        contiguous = tuple(torch.empty(tuple(shape), device="meta").stride())
+        if (tuple(root.shape) != (numel,) or tuple(stride) != contiguous
+                or tuple(src.shape) != tuple(shape) or src.dtype != view.dtype):
+            continue
+        # The clone's result keeps the buffer's group: later views of it (and in-place
+        # writes through them) must still be seen as aliasing it.
+        rewrites[id(e)] = Eqn(aten.clone.default, (src,), {"memory_format": torch.contiguous_format},
+                              e.outs)
+        dead.update((id(ve), id(re_)))
+    if not rewrites:
+        return 0
+    prog.eqns = [rewrites.get(id(e), e) for e in prog.eqns if id(e) not in dead]
+    return len(rewrites)
+
+
+def simplify(prog: Program) -> None:
+    """Run all passes to a fixed point (each is cheap; programs are small)."""
+    from ._program import dead_code_elimination
+
+    for _ in range(4):
+        changed = collapse_fresh_copies(prog)
+        changed += forward_identities(prog)
+        changed += common_subexpressions(prog)
+        changed += fold_pointwise(prog)
+        dead_code_elimination(prog)
+        if not changed:
+            break

@@ -56,6 +56,8 @@ _VALUE_INDEPENDENT = {
     "new_empty", "new_empty_strided", "_new_zeros_with_same_feature_meta",
 }
 
+_UNINITIALIZED = {"empty_like", "new_empty", "new_empty_strided"}
+
 # Pointwise/reduction operations that are not linear in any tensor argument.
 _NONLINEAR = {
     "abs", "acos", "acosh", "angle", "asin", "asinh", "atan", "atan2", "atanh", "ceil", "clamp",
@@ -157,6 +159,7 @@ class Tracer(TorchDispatchMode):
         self.opaque_nodes: list[Any] = []
         self.poisoned: dict[int, str] = {}  # Var id -> why its value is not linear
         self.suspect_storages: set[int] = set()  # constants made from tracked metadata
+        self.uninitialized: dict[int, Any] = {}  # storages from empty factories, never written
         self.suspect_residuals: set[int] = set()
         self.paused_depth = 0
 
@@ -236,6 +239,7 @@ class Tracer(TorchDispatchMode):
         for snap in self.residuals.copy_on_write(k):
             self.note_created(snap)
         if not tracked_write:
+            self.uninitialized.pop(k, None)
             return
         if self.lookup(t) is None:
             self._promote(t, k, opname, like)
@@ -267,7 +271,9 @@ class Tracer(TorchDispatchMode):
             snapshot = flat.clone()
         root = Var((nbytes // item,), t.dtype, (1,), group=k, device=t.device)
         with torch.utils._python_dispatch._disable_current_modes():
-            all_zero = not bool(snapshot.any())
+            # Memory from an empty factory that nothing wrote yet has no meaningful
+            # contents (and differs run to run): start from zeros, like any fresh buffer.
+            all_zero = k in self.uninitialized or not bool(snapshot.any())
         # The fresh buffer is made with ``new_zeros`` from a tracked value when there is
         # one, so that under vmap it is batched like the data written into it.
         opts = {"dtype": t.dtype, "device": t.device}
@@ -341,6 +347,10 @@ class Tracer(TorchDispatchMode):
         if info.name in _VALUE_INDEPENDENT:
             out = func(*args, **kwargs)
             self.note_created(out)
+            if info.name in _UNINITIALIZED:
+                k = storage_key(out)
+                if k is not None:
+                    self.uninitialized[k] = out.untyped_storage()
             if self._any_tracked(args, kwargs):
                 k = storage_key(out)
                 if k is not None:

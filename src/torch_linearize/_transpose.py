@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_structure
 
 from ._errors import LinearizeError
 from ._linear_map import LinearMap
-from ._passes import forward_identities
+from ._passes import simplify
 from ._program import (
     Program,
     Res,
@@ -228,11 +228,13 @@ def transpose_map(lm: LinearMap) -> LinearMap:
         residual_names=tracer.residuals.origin,
     )
     dead_code_elimination(tprog)
-    if forward_identities(tprog):
-        dead_code_elimination(tprog)
     if set(tprog.used_residuals()) & set(changed):
         raise LinearizeError("transpose(): a residual was modified during transposition.")
     suspect = bool(set(tprog.used_residuals()) & tracer.suspect_residuals)
+    n_traced = len(tprog.residuals)
+    simplify(tprog)
+    for r in tprog.residuals[n_traced:]:  # coefficients computed by the passes
+        tracer.note_created(r)
     tprog.prune_residuals()
     live = {id(e.fn) for e in tprog.eqns}
     vjp_nodes = [n for n in tracer.opaque_nodes if id(n) in live]

@@ -1,0 +1,197 @@
+"""Tests for ``torch_linearize/_passes.py``: program simplification.
+
+Every rewrite is checked against ``torch.func.jvp`` (the OpInfo sweep does so for
+all operators); here, unit cases for each pass and property-based tests on random
+chains of operations (hypothesis).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torch_linearize as tl
+from helpers import OpCounter
+
+D = torch.float64
+
+
+def _check(f, *primals, n=2):
+    y, jvp_fn = tl.linearize(f, *primals)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        ts = tuple(torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals)
+        torch.testing.assert_close(jvp_fn(*ts), torch.func.jvp(f, primals, ts)[1])
+    return jvp_fn
+
+
+def test_elementwise_chain_folds_into_one_multiplication():
+    x = torch.randn(50, dtype=D)
+    f = lambda x: torch.atan(torch.erf(torch.log1p(torch.sigmoid(torch.cos(torch.tanh(torch.exp(torch.sin(x))))))))  # noqa: E731
+    jvp_fn = _check(f, x)
+    assert jvp_fn.num_ops == 1
+    t = torch.randn(50, dtype=D)
+    with OpCounter() as c:
+        jvp_fn(t)
+    assert dict(c.counts) == {"mul": 1}
+    assert jvp_fn.residual_bytes == x.numel() * x.element_size()
+
+
+def test_linear_combination_of_several_tangent_values():
+    # 5-point stencil plus a pointwise term: 4 additions and one fused multiply-add.
+    u = torch.randn(12, 12, dtype=D)
+
+    def pde(u):
+        lap = u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * u[1:-1, 1:-1]
+        return lap - u[1:-1, 1:-1] ** 3
+
+    jvp_fn = _check(pde, u)
+    t = torch.randn(12, 12, dtype=D)
+    with OpCounter() as c:
+        jvp_fn(t)
+    arithmetic = {k: v for k, v in c.counts.items() if k not in ("slice",)}
+    assert arithmetic == {"add": 3, "addcmul": 1}, c.counts
+
+
+def test_coefficients_keep_their_broadcast_shape():
+    # mul by a row vector: the folded coefficient must stay (1, 64), not (32, 64).
+    x = torch.randn(32, 64, dtype=D)
+    row = torch.randn(1, 64, dtype=D)
+    jvp_fn = _check(lambda x: (x * row).sin() * row, x)
+    assert jvp_fn.residual_bytes <= (32 * 64 + 64) * 8
+
+
+def test_constant_coefficients_become_scalars():
+    x = torch.randn(10, dtype=D)
+    jvp_fn = _check(lambda x: (3 * x - x / 2) * 4, x)
+    assert jvp_fn.num_ops == 1 and jvp_fn.residual_bytes == 0 and jvp_fn.external_bytes == 0
+
+
+def test_common_subexpressions_are_shared():
+    x = torch.randn(6, 6, dtype=D)
+    jvp_fn = _check(lambda x: x[1:, :].sum(0) @ x[1:, :].T, x)
+    slices = [e for e in jvp_fn._program.eqns if "slice" in str(e.fn)]
+    assert len(slices) == len({(e.args[1:]) for e in slices})
+
+
+def test_identity_operations_are_removed():
+    x = torch.randn(4, 5, dtype=D)
+    w = torch.randn(5, 3, dtype=D)
+    b = torch.randn(3, dtype=D)
+    jvp_fn = _check(lambda x: F.linear(x, w.T, b), x)  # bias/ZeroTensor terms vanish
+    assert {str(e.fn) for e in jvp_fn._program.eqns} <= {"aten.mm.default", "aten.t.default"}
+
+
+def test_in_place_updates_block_unsafe_rewrites():
+    x = torch.randn(8, dtype=D)
+
+    def f(x):
+        y = x.exp()
+        z = y * 2
+        z.mul_(x.sin())  # in-place on a tangent-carrying value
+        return z + y
+
+    _check(f, x)
+
+
+def test_output_never_aliases_the_callers_tangent():
+    x = torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: (x * 1.0).clone(), x)
+    t = torch.randn(5, dtype=D)
+    out = jvp_fn(t)
+    torch.testing.assert_close(out, t)
+    out.add_(1)
+    assert not torch.equal(out, t)
+
+
+def test_accuracy_guard_keeps_cancelling_sums_unfolded():
+    x = torch.randn(20, dtype=D)
+
+    def f(x):  # tangent 1e8 t - (1e8 - 1) t: reassociation changes the rounding
+        return x * 1e8 - x * (1e8 - 1)
+
+    jvp_fn = _check(f, x)
+    t = torch.randn(20, dtype=D)
+    traced = t * 1e8 - t * (1e8 - 1)
+    torch.testing.assert_close(jvp_fn(t), traced, rtol=0, atol=0)
+
+
+def test_passes_preserve_transpose_and_vmap():
+    x = torch.randn(6, dtype=D)
+    f = lambda x: torch.tanh(x).exp() * 3 - x.sin()  # noqa: E731
+    _, jvp_fn = tl.linearize(f, x)
+    u = torch.randn(6, dtype=D)
+    torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(f, x)[1](u)[0])
+    ts = torch.randn(4, 6, dtype=D)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(ts),
+                               torch.stack([torch.func.jvp(f, (x,), (t,))[1] for t in ts]))
+
+
+# ----------------------------------------------------------------------------- property tests
+
+_UNARY = [
+    torch.sin, torch.exp, torch.tanh, torch.sigmoid, torch.relu, torch.abs, torch.neg,
+    lambda v: v * 2.5, lambda v: v / 3.0, lambda v: v.clamp(-0.5, 0.5), F.gelu, F.silu,
+    lambda v: torch.where(v > 0, v, 0.1 * v), F.softplus, torch.atan,
+]
+_BINARY = [torch.add, torch.sub, torch.mul, lambda a, b: a * 0.5 + b.exp()]
+_SHAPE = [
+    lambda v: v.t(), lambda v: v[1:], lambda v: v.flip(0), lambda v: v.cumsum(0),
+    lambda v: v.sum(0, keepdim=True).expand_as(v) if v.dim() else v, lambda v: v.roll(1, 0),
+]
+
+
+@st.composite
+def programs(draw):
+    """A random function of two (4, 4) tensors built from the operation lists above."""
+    steps = draw(st.lists(st.tuples(st.sampled_from(["u", "b", "s"]), st.integers(0, 100),
+                                    st.integers(0, 100), st.integers(0, 100)),
+                          min_size=1, max_size=12))
+
+    def f(x, y):
+        vals = [x, y]
+        for kind, i, j, k in steps:
+            a, b = vals[i % len(vals)], vals[j % len(vals)]
+            if kind == "u":
+                v = _UNARY[k % len(_UNARY)](a)
+            elif kind == "b":
+                v = _BINARY[k % len(_BINARY)](a, b) if a.shape == b.shape else a * 1.5
+            else:
+                v = _SHAPE[k % len(_SHAPE)](a)
+                if v.shape != a.shape:
+                    v = torch.cat([v, a[: a.shape[0] - v.shape[0]]]) if v.dim() else v
+            vals.append(v)
+        return vals[-1] + vals[-2 if len(vals) > 2 else -1].sum() * 0.1
+
+    return f
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(), st.integers(0, 2**31 - 1))
+def test_random_programs_match_func_jvp_vjp_and_vmap(f, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 4, dtype=D, generator=gen)
+    y = torch.randn(4, 4, dtype=D, generator=gen)
+    out, jvp_fn = tl.linearize(f, x, y)
+    torch.testing.assert_close(out, f(x, y))
+    tx, ty = torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
+    torch.testing.assert_close(jvp_fn(tx, ty), torch.func.jvp(f, (x, y), (tx, ty))[1])
+    u = torch.randn(out.shape, dtype=D, generator=gen)
+    got = jvp_fn.transpose()(u)
+    want = torch.func.vjp(f, x, y)[1](u)
+    torch.testing.assert_close(got, want)
+    batch = torch.randn(3, 4, 4, dtype=D, generator=gen)
+    torch.testing.assert_close(torch.vmap(jvp_fn, in_dims=(0, None))(batch, ty),
+                               torch.stack([jvp_fn(b, ty) for b in batch]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
+def test_folding_other_dtypes(dtype):
+    x = torch.randn(30, dtype=dtype)
+    f = lambda x: torch.exp(torch.sin(x)) * 2 - x.tanh()  # noqa: E731
+    y, jvp_fn = tl.linearize(f, x)
+    t = torch.randn(30, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1], **tol)
+    assert jvp_fn.num_ops == 1
