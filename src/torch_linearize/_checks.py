@@ -79,7 +79,7 @@ def flatten_tangents(api: str, tangents: tuple, spec: TreeSpec, leaf_specs: list
     trees in messages (e.g. "tangents"/"primals", "cotangents"/"output").
     """
     leaves, tspec = tree_flatten(tangents, is_leaf=_is_none)
-    if tspec != spec:
+    if tspec != spec and not _same_up_to_tuple_types(tspec, spec):
         raise ValueError(
             f"{api}: {arg} must have the same pytree structure as {ref}; "
             f"{_structure_difference(tangents, spec, arg, ref)}"
@@ -108,6 +108,28 @@ def flatten_tangents(api: str, tangents: tuple, spec: TreeSpec, leaf_specs: list
             raise ValueError(f"{api}: {name} is on device {t.device}, but {want} is on {ls.device}.")
     return leaves
 
+
+
+def _children(spec: TreeSpec) -> list:
+    children = getattr(spec, "children", None)
+    return list(children()) if callable(children) else list(spec.children_specs)
+
+
+def _is_tuple_like(t) -> bool:
+    return isinstance(t, type) and issubclass(t, tuple)
+
+
+def _same_up_to_tuple_types(a: TreeSpec, b: TreeSpec) -> bool:
+    """Equal structures where a namedtuple/structseq (e.g. torch.return_types) may be a tuple."""
+    if a.is_leaf() or b.is_leaf():
+        return a.is_leaf() and b.is_leaf()
+    if a.type != b.type:
+        if not (_is_tuple_like(a.type) and _is_tuple_like(b.type)):
+            return False
+    elif a.context != b.context:
+        return False
+    ca, cb = _children(a), _children(b)
+    return len(ca) == len(cb) and all(_same_up_to_tuple_types(x, y) for x, y in zip(ca, cb))
 
 
 def _structure_difference(tangents: tuple, spec: TreeSpec, arg: str, ref: str) -> str:
