@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import ctypes
 
-import numpy as np
 import torch
 
 CALLS: collections.Counter = collections.Counter()

@@ -13,9 +13,9 @@ import collections
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from helpers import central_difference, eager_jvp
 
 import torch_linearize as tl
+from helpers import central_difference, eager_jvp
 
 D = torch.float64
 

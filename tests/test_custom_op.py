@@ -19,10 +19,10 @@ import warnings
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from helpers import central_difference, eager_jvp
 from torch import Tensor
 
 import torch_linearize as tl
+from helpers import central_difference, eager_jvp
 
 D = torch.float64
 CALLS: collections.Counter = collections.Counter()

@@ -13,15 +13,15 @@ tangent directly; the tests use it to build deliberately non-linear programs.
 
 import contextlib
 
-import custom_functions as cf
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from helpers import eager_jvp
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+import custom_functions as cf
 import torch_linearize as tl
+from helpers import eager_jvp
 
 D = torch.float64
 

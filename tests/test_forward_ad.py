@@ -9,12 +9,12 @@ overlap), comparing every result with ``torch.func.jvp``.
 
 import threading
 
-import custom_functions as cf
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+import custom_functions as cf
 import torch_linearize as tl
 from torch_linearize import _custom_function, _forward_ad
 from torch_linearize._forward_ad import shared_dual_level

@@ -8,10 +8,11 @@ in all three dtypes. Known failures are listed, with reasons, in
 recorded signature, and every other sample must pass.
 """
 
-import opinfo_harness as h
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import opinfo_harness as h
 
 OPS = h.forward_ad_ops()
 

@@ -82,8 +82,12 @@ class LinearMap:
         external_bytes: int,
         opaque_nodes: list[Any],
         created: set[int],
+        source_program: Program | None = None,
     ):
-        self._program = program
+        # ``_program``: the linear program (what transposition and printing use);
+        # ``_driver``: what ``_run`` executes (the same, or its compiled form).
+        self._program = source_program if source_program is not None else program
+        self._driver = program
         self._run = run
         self._api = api
         self._arg_name = arg_name
@@ -101,7 +105,15 @@ class LinearMap:
         self._created = created
         self.residual_bytes = residual_bytes
         self.external_bytes = external_bytes
-        self._fast = len(in_leaves) == 1 and in_leaves[0].differentiable
+        # Fast paths (the common shapes of a call), checked leaf by leaf without pytree:
+        # all tangents are top-level positional tensors; the output is one tensor.
+        self._flat_args = (
+            in_spec.type is tuple and in_spec.num_leaves == in_spec.num_children
+            and all(ls.differentiable for ls in in_leaves)
+        )
+        self._metas = [(ls.shape, ls.dtype, ls.device) for ls in in_leaves]
+        self._single_out = out_spec.num_leaves == 1 and out_spec.is_leaf() and \
+            len(self._out_positions) == 1
         self._released = False
         self._transposed: LinearMap | None = None
         self._lock = threading.Lock()
@@ -111,12 +123,14 @@ class LinearMap:
         run = self._run
         if run is None:
             raise ReleasedError(f"{self._api}: this linear map was released; call linearize again.")
-        if self._fast and len(args) == 1 and type(args[0]) is torch.Tensor:
-            t = args[0]
-            ls = self._in_leaves[0]
-            if t.shape != ls.shape or t.dtype != ls.dtype or t.device != ls.device:
-                self._flatten(args)  # raises with a precise message
-            flat = [t]
+        if self._flat_args and len(args) == len(self._metas):
+            for t, (shape, dtype, device) in zip(args, self._metas):
+                if type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or \
+                        t.device != device:
+                    flat = [self._flatten(args)[i] for i in self._diff_positions]  # or raises
+                    break
+            else:
+                flat = args
         else:
             leaves = self._flatten(args)
             flat = [leaves[i] for i in self._diff_positions]
@@ -131,6 +145,8 @@ class LinearMap:
             outs = _loop_over_vmap_batch(run, flat)
             if outs is None:
                 raise
+        if self._single_out:
+            return outs[0]
         if len(self._out_positions) != self._n_out:
             full: list[Any] = [None] * self._n_out
             for pos, val in zip(self._out_positions, outs):
@@ -176,6 +192,38 @@ class LinearMap:
                 self._transposed = t
             return self._transposed
 
+    def compile(self, **compile_kwargs: Any) -> LinearMap:
+        """A copy of this map whose aten operations run through ``torch.compile``.
+
+        The program is split at custom-Function nodes (which stay opaque and run
+        eagerly); each run of aten operations becomes one compiled, fused segment.
+        Residuals are passed to the compiled code as arguments, so linearizing the
+        same function again at a new point with the same shapes reuses the compiled
+        code without recompiling. Compilation happens on the first call.
+        ``compile_kwargs`` go to ``torch.compile`` (default ``fullgraph=True,
+        dynamic=False``; e.g. ``mode="max-autotune"``).
+        """
+        if self._run is None:
+            raise ReleasedError(f"{self._api}.compile(): this linear map was released.")
+        from ._compile import compile_map
+
+        return compile_map(self, **compile_kwargs)
+
+    def cuda_graph(self, clone_outputs: bool = True):
+        """Capture one application in a CUDA graph; calls replay it (CUDA tensors only).
+
+        For small problems dominated by kernel-launch and Python overhead. The first
+        call captures (after a few warm-up runs); later calls copy the tangents into
+        static buffers and replay. Outputs are cloned unless ``clone_outputs=False``
+        (then they are static buffers overwritten by the next call). Custom
+        Functions' ``jvp`` must be capturable (no ``.item()`` or host copies).
+        """
+        if self._run is None:
+            raise ReleasedError(f"{self._api}.cuda_graph(): this linear map was released.")
+        from ._compile import cuda_graph_map
+
+        return cuda_graph_map(self, clone_outputs)
+
     @property
     def T(self) -> LinearMap:
         """Shorthand for :meth:`transpose`."""
@@ -202,6 +250,7 @@ class LinearMap:
     def release(self) -> None:
         """Free the residuals and custom-Function contexts; later calls raise ``ReleasedError``."""
         self._run = None
+        self._driver = None
         self._released = True
         for node in self._opaque_nodes:
             node.release()
@@ -225,6 +274,11 @@ class LinearMap:
         return getattr(self._run, "__torch_linearize_source__", "")
 
     @property
+    def is_compiled(self) -> bool:
+        """Whether this map runs compiled segments (see :meth:`compile`)."""
+        return self._driver is not self._program
+
+    @property
     def num_ops(self) -> int:
         """Number of operations in the linear program."""
         return len(self._program.eqns)
@@ -234,7 +288,7 @@ class LinearMap:
             return "LinearMap(<released>)"
         p = self._program
         ins = ", ".join(f"{v}: {type_str(v.shape, v.dtype)}" for v in p.inputs)
-        lines = [f"LinearMap(({ins})) {{"]
+        lines = [f"LinearMap(({ins})){' [compiled]' if self.is_compiled else ''} {{"]
         for e in p.eqns:
             lines.append("  " + format_eqn(e))
         outs = []

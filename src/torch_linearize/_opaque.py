@@ -129,6 +129,8 @@ class _OpaqueNode:
         ctx = self.ctx
         ctx._tl_phase = "jvp" if self.phase == "jvp" else "backward"
         self.calls += 1
+        if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
+            return self._as_tuple(self.user_fn()(ctx, *args))
         with fwAD._set_fwd_grad_enabled(False):
             out = self.user_fn()(ctx, *args)
         return self._as_tuple(out)

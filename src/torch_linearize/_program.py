@@ -415,6 +415,54 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
 
 
 
+def segment_source(eqns: list[Eqn], inputs: list[Var], outputs: list[Var],
+                   residual_indices: list[int]) -> tuple[str, Callable]:
+    """A standalone function ``seg(*inputs, *residuals) -> tuple(outputs)`` for ``eqns``.
+
+    Residuals are arguments (nothing is baked in), names are local and canonical,
+    and code objects are cached by source, so the same segment structure always
+    yields the same code object (what ``torch.compile`` caches on). Operators are
+    called as OpOverloads, which dynamo understands.
+    """
+    nm = _Namer()
+    res_names = {i: f"r{k}" for k, i in enumerate(residual_indices)}
+
+    def lit(x):
+        if isinstance(x, Res):
+            return res_names[x.index]
+        if isinstance(x, (list, tuple)):
+            inner = [lit(y) for y in x]
+            return "[" + ", ".join(inner) + "]" if isinstance(x, list) else \
+                "(" + "".join(i + ", " for i in inner) + ")"
+        return nm.lit(x)
+
+    params = [nm.var(v) for v in inputs] + [res_names[i] for i in residual_indices]
+    body = []
+    for e in eqns:
+        f = nm.glob(e.fn, "f")
+        args = [lit(a) for a in e.args] + [f"{k}={lit(v)}" for k, v in e.kwargs.items()]
+        call = f"{f}({', '.join(args)})"
+        outs = e.outs
+        if isinstance(outs, Var):
+            body.append(f"{nm.var(outs)} = {call}")
+        elif isinstance(outs, (tuple, list)) and any(isinstance(o, Var) for o in outs):
+            names = ", ".join(nm.var(o) if isinstance(o, Var) else "_" for o in outs)
+            body.append(f"{names}, = {call}" if len(outs) == 1 else f"{names} = {call}")
+        else:
+            body.append(call)
+    body.append("return (" + "".join(nm.var(o) + ", " for o in outputs) + ")")
+    src = "def seg(" + ", ".join(params) + "):\n" + "\n".join("    " + b for b in body)
+    code = _code_cache.get(src)
+    if code is None:
+        code = compile(src, "<torch_linearize segment>", "exec")
+        _code_cache[src] = code
+    glb = dict(nm.globals)
+    exec(code, glb)
+    fn = glb["seg"]
+    fn.__torch_linearize_source__ = src  # type: ignore[attr-defined]
+    return src, fn
+
+
 def interpret(prog: Program, inputs: list, impl: Callable[[Eqn], Callable] | None = None) -> tuple:
     """Run ``prog`` equation by equation (``impl(eqn)`` may substitute implementations).
 

@@ -1,0 +1,173 @@
+"""Fused execution of linear programs: ``torch.compile`` segments and CUDA graphs.
+
+``LinearMap.compile()`` splits the program at custom-Function nodes (they stay
+opaque and run eagerly) and hands each maximal run of aten operations to
+``torch.compile`` (Inductor by default), so elementwise tangent work runs fused.
+Residuals are *arguments* of the compiled segments, never constants baked into
+them, and a segment's source is canonical (program-local names): re-linearizing
+the same function at a new point with the same shapes reuses the compiled code
+without recompiling (dynamo caches compiled graphs per code object and guards on
+input metadata, not values).
+
+``LinearMap.cuda_graph()`` captures one application in a CUDA graph and replays
+it, for small problems dominated by kernel-launch overhead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._errors import LinearizeError
+from ._program import Eqn, Program, Res, Var, compile_program, segment_source
+
+__all__ = ["compile_map", "cuda_graph_map"]
+
+_lock = threading.Lock()
+_compiled: dict[tuple, Callable] = {}  # (segment source, compile options) -> compiled callable
+
+
+def _is_opaque(e: Eqn) -> bool:
+    return not isinstance(e.fn, torch._ops.OpOverload)
+
+
+def _segments(prog: Program) -> list[tuple[bool, list[Eqn]]]:
+    segs: list[tuple[bool, list[Eqn]]] = []
+    for e in prog.eqns:
+        opaque = _is_opaque(e)
+        if segs and segs[-1][0] == opaque and not opaque:
+            segs[-1][1].append(e)
+        else:
+            segs.append((opaque, [e]))
+    return segs
+
+
+class _SegmentCall:
+    """Calls a compiled segment; shows up as one operation in the driver program."""
+
+    def __init__(self, fn: Callable, n_ops: int):
+        self.fn = fn
+        self.display_name = f"compiled_segment[{n_ops} ops]"
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def compile_map(lm, **compile_kwargs: Any):
+    """A ``LinearMap`` running ``lm``'s program with fused (compiled) segments."""
+    from ._linear_map import LinearMap
+
+    prog = lm._program
+    options = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
+    kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+
+    # Which values each segment must hand on: used later, or returned.
+    later_uses: list[set[int]] = []
+    segs = _segments(prog)
+    needed_after: set[int] = {o.id for o in prog.outputs if isinstance(o, Var)}
+    for _opaque, eqns in reversed(segs):
+        later_uses.append(set(needed_after))
+        for e in eqns:
+            needed_after |= {v.id for v in e.in_vars()}
+    later_uses.reverse()
+
+    driver_eqns: list[Eqn] = []
+    for (opaque, eqns), after in zip(segs, later_uses):
+        if opaque:
+            driver_eqns.extend(eqns)
+            continue
+        defined = {v.id for e in eqns for v in e.out_vars()}
+        inputs: list[Var] = []
+        seen: set[int] = set()
+        for e in eqns:
+            for v in e.in_vars():
+                if v.id not in defined and v.id not in seen:
+                    inputs.append(v)
+                    seen.add(v.id)
+        outputs = [v for e in eqns for v in e.out_vars() if v.id in after]
+        res = sorted({r.index for e in eqns for r in e.in_res()})
+        src, fn = segment_source(eqns, inputs, outputs, res)
+        key = (src, options)
+        with _lock:
+            compiled = _compiled.get(key)
+            if compiled is None:
+                compiled = torch.compile(fn, **kwargs)
+                _compiled[key] = compiled
+        call = _SegmentCall(compiled, len(eqns))
+        args = (*inputs, *[Res(i) for i in res])
+        driver_eqns.append(Eqn(call, args, {}, tuple(outputs), name=call.display_name))
+
+    driver = Program(
+        inputs=prog.inputs, eqns=driver_eqns, outputs=prog.outputs, residuals=prog.residuals,
+        input_layouts=prog.input_layouts, mutated_inputs=prog.mutated_inputs,
+        residual_names=prog.residual_names,
+    )
+    run = compile_program(driver)
+    return LinearMap(
+        driver, run, api=lm._api, arg_name=lm._arg_name, ref_name=lm._ref_name,
+        in_spec=lm._in_spec, in_leaves=lm._in_leaves, out_spec=lm._out_spec,
+        out_leaves=lm._out_leaves, stale_watch=lm._stale_watch,
+        residual_bytes=lm.residual_bytes, external_bytes=lm.external_bytes,
+        opaque_nodes=lm._opaque_nodes, created=lm._created, source_program=prog,
+    )
+
+
+class CudaGraphMap:
+    """One application of a linear map captured in a CUDA graph and replayed.
+
+    Inputs are copied into static buffers and the captured kernels are replayed;
+    the outputs are the graph's static output buffers, cloned unless
+    ``clone_outputs=False`` (then they are overwritten by the next call). The map
+    must be CUDA-graph safe: no host synchronisation (``.item()``) and no
+    allocation-dependent control flow in custom-Function ``jvp``s.
+    """
+
+    def __init__(self, lm, clone_outputs: bool = True, warmup: int = 3):
+        self._lm = lm
+        self._clone = clone_outputs
+        self._warmup = warmup
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_in: list[torch.Tensor] = []
+        self._static_out: Any = None
+
+    def _capture(self, args: tuple) -> None:
+        flat = self._lm._flatten(args)
+        if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in flat if t is not None):
+            raise LinearizeError(
+                "cuda_graph(): every tangent must be a CUDA tensor (CUDA graphs need a GPU)."
+            )
+        self._static_in = [t.detach().clone() if t is not None else None for t in flat]
+        spec = self._lm._in_spec
+        static_args = torch.utils._pytree.tree_unflatten(self._static_in, spec)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self._warmup):
+                self._lm(*static_args)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_out = self._lm(*static_args)
+        self._graph = graph
+
+    def __call__(self, *args: Any) -> Any:
+        if self._graph is None:
+            self._capture(args)
+        flat = self._lm._flatten(args)
+        for dst, src in zip(self._static_in, flat):
+            if dst is not None:
+                dst.copy_(src, non_blocking=True)
+        self._graph.replay()
+        if not self._clone:
+            return self._static_out
+        return torch.utils._pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self._static_out)
+
+
+def cuda_graph_map(lm, clone_outputs: bool = True) -> CudaGraphMap:
+    if not torch.cuda.is_available():
+        raise LinearizeError("cuda_graph(): CUDA is not available on this machine.")
+    return CudaGraphMap(lm, clone_outputs)

@@ -1,0 +1,98 @@
+"""Tests for ``torch_linearize/_compile.py``: compiled (fused) programs and CUDA graphs."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import custom_functions as cf
+import torch_linearize as tl
+
+D = torch.float64
+
+
+def chain(x):
+    return torch.sin(torch.exp(torch.tanh(x))) * x.roll(1) + x.cumsum(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+
+
+def test_compiled_map_matches_and_reuses_compiled_code_across_points():
+    x1, x2 = torch.randn(64, dtype=D), torch.randn(64, dtype=D)
+    t = torch.randn(64, dtype=D)
+    _, jvp1 = tl.linearize(chain, x1)
+    c1 = jvp1.compile(backend="aot_eager")
+    assert c1.is_compiled and not jvp1.is_compiled
+    torch.testing.assert_close(c1(t), torch.func.jvp(chain, (x1,), (t,))[1])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    # A new linearization point with the same shapes: residuals are arguments, so the
+    # compiled code is reused (no new graph), and results follow the new point.
+    _, jvp2 = tl.linearize(chain, x2)
+    c2 = jvp2.compile(backend="aot_eager")
+    torch.testing.assert_close(c2(t), torch.func.jvp(chain, (x2,), (t,))[1])
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_custom_function_nodes_stay_opaque_between_compiled_segments():
+    cf.reset()
+    x = torch.randn(5, dtype=D)
+
+    def f(x):
+        return cf.NumpyCube.apply(x.sin() * 2).exp() + x
+
+    _, jvp_fn = tl.linearize(f, x)
+    compiled = jvp_fn.compile(backend="aot_eager")
+    names = [e.name for e in compiled._driver.eqns]
+    assert "NumpyCube.jvp" in names and any(n.startswith("compiled_segment") for n in names)
+    t = torch.randn(5, dtype=D)
+    torch.testing.assert_close(compiled(t), jvp_fn(t))
+    assert cf.CALLS["NumpyCube.forward"] == 1 and cf.CALLS["NumpyCube.jvp"] == 2
+
+
+def test_compiled_map_keeps_transpose_memory_and_validation():
+    x = torch.randn(6, dtype=D)
+    _, jvp_fn = tl.linearize(chain, x)
+    compiled = jvp_fn.compile(backend="aot_eager")
+    assert compiled.residual_bytes == jvp_fn.residual_bytes
+    u = torch.randn(6, dtype=D)
+    torch.testing.assert_close(compiled.transpose()(u), torch.func.vjp(chain, x)[1](u))
+    with pytest.raises(ValueError, match=r"tangents\[0\] has shape \(5,\)"):
+        compiled(torch.randn(5, dtype=D))
+    jvp_fn.release()
+    with pytest.raises(tl.ReleasedError):
+        jvp_fn.compile()
+
+
+def test_inductor_fuses_the_elementwise_program():
+    # The real thing, once: Inductor generates one fused kernel for the pointwise program.
+    x = torch.randn(4096)
+    f = lambda x: torch.atan(torch.erf(torch.sigmoid(torch.cos(x)))) * x.flip(0)  # noqa: E731
+    _, jvp_fn = tl.linearize(f, x)
+    compiled = jvp_fn.compile()
+    t = torch.randn(4096)
+    torch.testing.assert_close(compiled(t), torch.func.jvp(f, (x,), (t,))[1], rtol=1e-5, atol=1e-6)
+    assert counters["inductor"]["pattern_matcher_count"] >= 0  # Inductor ran
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_cuda_graph_requires_cuda():
+    _, jvp_fn = tl.linearize(torch.sin, torch.randn(3))
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available; see test_cuda_graph_replays_on_gpu")
+    with pytest.raises(tl.LinearizeError, match="CUDA is not available"):
+        jvp_fn.cuda_graph()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_on_gpu():
+    x = torch.randn(1000, device="cuda")
+    _, jvp_fn = tl.linearize(chain, x)
+    graphed = jvp_fn.cuda_graph()
+    for _ in range(3):
+        t = torch.randn(1000, device="cuda")
+        torch.testing.assert_close(graphed(t), jvp_fn(t))
