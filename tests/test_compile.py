@@ -71,7 +71,7 @@ def test_compiled_map_keeps_transpose_memory_and_validation():
 def test_inductor_fuses_the_elementwise_program():
     # The real thing, once: Inductor generates one fused kernel for the pointwise program.
     x = torch.randn(4096)
-    f = lambda x: torch.atan(torch.erf(torch.sigmoid(torch.cos(x)))) * x.flip(0)  # noqa: E731
+    f = lambda x: torch.atan(torch.erf(torch.sigmoid(torch.cos(x)))) * x.flip(0)
     _, jvp_fn = tl.linearize(f, x)
     compiled = jvp_fn.compile()
     t = torch.randn(4096)

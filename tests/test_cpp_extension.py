@@ -142,7 +142,7 @@ def test_linearize_runs_forward_once_and_jvp_per_application(ext, CppCube):
 def test_linearize_matches_eager_forward_ad(CppCube):
     # Eager dual tensors own real memory, so eager forward AD can run the kernels too.
     x, t = torch.randn(6, dtype=D), torch.randn(6, dtype=D)
-    f = lambda x: CppCube.apply(x * 2).exp()  # noqa: E731
+    f = lambda x: CppCube.apply(x * 2).exp()
     ry, rt = eager_jvp(f, (x,), (t,))
     y, jvp_fn = tl.linearize(f, x)
     torch.testing.assert_close(y, ry)

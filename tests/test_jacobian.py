@@ -11,14 +11,14 @@ D = torch.float64
 
 def test_single_input_single_output():
     x = torch.randn(3, 4, dtype=D)
-    f = lambda x: torch.tanh(x @ x.T).cumsum(0)  # noqa: E731
+    f = lambda x: torch.tanh(x @ x.T).cumsum(0)
     _, jvp_fn = tl.linearize(f, x)
     torch.testing.assert_close(jvp_fn.jacobian(), torch.func.jacfwd(f)(x))
 
 
 def test_multiple_inputs_and_pytree_output_layout():
     x, w = torch.randn(3, 2, dtype=D), torch.randn(2, dtype=D)
-    f = lambda x, w: {"a": (x @ w).sin(), "b": x.sum() * w}  # noqa: E731
+    f = lambda x, w: {"a": (x @ w).sin(), "b": x.sum() * w}
     _, jvp_fn = tl.linearize(f, x, w)
     got = jvp_fn.jacobian()
     want = torch.func.jacfwd(f, argnums=(0, 1))(x, w)
@@ -29,7 +29,7 @@ def test_multiple_inputs_and_pytree_output_layout():
 
 def test_dict_input():
     p = {"a": torch.randn(2, dtype=D), "b": torch.randn(3, dtype=D)}
-    f = lambda p: p["a"].outer(p["b"]).exp()  # noqa: E731
+    f = lambda p: p["a"].outer(p["b"]).exp()
     _, jvp_fn = tl.linearize(f, p)
     torch.testing.assert_close(jvp_fn.jacobian(), torch.func.jacfwd(f)(p))
 
@@ -52,7 +52,7 @@ def test_custom_function_jacobian_batched_through_the_loop():
 
 def test_jacobian_of_transpose_is_the_transposed_jacobian():
     x = torch.randn(3, dtype=D)
-    f = lambda x: torch.stack([x.prod(), x.sum(), (x**2).sum(), x[0]])  # noqa: E731
+    f = lambda x: torch.stack([x.prod(), x.sum(), (x**2).sum(), x[0]])
     _, jvp_fn = tl.linearize(f, x)
     jac_t = jvp_fn.transpose().jacobian()  # tuple over primals, shape in + out
     torch.testing.assert_close(jac_t[0], torch.func.jacrev(f)(x).T)

@@ -28,7 +28,7 @@ def _check(f, *primals, n=2):
 
 def test_elementwise_chain_folds_into_one_multiplication():
     x = torch.randn(50, dtype=D)
-    f = lambda x: torch.atan(torch.erf(torch.log1p(torch.sigmoid(torch.cos(torch.tanh(torch.exp(torch.sin(x))))))))  # noqa: E731
+    f = lambda x: torch.atan(torch.erf(torch.log1p(torch.sigmoid(torch.cos(torch.tanh(torch.exp(torch.sin(x))))))))
     jvp_fn = _check(f, x)
     assert jvp_fn.num_ops == 1
     t = torch.randn(50, dtype=D)
@@ -119,7 +119,7 @@ def test_accuracy_guard_keeps_cancelling_sums_unfolded():
 
 def test_passes_preserve_transpose_and_vmap():
     x = torch.randn(6, dtype=D)
-    f = lambda x: torch.tanh(x).exp() * 3 - x.sin()  # noqa: E731
+    f = lambda x: torch.tanh(x).exp() * 3 - x.sin()
     _, jvp_fn = tl.linearize(f, x)
     u = torch.randn(6, dtype=D)
     torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(f, x)[1](u)[0])
@@ -189,7 +189,7 @@ def test_random_programs_match_func_jvp_vjp_and_vmap(f, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
 def test_folding_other_dtypes(dtype):
     x = torch.randn(30, dtype=dtype)
-    f = lambda x: torch.exp(torch.sin(x)) * 2 - x.tanh()  # noqa: E731
+    f = lambda x: torch.exp(torch.sin(x)) * 2 - x.tanh()
     y, jvp_fn = tl.linearize(f, x)
     t = torch.randn(30, dtype=dtype)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}

@@ -64,7 +64,7 @@ def test_exp_keeps_exactly_its_output_without_a_clone():
 
 def test_captured_pre_existing_tensor_is_external_and_not_cloned():
     x, w = torch.randn(5, 7, dtype=D), torch.randn(5, 7, dtype=D)
-    f = lambda x: x * w  # noqa: E731
+    f = lambda x: x * w
     _, jvp_fn = tl.linearize(f, x)
     assert jvp_fn.residual_bytes == 0
     assert jvp_fn.external_bytes == nbytes(w)
@@ -136,7 +136,7 @@ def test_two_residual_views_of_one_storage_are_counted_once(no_simplify):
 
 def test_views_of_a_primal_count_its_storage_once():
     x = torch.randn(8, dtype=D)
-    f = lambda x: x[::2] * x[1::2]  # noqa: E731
+    f = lambda x: x[::2] * x[1::2]
     _, jvp_fn = tl.linearize(f, x)
     assert len(jvp_fn._program.residuals) == 2
     assert jvp_fn.residual_bytes == 0 and jvp_fn.external_bytes == nbytes(x)
@@ -152,7 +152,7 @@ def test_primal_view_keeps_its_whole_storage_alive_and_says_so():
 
 def test_distinct_intermediates_add_up():
     x = torch.randn(6, 5, dtype=D)
-    f = lambda x: x.sin().sin()  # noqa: E731  # cos(x) and cos(sin(x))
+    f = lambda x: x.sin().sin()  # cos(x) and cos(sin(x))
     _, jvp_fn = tl.linearize(f, x)
     assert jvp_fn.residual_bytes == 2 * nbytes(x)
     assert jvp_fn.external_bytes == 0

@@ -167,7 +167,7 @@ def test_reverse_mode_through_the_linear_map_is_its_transpose():
 
 def test_vmap_over_transpose():
     x = torch.randn(3, 4, dtype=D)
-    f = lambda x: torch.tanh(x @ x.T).sum(0)  # noqa: E731
+    f = lambda x: torch.tanh(x @ x.T).sum(0)
     _, jvp_fn = tl.linearize(f, x)
     us = torch.randn(6, 3, dtype=D)
     got = torch.vmap(jvp_fn.transpose())(us)[0]
@@ -264,7 +264,7 @@ def test_in_place_update_of_a_fresh_buffer_survives_simplification():
     # stay in the program whatever the (uninitialized) buffer contained.
     torch.manual_seed(0)
     a = torch.randn(5, 2, dtype=D)
-    f = lambda a: torch.linalg.qr(a)  # noqa: E731
+    f = lambda a: torch.linalg.qr(a)
     _, ref = torch.func.vjp(f, a)
     for _ in range(10):
         y, jvp_fn = tl.linearize(f, a)
