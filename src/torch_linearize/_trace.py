@@ -119,9 +119,28 @@ def _op_info(func) -> _OpInfo:
     return info
 
 
-# Forward AD's "efficient zero" tensors are *structural* zeros (0 * nan = 0), so they
-# are passed through untouched, except to kernels that crash on them.
-_ZEROTENSOR_CRASHES = {aten.mul.Scalar, aten.div.Scalar}
+# Forward AD's "efficient zero" tensors are *structural* zeros (0 * nan = 0). PyTorch
+# implements their arithmetic with Python meta code (dozens of dispatches per op) and
+# some kernels even crash on them under a dispatch mode (mul.Scalar segfaults in 2.13).
+# So the tracer evaluates operations on them itself:
+# * operations whose result is zero when the zero argument is zero (products): a new
+#   structural zero of the result's shape and dtype (computed on the meta device);
+# * anything else (sums, copies, ...): the zero is replaced by an expanded 0-d zero (no
+#   memory) and the operation runs normally; the ``x + 0`` this leaves in the program
+#   is removed by the passes.
+_ZERO_PRODUCTS = {
+    aten.mul.Tensor: (0, 1), aten.mul.Scalar: (0,), aten.div.Tensor: (0,),
+    aten.div.Scalar: (0,), aten.mm.default: (0, 1), aten.mv.default: (0, 1),
+    aten.bmm.default: (0, 1), aten.matmul.default: (0, 1), aten.dot.default: (0, 1),
+    aten.outer.default: (0, 1), aten.neg.default: (0,), aten.sum.default: (0,),
+    aten.sum.dim_IntList: (0,), aten.mean.dim: (0,), aten.cumsum.default: (0,),
+    aten.conj_physical.default: (0,), aten._conj.default: (0,), aten.clone.default: (0,),
+    aten.expand.default: (0,), aten.view.default: (0,), aten._unsafe_view.default: (0,),
+    aten.reshape.default: (0,), aten.permute.default: (0,), aten.t.default: (0,),
+    aten.transpose.int: (0,), aten.squeeze.dim: (0,), aten.unsqueeze.default: (0,),
+    aten.squeeze.default: (0,), aten.squeeze.dims: (0,), aten.sub.Tensor: (),
+    aten.add.Tensor: (),
+}
 
 
 def _tensor_args(args, kwargs):
@@ -130,6 +149,52 @@ def _tensor_args(args, kwargs):
             yield a
         elif isinstance(a, (list, tuple)):
             yield from (b for b in a if isinstance(b, torch.Tensor))
+
+
+_ZERO_ATTR = "_torch_linearize_structural_zero"
+
+
+def _structural_zero(size, dtype=None, layout=None, device=None, pin_memory=None):
+    """Stands in for forward AD's ``_efficientzerotensor``: a zero that costs no memory
+    (an expanded 0-d tensor), marked so that products with it stay exact zeros."""
+    z = torch.zeros((), dtype=dtype, device=device).expand(tuple(size))
+    z.__dict__[_ZERO_ATTR] = True
+    return z
+
+
+def _is_zero(a) -> bool:
+    return isinstance(a, torch.Tensor) and (a._is_zerotensor() or _ZERO_ATTR in a.__dict__)
+
+
+def _has_zero(args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if _is_zero(a):
+                return True
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if _is_zero(b):
+                    return True
+    return False
+
+
+def _plain_zero(a):
+    """A structural zero as an ordinary zero operand (for sums, copies, ...)."""
+    if isinstance(a, torch.Tensor) and a._is_zerotensor():
+        return torch.zeros((), dtype=a.dtype, device=a.device).expand(a.shape)
+    if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in a):
+        return type(a)(_plain_zero(b) for b in a)
+    return a
+
+
+def _to_meta(a):
+    if isinstance(a, torch.Tensor):
+        return torch.empty_strided(a.shape, a.stride() if not a._is_zerotensor() else
+                                   torch.empty(a.shape, device="meta").stride(),
+                                   dtype=a.dtype, device="meta")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_to_meta(b) for b in a)
+    return a
 
 
 _local = threading.local()
@@ -337,13 +402,18 @@ class Tracer(TorchDispatchMode):
         info = _op_info(func)
         if not info.returns_tensor and func not in _DATA_READS:
             return func(*args, **kwargs)  # metadata query: no tensor data is read
-        if func in _ZEROTENSOR_CRASHES and args and isinstance(args[0], torch.Tensor) \
-                and args[0]._is_zerotensor():
-            # Forward AD's storage-less "efficient zeros" crash this kernel under a Python
-            # dispatch mode (segfault in torch 2.13); a zero times a scalar is a zero.
-            z = args[0]
-            return torch._efficientzerotensor(z.shape, dtype=torch.result_type(z, args[1]),
-                                              device=z.device)
+        if func is aten._efficientzerotensor.default:
+            return _structural_zero(*args, **kwargs)
+        if info.write_args:
+            for t in self._written(args, kwargs, info):
+                if _ZERO_ATTR in t.__dict__:  # about to be written: give it real memory
+                    del t.__dict__[_ZERO_ATTR]
+                    t.set_(torch.zeros(t.shape, dtype=t.dtype, device=t.device))
+        if _has_zero(args):
+            zero = self._zero_tensor_op(func, args, kwargs)
+            if zero is not None:
+                return zero
+            args = tuple(_plain_zero(a) for a in args)
         if info.name in _VALUE_INDEPENDENT:
             out = func(*args, **kwargs)
             self.note_created(out)
@@ -398,6 +468,25 @@ class Tracer(TorchDispatchMode):
                         "torch_linearize.register_jvp(op, jvp, setup_context=...), or wrap the "
                         "call in a custom torch.autograd.Function with a jvp staticmethod."
                     )
+
+    def _zero_tensor_op(self, func, args, kwargs):
+        """The structural-zero result of ``func`` on efficient zeros, or None (see above)."""
+        pos = _ZERO_PRODUCTS.get(func)
+        if pos is None:
+            return None
+        zeros = [i for i, a in enumerate(args) if _is_zero(a)]
+        if func in (aten.add.Tensor, aten.sub.Tensor):
+            if len(zeros) != 2:
+                return None  # zero + x is x: run it (with an expanded zero)
+        elif not any(i in pos for i in zeros):
+            return None  # e.g. x / 0
+        try:
+            meta = func(*[_to_meta(a) for a in args], **{k: _to_meta(v) for k, v in kwargs.items()})
+        except Exception:
+            return None
+        if not isinstance(meta, torch.Tensor):
+            return None
+        return _structural_zero(meta.shape, dtype=meta.dtype, device=args[zeros[0]].device)
 
     @staticmethod
     def _written(args, kwargs, info: _OpInfo) -> list[torch.Tensor]:
