@@ -310,17 +310,29 @@ def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
     """
     if len(terms) == 1 and not _has_additive(producer, vid):
         return True  # a pure product: a few roundings, no cancellation
+    # The region is elementwise: probing a random subset of positions suffices.
+    shape = next(iter(bases[b] for b in bset)).shape
+    numel = 1
+    for d in shape:
+        numel *= d
     gen = torch.Generator().manual_seed(0)
+    k = min(numel, 1024)
+    device = next(iter(bases[b] for b in bset)).device
+    idx = (torch.randint(numel, (k,), generator=gen) if numel > k else torch.arange(numel)).to(device)
     vals = {}
     for bid in bset:
         b = bases[bid]
-        x = torch.randn(b.shape, generator=gen, dtype=torch.float64)
-        vals[bid] = x.to(b.dtype).to(b.device) if not b.dtype.is_complex else \
-            torch.complex(x, x.flip(-1) if x.dim() else x).to(b.dtype).to(b.device)
-    traced = _region_eval(prog, producer, vid, vals)
+        x = torch.randn(k, generator=gen, dtype=torch.float64)
+        vals[bid] = x.to(b.dtype).to(device) if not b.dtype.is_complex else \
+            torch.complex(x, x.flip(0)).to(b.dtype).to(device)
+
+    def gather(r: torch.Tensor) -> torch.Tensor:
+        return r.expand(shape).reshape(-1)[idx] if r.dim() or shape else r.reshape(-1)[idx]
+
+    traced = _region_eval(prog, producer, vid, vals, gather)
     if traced is None:
         return False
-    folded = sum(c * (vals[b.id].conj() if par else vals[b.id]) for b, c, par in terms)
+    folded = sum(gather(c) * (vals[b.id].conj() if par else vals[b.id]) for b, c, par in terms)
     scale = float(traced.abs().max()) if traced.numel() else 0.0
     if not torch.isfinite(traced).all() or scale == 0.0:
         return bool(torch.equal(torch.isfinite(traced), torch.isfinite(folded)))
@@ -342,7 +354,8 @@ def _has_additive(producer, vid) -> bool:
     return False
 
 
-def _region_eval(prog, producer, vid, base_values: dict[int, torch.Tensor]):
+def _region_eval(prog, producer, vid, base_values: dict[int, torch.Tensor], gather):
+    """Evaluate a region on (flat, subsampled) base values; residuals go through ``gather``."""
     cache: dict[int, torch.Tensor] = {}
 
     def value(v: Var):
@@ -352,7 +365,8 @@ def _region_eval(prog, producer, vid, base_values: dict[int, torch.Tensor]):
                 cache[v.id] = base_values[v.id]
             else:
                 args = [value(a) if isinstance(a, Var) else
-                        prog.residuals[a.index] if isinstance(a, Res) else a for a in e.args]
+                        gather(prog.residuals[a.index]) if isinstance(a, Res) else a
+                        for a in e.args]
                 cache[v.id] = e.fn(*args, **e.kwargs)
         return cache[v.id]
 
@@ -363,19 +377,35 @@ def _region_eval(prog, producer, vid, base_values: dict[int, torch.Tensor]):
         return None
 
 
+def _constant_value(c: torch.Tensor):
+    """The single value of a tensor whose elements are all equal, else None (one pass)."""
+    if c.numel() == 0:
+        return None
+    if c.is_complex():
+        re, im = _constant_value(c.real), _constant_value(c.imag)
+        return None if re is None or im is None else complex(re, im)
+    if c.dtype == torch.bool:
+        c = c.to(torch.uint8)
+    lo, hi = torch.aminmax(c)
+    if bool(lo != hi) or not bool(torch.isfinite(lo)) if c.is_floating_point() else bool(lo != hi):
+        return None
+    return lo.item()
+
+
 def _plan_terms(terms):
     """Order terms (unit coefficients first) and classify each coefficient."""
     plan = []
     for b, c, par in terms:
         b = (b, par)
-        if c.numel() == 0:
+        value = _constant_value(c)
+        if value is None:
             kind, coef = "scaled", c
-        elif bool((c == 1).all()):
+        elif value == 1:
             kind, coef = "unit", None
-        elif bool((c == c.reshape(-1)[0]).all()) and c.dtype.is_floating_point:
-            kind, coef = "scalar", c.reshape(-1)[0].item()
-        elif bool((c == 0).all()):
+        elif value == 0:
             continue
+        elif c.is_floating_point():
+            kind, coef = "scalar", float(value)
         else:
             kind, coef = "scaled", c
         plan.append((b, kind, coef))
