@@ -1,8 +1,8 @@
-"""GPU check and benchmark: Triton custom ops with ``register_jvp``, and K=16 tangents.
+"""GPU check and benchmark: Triton custom ops with ``register_jvp``, K=16 tangents, CUDA graphs.
 
 Usage::
 
-    python benchmarks/gpu.py                 # on a CUDA machine (about 1-2 minutes on an H100)
+    python benchmarks/gpu.py                 # on a CUDA machine (about 2-3 minutes on an H100)
     python benchmarks/gpu.py --cpu-smoke     # tiny CPU version of every section but Triton
     TRITON_INTERPRET=1 python benchmarks/gpu.py --cpu-smoke   # ... and Triton, interpreted
 
@@ -21,13 +21,27 @@ tangents with the wrapped kernel), the transpose.
 
 Section B (benchmark). K=16 sequential tangents at one point for an elementwise
 chain (64M float32), an MLP (4 layers, 4096x4096 weights) and the Triton op:
-``torch_linearize.linearize`` + K applications vs ``torch.func.jvp`` x K vs eager
-``forward_ad`` x K vs ``torch.func.linearize`` + K vs a hand-written floor (JVP on
-precomputed residuals). Times are CUDA-event medians over interleaved rounds
-(host ``perf_counter`` on CPU).
+``torch_linearize.linearize`` + K applications (eager, ``jvp_fn.compile()`` and
+``jvp_fn.cuda_graph()``) vs ``torch.func.jvp`` x K vs eager ``forward_ad`` x K vs
+``torch.func.linearize`` + K vs a hand-written floor (JVP on precomputed
+residuals). Times are CUDA-event medians over interleaved rounds (host
+``perf_counter`` on CPU).
+
+Section C (small problems, CUDA graphs). The forum example written with tensor
+ops (four 0-d tensors) and a 1000-element elementwise chain: per-application
+time of the plain linear map, ``compile()``, ``cuda_graph()`` replay (with and
+without output clone, and the bare ``graph.replay()``) against one bare kernel
+launch (``torch.mul`` of two 1000-element tensors).
+
+Section D (targets of the issue "Performance: linear programs at the hand-written
+floor", GPU): elementwise-chain apply <= 1.2x the bandwidth floor (one fused
+multiply reading tangent and residual and writing the output, at the bandwidth
+measured with a large device copy); MLP apply <= 1.05x the primal's matmul time;
+small-problem apply with CUDA graphs <= 2x a bare kernel launch.
 
 Every check and every method runs in its own try/except: failures are reported
-in the results file, never abort the run.
+in the results file, never abort the run. Rows that need CUDA say "n/a (no CUDA)"
+in a CPU run.
 """
 
 from __future__ import annotations
@@ -60,7 +74,8 @@ import torch.nn.functional as F  # noqa: E402
 import torch_linearize as tl  # noqa: E402
 
 K = 16
-TIME_BUDGET_S = 240.0  # no new section starts after this (the whole run must stay < 5 min)
+TIME_BUDGET_S = 200.0  # no new section-B workload starts after this (whole run < 5 min)
+SMALL_BUDGET_S = 260.0  # section C is skipped after this
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -293,6 +308,8 @@ class Workload:
     floor_setup: Callable[[], Any]
     floor_apply: Callable[[Any, torch.Tensor], torch.Tensor]
     tol: float = 1e-4
+    # reference operations timed after the methods (name -> fn), e.g. the primal's matmuls
+    refs: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
 
 def make_elementwise(device: str, n: int) -> Workload:
@@ -345,8 +362,17 @@ def make_mlp(device: str, width: int, batch: int) -> Workload:
     def ref():
         return mlp([W.double() for W in Ws], [b.double() for b in bs]), x.double()
 
+    with torch.no_grad():  # the primal's layer inputs, for timing its matmuls alone
+        acts = [x]
+        for W, b in zip(Ws[:-1], bs[:-1]):
+            acts.append(torch.tanh(F.linear(acts[-1], W, b)))
+
+    def primal_matmuls():
+        return [torch.mm(a, W.t()) for a, W in zip(acts, Ws)]
+
     return Workload("mlp", f"MLP 4x tanh(x W^T + b), W {width}x{width}, x {batch}x{width}", f, x,
-                    ref, floor_setup, floor_apply, tol=1e-3)
+                    ref, floor_setup, floor_apply, tol=1e-3,
+                    refs={PRIMAL_MM: primal_matmuls})
 
 
 def make_triton(device: str, n: int, tk: Any) -> Workload:
@@ -374,6 +400,7 @@ class Method:
     setup: Callable[[Workload], Any] | None
     apply: Callable[[Workload, Any, torch.Tensor], torch.Tensor]
     batched: bool = False  # one call with all K tangents stacked
+    cuda_only: bool = False  # "n/a (no CUDA)" on a CPU run
 
 
 def _fwad(wl: Workload, _: Any, t: torch.Tensor) -> torch.Tensor:
@@ -382,10 +409,19 @@ def _fwad(wl: Workload, _: Any, t: torch.Tensor) -> torch.Tensor:
 
 
 FLOOR = "floor (hand-written)"
+TL = "torch_linearize.linearize"
+TL_COMPILE = "linearize + compile"
+TL_GRAPH = "linearize + cuda_graph"
+PRIMAL_MM = "primal matmuls (4 x a @ W^T)"
+NO_CUDA = "n/a (no CUDA)"
 METHODS = [
     Method(FLOOR, lambda wl: wl.floor_setup(), lambda wl, s, t: wl.floor_apply(s, t)),
-    Method("torch_linearize.linearize", lambda wl: tl.linearize(wl.f, wl.x)[1],
-           lambda wl, s, t: s(t)),
+    Method(TL, lambda wl: tl.linearize(wl.f, wl.x)[1], lambda wl, s, t: s(t)),
+    # compiles in the warm-up round; later rounds reuse the compiled code (no recompile)
+    Method(TL_COMPILE, lambda wl: tl.linearize(wl.f, wl.x)[1].compile(), lambda wl, s, t: s(t)),
+    # captures at the first application of every round (3 warm-up runs + capture)
+    Method(TL_GRAPH, lambda wl: tl.linearize(wl.f, wl.x)[1].cuda_graph(), lambda wl, s, t: s(t),
+           cuda_only=True),
     Method("torch.func.linearize", lambda wl: torch.func.linearize(wl.f, wl.x)[1],
            lambda wl, s, t: s(t)),
     Method("torch.func.jvp", None, lambda wl, s, t: torch.func.jvp(wl.f, (wl.x,), (t,))[1]),
@@ -402,6 +438,8 @@ class Result:
     total: list[float] = field(default_factory=list)
     err: float | None = None
     failed: str = ""
+    skipped: str = ""  # not applicable here (CUDA-only row on CPU)
+    first_total: float | None = None  # the warm-up round: compilation, capture, caches
 
 
 def run_once(m: Method, wl: Workload, T: torch.Tensor, clock: Clock) -> tuple[float, list, float,
@@ -434,11 +472,14 @@ def bench_workload(wl: Workload, reps: int, clock: Clock, device: str) -> dict[s
     want = torch.func.jvp(f64, (x64,), (T[0].double(),))[1]
     del f64, x64
     results = {m.name: Result() for m in METHODS}
+    for m in METHODS:
+        if m.cuda_only and device != "cuda":
+            results[m.name].skipped = NO_CUDA
     for r in range(reps + 1):  # round 0: warm-up (caches, Triton compilation), not recorded
         order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
         for m in order:
             res = results[m.name]
-            if res.failed:
+            if res.failed or res.skipped:
                 continue
             try:
                 setup, apply, total, first = run_once(m, wl, T, clock)
@@ -450,6 +491,7 @@ def bench_workload(wl: Workload, reps: int, clock: Clock, device: str) -> dict[s
                 continue
             if r == 0:
                 res.err = rel_err(first, want)
+                res.first_total = total
             else:
                 res.setup.append(setup)
                 res.apply.extend(apply)
@@ -468,16 +510,19 @@ def bench_table(rep: Report, wl: Workload, results: dict[str, Result]) -> None:
     floor = results[FLOOR]
     floor_total = statistics.median(floor.total) if floor.total else float("nan")
     rep.add("", f"### `{wl.key}`: {wl.title}", "",
-            "| method | setup ms | apply ms | K=16 total ms | total / floor | rel. error vs "
-            "float64 |",
-            "| --- | ---: | ---: | ---: | ---: | --- |")
+            "| method | setup ms | apply ms | K=16 total ms | total / floor | 1st round ms | "
+            "rel. error vs float64 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for m in METHODS:
         r = results[m.name]
+        if r.skipped:
+            rep.add(f"| {m.name} | - | - | - | - | - | {r.skipped} |")
+            continue
         if r.failed:
-            rep.add(f"| {m.name} | - | - | - | - | **failed**: {r.failed} |")
+            rep.add(f"| {m.name} | - | - | - | - | - | **failed**: {r.failed} |")
             continue
         if not r.total:
-            rep.add(f"| {m.name} | - | - | - | - | no timed rounds |")
+            rep.add(f"| {m.name} | - | - | - | - | - | no timed rounds |")
             continue
         setup = statistics.median(r.setup) if m.setup is not None else 0.0
         apply = statistics.median(r.apply)
@@ -485,12 +530,40 @@ def bench_table(rep: Report, wl: Workload, results: dict[str, Result]) -> None:
         err = "n/a" if r.err is None else f"{r.err:.1e}"
         if r.err is not None and not r.err < wl.tol:
             err += " **above tolerance**"
+        first = fmt(r.first_total) if r.first_total is not None else "n/a"
         rep.add(f"| {m.name} | {fmt(setup)} | {fmt(apply)} | {fmt(total)} | "
-                f"{total / floor_total:.2f}x | {err} |")
+                f"{total / floor_total:.2f}x | {first} | {err} |")
 
 
-def benchmark(rep: Report, device: str, smoke: bool, reps: int, start: float) -> None:
+def median_ms(fn: Callable[[], Any], clock: Clock, reps: int) -> float:
+    """Median over ``reps`` individually timed calls of ``fn`` (after one warm-up call),
+    each started on an idle device."""
+    fn()
+    times = []
+    for _ in range(reps):
+        clock.sync()
+        a = clock.mark()
+        fn()
+        b = clock.mark()
+        clock.sync()
+        times.append(clock.ms(a, b))
+    return statistics.median(times)
+
+
+@dataclass
+class BenchSummary:
+    """What section D needs from one section-B workload."""
+
+    results: dict[str, Result]
+    numel: int
+    element_size: int
+    refs: dict[str, float] = field(default_factory=dict)  # reference timings (ms)
+
+
+def benchmark(rep: Report, device: str, smoke: bool, reps: int,
+              start: float) -> dict[str, BenchSummary]:
     clock = Clock(device == "cuda")
+    summary: dict[str, BenchSummary] = {}
     rep.add("", f"## B. K={K} sequential tangents at one point", "",
             f"Each round runs every method once, interleaved (order rotated each round): setup "
             f"(if any) then {K} tangents one after another (all but the batched row). `setup`, "
@@ -500,7 +573,13 @@ def benchmark(rep: Report, device: str, smoke: bool, reps: int, start: float) ->
             + ("CUDA events." if device == "cuda" else "host perf_counter (CPU smoke run).")
             + " `floor`: a hand-written JVP on precomputed residuals. The error column compares "
             "the first tangent's result with `torch.func.jvp` of the same function in float64 "
-            "(tolerance 1e-4, MLP 1e-3; a miss is flagged in bold).")
+            "(tolerance 1e-4, MLP 1e-3; a miss is flagged in bold). `linearize + compile`: "
+            "`jvp_fn.compile()` (Inductor); it compiles in the warm-up round and later rounds "
+            "reuse the compiled code. `linearize + cuda_graph`: `jvp_fn.cuda_graph()`, captured "
+            "at the first application of every round (3 warm-up runs + capture, inside `apply`'s "
+            "first sample and the total); each call copies the tangent into the static input "
+            "and clones the output. `1st round ms`: the warm-up round's total (Inductor / "
+            "Triton compilation, capture, caches).")
     tk, why = load_triton_kernels(device)
     if smoke:
         makers = [lambda: make_elementwise(device, 1 << 12), lambda: make_mlp(device, 64, 32)]
@@ -523,6 +602,14 @@ def benchmark(rep: Report, device: str, smoke: bool, reps: int, start: float) ->
             wl = make()
             results = bench_workload(wl, reps, clock, device)
             bench_table(rep, wl, results)
+            refs = {}
+            for name, fn in wl.refs.items():
+                try:
+                    refs[name] = median_ms(fn, clock, reps)
+                    rep.add("", f"Reference: {name}: {fmt(refs[name])} ms (median of {reps}).")
+                except Exception as e:
+                    rep.add("", f"Reference: {name}: **ERROR** {short_error(e)}")
+            summary[wl.key] = BenchSummary(results, wl.x.numel(), wl.x.element_size(), refs)
             rep.add("", f"({time.perf_counter() - t0:.1f} s)")
         except Exception as e:
             name = wl.key if wl is not None else "workload"
@@ -533,6 +620,240 @@ def benchmark(rep: Report, device: str, smoke: bool, reps: int, start: float) ->
             if device == "cuda":
                 torch.cuda.empty_cache()
         rep.flush()
+    return summary
+
+
+# --------------------------------------------------------------------------- section C
+SMALL_N = 1000
+BARE = "bare kernel launch: torch.mul(a, b), 1000 elements"
+S_PLAIN = "linearize (plain)"
+S_COMPILE = "linearize + compile"
+S_GRAPH = "linearize + cuda_graph"
+S_GRAPH_NOCLONE = "linearize + cuda_graph(clone_outputs=False)"
+S_REPLAY = "graph.replay() alone (no input copy, no output clone)"
+S_FUNC_JVP = "torch.func.jvp (for scale)"
+
+
+def small_problems(device: str) -> list[tuple[str, Callable, tuple, tuple]]:
+    """(title, f, primals, tangents) of the small functions."""
+    g = torch.Generator().manual_seed(4)
+
+    def forum(x, a, b, c):  # the forum's Test Function, written with tensor ops
+        return a * x**2 + b * x + c
+
+    def chain(x):
+        x = torch.sin(x)
+        x = torch.exp(x)
+        x = torch.tanh(x)
+        x = torch.cos(x)
+        x = torch.sigmoid(x)
+        x = torch.log1p(x)
+        x = torch.erf(x)
+        return torch.atan(x)
+
+    forum_p = tuple(torch.tensor(v, device=device) for v in (2.0, 3.0, 4.0, 5.0))
+    forum_t = tuple(torch.randn((), generator=g).to(device) for _ in range(4))
+    x = torch.randn(SMALL_N, generator=g).to(device)
+    t = torch.randn(SMALL_N, generator=g).to(device)
+    return [
+        ("forum example with tensor ops, `a x^2 + b x + c` on four 0-d tensors", forum, forum_p,
+         forum_t),
+        (f"elementwise chain of 8 transcendental ops, n = {SMALL_N}", chain, (x,), (t,)),
+    ]
+
+
+def per_call_ms(methods: dict[str, Callable[[], Any]], clock: Clock, rounds: int, calls: int,
+                on_error: Callable[[str, BaseException], None]) -> dict[str, list[float]]:
+    """Per-call time of each method: ``calls`` back-to-back calls between two marks (device
+    idle at the start; CUDA events, so a host-bound stream counts its gaps), divided by
+    ``calls``; one sample per round, methods interleaved (order rotated), one warm-up round.
+    A method that raises is reported through ``on_error`` and dropped."""
+    names = list(methods)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    dead: set[str] = set()
+    for r in range(rounds + 1):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if name in dead:
+                continue
+            fn = methods[name]
+            try:
+                clock.sync()
+                a = clock.mark()
+                for _ in range(calls):
+                    fn()
+                b = clock.mark()
+                clock.sync()
+            except Exception as e:
+                dead.add(name)
+                out[name] = []
+                on_error(name, e)
+                continue
+            if r:
+                out[name].append(clock.ms(a, b) / calls)
+    return out
+
+
+def small_section(rep: Report, device: str, smoke: bool) -> dict[str, dict[str, float]]:
+    """Section C; returns {problem: {method: median ms per call}}."""
+    cuda = device == "cuda"
+    clock = Clock(cuda)
+    rounds, calls = (3, 10) if smoke else (20, 50)
+    rep.add("", "## C. Small problems: CUDA graphs", "",
+            f"Per-application time, median over {rounds} interleaved rounds of {calls} "
+            "back-to-back calls each (device idle at the start of a round; "
+            + ("CUDA events around the calls, so a host-bound stream's gaps count" if cuda else
+               "host perf_counter, CPU smoke run")
+            + "). Rows: the plain linear map; `compile()`; `cuda_graph()` replay (each call "
+            "copies the tangents into the graph's static inputs, replays, clones the outputs; "
+            "or returns the static outputs with `clone_outputs=False`); the captured graph's "
+            "`replay()` alone (the floor of what a graph can do); one bare kernel launch "
+            f"(`torch.mul` of two {SMALL_N}-element tensors) as the unit.", "")
+    a = torch.randn(SMALL_N, device=device)
+    b = torch.randn(SMALL_N, device=device)
+    out: dict[str, dict[str, float]] = {}
+    for title, f, primals, tangents in small_problems(device):
+        rep.add(f"### {title}", "", "| method | per call (us) | / bare launch | note |",
+                "| --- | ---: | ---: | --- |")
+        methods: dict[str, Callable[[], Any]] = {BARE: lambda: torch.mul(a, b)}
+        notes: dict[str, str] = {}
+        try:
+            want = torch.func.jvp(f, primals, tangents)[1]
+            _, jvp_fn = tl.linearize(f, *primals)
+            methods[S_PLAIN] = lambda jvp_fn=jvp_fn, t=tangents: jvp_fn(*t)
+            notes[S_PLAIN] = f"{jvp_fn.num_ops} op(s) in the program"
+            try:
+                compiled = jvp_fn.compile()
+                err = rel_err(compiled(*tangents), want)
+                methods[S_COMPILE] = lambda c=compiled, t=tangents: c(*t)
+                notes[S_COMPILE] = f"rel. error {err:.0e}"
+            except Exception as e:
+                notes[S_COMPILE] = f"**failed**: {short_error(e)}"
+            if cuda:
+                for name, clone in ((S_GRAPH, True), (S_GRAPH_NOCLONE, False)):
+                    try:
+                        g = jvp_fn.cuda_graph(clone_outputs=clone)
+                        err = rel_err(g(*tangents), want)
+                        methods[name] = lambda g=g, t=tangents: g(*t)
+                        notes[name] = f"rel. error {err:.0e}"
+                        graph = getattr(g, "_graph", None)
+                        if clone and graph is not None:
+                            methods[S_REPLAY] = graph.replay
+                    except Exception as e:
+                        notes[name] = f"**failed**: {short_error(e)}"
+                        traceback.print_exc()
+            else:
+                notes[S_GRAPH] = notes[S_GRAPH_NOCLONE] = notes[S_REPLAY] = NO_CUDA
+            methods[S_FUNC_JVP] = (
+                lambda f=f, p=primals, t=tangents: torch.func.jvp(f, p, t)[1])
+        except Exception as e:
+            rep.add(f"| (setup) | - | - | **ERROR** {short_error(e)} |")
+            traceback.print_exc()
+
+        def failed(name: str, e: BaseException, notes: dict[str, str] = notes) -> None:
+            notes[name] = f"**failed**: {short_error(e)}"
+            traceback.print_exc()
+
+        times = per_call_ms(methods, clock, rounds, calls, failed)
+        med = {n: statistics.median(v) for n, v in times.items() if v}
+        bare = med.get(BARE, float("nan"))
+        for name in (BARE, S_PLAIN, S_COMPILE, S_GRAPH, S_GRAPH_NOCLONE, S_REPLAY, S_FUNC_JVP):
+            if name in med:
+                rep.add(f"| {name} | {fmt(med[name] * 1e3)} | {med[name] / bare:.2f}x | "
+                        f"{notes.get(name, '')} |")
+            elif name in notes:
+                rep.add(f"| {name} | - | - | {notes[name]} |")
+        rep.add("")
+        out[title] = med
+        rep.flush()
+    return out
+
+
+# --------------------------------------------------------------------------- section D
+def copy_bandwidth(device: str, clock: Clock, smoke: bool) -> tuple[float, int]:
+    """(bytes per ms read + written by a large device copy, bytes copied)."""
+    n = (1 << 22) if smoke else (1 << 28)  # 1 GiB of float32 on the GPU
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), clock, 10)
+    nbytes = n * src.element_size()
+    return 2 * nbytes / ms, nbytes
+
+
+def targets_section(rep: Report, device: str, smoke: bool, bench: dict[str, BenchSummary],
+                    small: dict[str, dict[str, float]]) -> None:
+    cuda = device == "cuda"
+    clock = Clock(cuda)
+    rep.add("", "## D. GPU targets (issue \"Performance: linear programs at the hand-written "
+            "floor\")", "")
+    if not cuda:
+        rep.add("CPU smoke run: the verdicts below exercise the code only; the targets are "
+                "GPU targets.", "")
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "**NOT MET**"
+
+    def best(res: dict[str, Result]) -> tuple[str, float, str]:
+        """(text with each eager/compiled/graph apply median, best median, best name)."""
+        parts, best_v, best_n = [], float("inf"), ""
+        for name in (TL, TL_COMPILE, TL_GRAPH):
+            r = res.get(name)
+            if r is None or r.skipped or r.failed or not r.apply:
+                why = "not run" if r is None else (r.skipped or r.failed or "no timed rounds")
+                parts.append(f"{name}: {why}")
+                continue
+            v = statistics.median(r.apply)
+            parts.append(f"{name} {fmt(v)} ms")
+            if v < best_v:
+                best_v, best_n = v, name
+        return "; ".join(parts), best_v, best_n
+
+    # elementwise vs the bandwidth floor
+    try:
+        bw, nbytes = copy_bandwidth(device, clock, smoke)
+        rep.add(f"- Device bandwidth from a {nbytes / 2**30:.2g} GiB copy (read + write): "
+                f"{bw / 1e6:.0f} GB/s.")
+        el = bench.get("elementwise")
+        if el is None:
+            rep.add("- elementwise apply <= 1.2x bandwidth floor: not measured (section B did not "
+                    "run it).")
+        else:
+            floor_ms = 3 * el.numel * el.element_size / bw
+            text, v, name = best(el.results)
+            ok = v <= 1.2 * floor_ms
+            rep.add(f"- elementwise-chain apply <= 1.2x the bandwidth floor (one fused multiply: "
+                    f"read tangent + residual, write output: {fmt(3 * el.numel * el.element_size / 2**20)}"
+                    f" MiB at {bw / 1e6:.0f} GB/s = {fmt(floor_ms)} ms): {text}; best "
+                    f"{v / floor_ms:.2f}x ({name}) -> {verdict(ok)}")
+    except Exception as e:
+        rep.add(f"- elementwise target: **ERROR** {short_error(e)}")
+        traceback.print_exc()
+
+    # MLP vs the primal's matmuls
+    mlp = bench.get("mlp")
+    if mlp is None or PRIMAL_MM not in mlp.refs:
+        rep.add("- MLP apply <= 1.05x the primal's matmul time: not measured.")
+    else:
+        mm = mlp.refs[PRIMAL_MM]
+        text, v, name = best(mlp.results)
+        rep.add(f"- MLP apply <= 1.05x the primal's matmul time ({PRIMAL_MM}: {fmt(mm)} ms): "
+                f"{text}; best {v / mm:.2f}x ({name}) -> {verdict(v <= 1.05 * mm)}")
+
+    # small problems: CUDA graphs vs a bare launch
+    if not small:
+        rep.add("- small-problem apply with CUDA graphs <= 2x a bare kernel launch: not measured.")
+    for title, med in small.items():
+        bare = med.get(BARE)
+        graph = [(n, med[n]) for n in (S_GRAPH, S_GRAPH_NOCLONE) if n in med]
+        if bare is None or not graph:
+            rep.add(f"- {title}: apply with CUDA graphs <= 2x a bare kernel launch: "
+                    + (NO_CUDA if not cuda else "not measured") + ".")
+            continue
+        parts = "; ".join(f"{n} {fmt(v * 1e3)} us = {v / bare:.2f}x" for n, v in graph)
+        v = min(v for _, v in graph)
+        rep.add(f"- {title}: apply with CUDA graphs <= 2x a bare kernel launch "
+                f"({fmt(bare * 1e3)} us): {parts} -> {verdict(v <= 2 * bare)}")
+    rep.flush()
 
 
 # --------------------------------------------------------------------------- main
@@ -578,15 +899,30 @@ def main(argv: list[str] | None = None) -> int:
             f"on {datetime.datetime.now():%Y-%m-%d %H:%M}: {env}.")
     rep.flush()
 
+    found: dict[str, Any] = {"B": {}, "C": {}}
+
+    def run_c() -> dict:
+        if time.perf_counter() - start > SMALL_BUDGET_S:
+            rep.add("", "## C. Small problems: CUDA graphs", "",
+                    f"Skipped: time budget of {SMALL_BUDGET_S:.0f} s reached.")
+            return {}
+        return small_section(rep, device, smoke)
+
     for name, section in [
         ("A", lambda: triton_check(rep, device, 1 << 12 if smoke else 1 << 22)),
         ("B", lambda: benchmark(rep, device, smoke, reps, start)),
+        ("C", run_c),
+        ("D", lambda: targets_section(rep, device, smoke, found["B"], found["C"])),
     ]:
         try:
-            section()
+            got = section()
+            if name in found and got is not None:
+                found[name] = got
         except Exception as e:
             rep.add("", f"Section {name}: **ERROR** {short_error(e)}")
             traceback.print_exc()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         rep.flush()
 
     rep.add("", f"Run took {time.perf_counter() - start:.0f} s.")

@@ -4,6 +4,8 @@ Commands:
 
 * ``demo``: the PyTorch-forum example side by side (call counts, values checked
   against the analytic derivative) and a timing table of K sequential tangents.
+* ``bench``: the core CPU benchmark (``benchmarks/bench_core.py``, from the
+  source checkout): report, figure and the performance targets.
 
 Each command lives in its own module exposing ``add_parser(subparsers)``, which
 registers the subcommand and sets ``func`` (``func(args) -> exit status``).
@@ -17,10 +19,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, _demo
+from . import __version__, _bench_cli, _demo
 
 COMMANDS: list[Callable[[Any], argparse.ArgumentParser]] = [
     _demo.add_parser,
+    _bench_cli.add_parser,
 ]
 
 
