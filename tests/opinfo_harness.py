@@ -238,7 +238,8 @@ def _check_one(op, sample, dtype, seed, modes, only) -> Outcome:
     except Exception as e:  # the reference cannot run this sample
         return Outcome(name, -1, "skip", f"reference failed: {type(e).__name__}: {str(e)[:120]}")
     # Samples that mix in lower-precision tensors are compared at that precision.
-    if any(p.dtype in (torch.float32, torch.complex64, torch.float16, torch.bfloat16) for p in primals):
+    low_precision = any(p.dtype in _LOW for p in primals)
+    if low_precision:
         dtype = torch.float32 if not any(p.is_complex() for p in primals) else torch.complex64
     tol = _tols(dtype)
     stage = "linearize"
@@ -253,10 +254,13 @@ def _check_one(op, sample, dtype, seed, modes, only) -> Outcome:
         # (e.g. addcmul with a Python scalar); ours must match the output's dtype.
         for yy, tt in zip(y, ta):
             assert tt.dtype == yy.dtype, f"tangent dtype {tt.dtype} != output dtype {yy.dtype}"
-        torch.testing.assert_close(tuple(ta), rta, equal_nan=True, check_dtype=False, **tol,
-                                   msg=lambda m: "tangent a: " + m)
-        torch.testing.assert_close(tuple(tb), rtb, equal_nan=True, check_dtype=False, **tol,
-                                   msg=lambda m: "tangent b: " + m)
+        for label, got, want, tans in (("a", ta, rta, tangents_a), ("b", tb, rtb, tangents_b)):
+            try:
+                torch.testing.assert_close(tuple(got), want, equal_nan=True, check_dtype=False,
+                                           **tol, msg=lambda m, label=label: f"tangent {label}: " + m)
+            except AssertionError:
+                if not (low_precision and _no_worse_than_reference(f, primals, tans, got, want, seed)):
+                    raise
         if "vmap" in modes:
             stage = "vmap"
             batch = [tuple(random_tangent(p, gen) for p in primals) for _ in range(3)]
@@ -298,6 +302,37 @@ def _check_one(op, sample, dtype, seed, modes, only) -> Outcome:
         tb_str = traceback.format_exc(limit=-3)
         return Outcome(name, -1, "error", f"{stage}: {type(e).__name__}: {str(e)[:300]}\n{tb_str}")
     return Outcome(name, -1, "pass")
+
+
+_LOW = (torch.float32, torch.complex64, torch.float16, torch.bfloat16)
+
+
+def _no_worse_than_reference(f, primals, tangents, got, want, seed) -> bool:
+    """Arbiter for lower-precision samples whose result is mostly rounding noise.
+
+    Our simplification passes reassociate sums, so in float32 a result that cancels
+    almost to zero (e.g. ``cov``'s derivative with respect to two observation weights,
+    exactly 0) differs from PyTorch's by rounding noise of the same size as PyTorch's own
+    error. Both are measured against the same computation in float64/complex128 (the
+    lower-precision primals and tangents promoted); ours passes if its error is at most
+    4x the reference's (and within float32 tolerance of the float64 result's scale).
+    """
+    def up(t):
+        if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return t.double()
+        return t.to(torch.complex128) if t.dtype == torch.complex64 else t
+
+    try:
+        _, exact, _ = reference_jvp(f, tuple(up(p) for p in primals),
+                                    tuple(up(t) for t in tangents), seed)
+    except Exception:
+        return False
+    ours = max((float((g.to(e.dtype) - e).abs().max()) for g, e in zip(got, exact) if e.numel()),
+               default=0.0)
+    theirs = max((float((w.to(e.dtype) - e).abs().max()) for w, e in zip(want, exact) if e.numel()),
+                 default=0.0)
+    scale = max((float(e.abs().max()) for e in exact if e.numel()), default=0.0)
+    return ours <= max(4 * theirs, 1e-4 * scale)
 
 
 def _dot(a, b) -> float:
@@ -411,6 +446,12 @@ def main(argv=None):
           f"({100.0 * p / max(total, 1):.2f}%); {xfailed} known failures (XFAIL, with reasons); "
           f"{n - p} unexpected failures; {ok} of {nops} (op, dtype) pairs pass all counted samples; "
           f"{skipped} samples skipped (the reference itself cannot run them); {secs:.0f}s")
+    if xfailed:
+        counts: dict[str, int] = {}
+        for r in results:
+            if r.status == "xfail":
+                counts[r.op] = counts.get(r.op, 0) + 1
+        print("known failures by op: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0 if p == n else 1  # known failures (XFAIL) do not fail the run
 
 
