@@ -484,12 +484,16 @@ def run_relinearize(wl: Workload, cfg: Config, t: torch.Tensor, comp: CompileRes
 def _batch_module() -> tuple[Any, str]:
     """``bench_batch_transpose`` (its batched floors), or (None, why not)."""
     try:
+        import bench_batch_transpose as bbt
+    except ImportError as first:
         try:
-            import bench_batch_transpose as bbt
-        except ImportError:
             from benchmarks import bench_batch_transpose as bbt
+        except ImportError:
+            return None, f"benchmarks/bench_batch_transpose.py not importable ({short_reason(first)})"
+        except Exception as e:
+            return None, f"benchmarks/bench_batch_transpose.py fails to import ({short_reason(e)})"
     except Exception as e:
-        return None, f"benchmarks/bench_batch_transpose.py not importable ({short_reason(e)})"
+        return None, f"benchmarks/bench_batch_transpose.py fails to import ({short_reason(e)})"
     return bbt, ""
 
 
