@@ -38,6 +38,36 @@ def test_compiled_map_matches_and_reuses_compiled_code_across_points():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_point_dependent_scalar_coefficients_do_not_recompile():
+    # Folding turns sum(sin(x)) into a Python-number coefficient; the compiled segment
+    # must take it as an argument, not a literal, or each point compiles a new graph.
+    def f(x):
+        return torch.sin(x).sum() * x
+
+    t = torch.randn(100, dtype=D)
+    graphs = []
+    for seed in range(3):
+        x = torch.randn(100, dtype=D, generator=torch.Generator().manual_seed(seed))
+        _, jvp_fn = tl.linearize(f, x)
+        assert any(e.fn is torch.ops.aten.mul.Scalar or "alpha" in e.kwargs
+                   for e in jvp_fn._program.eqns), "expected a folded scalar coefficient"
+        c = jvp_fn.compile(backend="aot_eager")
+        torch.testing.assert_close(c(t), torch.func.jvp(f, (x,), (t,))[1])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[2] == graphs[0], graphs
+
+
+def test_compiled_map_under_vmap_and_jacobian():
+    x = torch.randn(16, dtype=D)
+    _, jvp_fn = tl.linearize(chain, x)
+    c = jvp_fn.compile(backend="aot_eager")
+    ts = torch.randn(5, 16, dtype=D)
+    want = torch.stack([torch.func.jvp(chain, (x,), (t,))[1] for t in ts])
+    torch.testing.assert_close(torch.vmap(c)(ts), want)
+    torch.testing.assert_close(c.jacobian(), torch.func.jacfwd(chain)(x))
+    torch.testing.assert_close(c(ts[0]), want[0])  # and still compiled outside vmap
+
+
 def test_custom_function_nodes_stay_opaque_between_compiled_segments():
     cf.reset()
     x = torch.randn(5, dtype=D)

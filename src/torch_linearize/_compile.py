@@ -26,6 +26,8 @@ from ._program import Eqn, Program, Res, Var, compile_program, segment_source
 
 __all__ = ["compile_map", "cuda_graph_map"]
 
+aten = torch.ops.aten
+
 _lock = threading.Lock()
 _compiled: dict[tuple, Callable] = {}  # (segment source, compile options) -> compiled callable
 
@@ -34,9 +36,40 @@ def _is_opaque(e: Eqn) -> bool:
     return not isinstance(e.fn, torch._ops.OpOverload)
 
 
-def _segments(prog: Program) -> list[tuple[bool, list[Eqn]]]:
-    segs: list[tuple[bool, list[Eqn]]] = []
+def _lift_scalars(prog: Program, extra: list[torch.Tensor]) -> list[Eqn]:
+    """Pass floating-point coefficients to compiled segments as 0-d tensor arguments.
+
+    Folding turns point-dependent scalar coefficients into Python numbers
+    (``mul.Scalar(t, c)``, ``add.Tensor(a, t, alpha=c)``). As literals they would be
+    part of a segment's source, so every new linearization point would compile a new
+    graph; as (0-d) residual arguments the compiled code is shared. A 0-d tensor of
+    the base's dtype gives the same result dtype as the Python number.
+    """
+    base = len(prog.residuals)
+
+    def lift(value: float, like: Var) -> Res:
+        extra.append(torch.tensor(value, dtype=like.dtype, device=like.device))
+        return Res(base + len(extra) - 1)
+
+    out: list[Eqn] = []
     for e in prog.eqns:
+        if e.fn is aten.mul.Scalar and isinstance(e.args[1], float) and \
+                isinstance(e.args[0], Var) and (e.args[0].dtype.is_floating_point
+                                                or e.args[0].dtype.is_complex):
+            e = Eqn(aten.mul.Tensor, (e.args[0], lift(e.args[1], e.args[0])), {}, e.outs,
+                    e.mutates, e.name, e.poison)
+        elif e.fn is aten.add.Tensor and isinstance(e.kwargs.get("alpha"), float) and \
+                len(e.kwargs) == 1 and isinstance(e.args[1], Var) and \
+                (e.args[1].dtype.is_floating_point or e.args[1].dtype.is_complex):
+            e = Eqn(aten.addcmul.default, (e.args[0], e.args[1], lift(e.kwargs["alpha"], e.args[1])),
+                    {}, e.outs, e.mutates, e.name, e.poison)
+        out.append(e)
+    return out
+
+
+def _segments(eqns: list[Eqn]) -> list[tuple[bool, list[Eqn]]]:
+    segs: list[tuple[bool, list[Eqn]]] = []
+    for e in eqns:
         opaque = _is_opaque(e)
         if segs and segs[-1][0] == opaque and not opaque:
             segs[-1][1].append(e)
@@ -66,7 +99,8 @@ def compile_map(lm, **compile_kwargs: Any):
 
     # Which values each segment must hand on: used later, or returned.
     later_uses: list[set[int]] = []
-    segs = _segments(prog)
+    lifted: list[torch.Tensor] = []
+    segs = _segments(_lift_scalars(prog, lifted))
     needed_after: set[int] = {o.id for o in prog.outputs if isinstance(o, Var)}
     for _opaque, eqns in reversed(segs):
         later_uses.append(set(needed_after))
@@ -101,7 +135,8 @@ def compile_map(lm, **compile_kwargs: Any):
         driver_eqns.append(Eqn(call, args, {}, tuple(outputs), name=call.display_name))
 
     driver = Program(
-        inputs=prog.inputs, eqns=driver_eqns, outputs=prog.outputs, residuals=prog.residuals,
+        inputs=prog.inputs, eqns=driver_eqns, outputs=prog.outputs,
+        residuals=[*prog.residuals, *lifted],
         input_layouts=prog.input_layouts, mutated_inputs=prog.mutated_inputs,
         residual_names=prog.residual_names,
     )
@@ -112,6 +147,7 @@ def compile_map(lm, **compile_kwargs: Any):
         out_leaves=lm._out_leaves, stale_watch=lm._stale_watch,
         residual_bytes=lm.residual_bytes, external_bytes=lm.external_bytes,
         opaque_nodes=lm._opaque_nodes, created=lm._created, source_program=prog,
+        eager_run=lm._run,
     )
 
 

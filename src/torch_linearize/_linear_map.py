@@ -83,12 +83,16 @@ class LinearMap:
         opaque_nodes: list[Any],
         created: set[int],
         source_program: Program | None = None,
+        eager_run: Callable[..., tuple] | None = None,
     ):
         # ``_program``: the linear program (what transposition and printing use);
         # ``_driver``: what ``_run`` executes (the same, or its compiled form).
         self._program = source_program if source_program is not None else program
         self._driver = program
         self._run = run
+        # Compiled maps: the eager program, used under functorch transforms (vmap,
+        # jacobian), which torch.compile'd code cannot run inside.
+        self._eager_run = eager_run
         self._api = api
         self._arg_name = arg_name
         self._ref_name = ref_name
@@ -123,6 +127,8 @@ class LinearMap:
         run = self._run
         if run is None:
             raise ReleasedError(f"{self._api}: this linear map was released; call linearize again.")
+        if self._eager_run is not None and _ft.maybe_current_level() is not None:
+            run = self._eager_run
         if self._flat_args and len(args) == len(self._metas):
             for t, (shape, dtype, device) in zip(args, self._metas):
                 if type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or \
@@ -250,6 +256,7 @@ class LinearMap:
     def release(self) -> None:
         """Free the residuals and custom-Function contexts; later calls raise ``ReleasedError``."""
         self._run = None
+        self._eager_run = None
         self._driver = None
         self._released = True
         for node in self._opaque_nodes:
