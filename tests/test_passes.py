@@ -68,6 +68,31 @@ def test_constant_coefficients_become_scalars():
     assert jvp_fn.num_ops == 1 and jvp_fn.residual_bytes == 0 and jvp_fn.external_bytes == 0
 
 
+def test_zero_coefficients_keep_ieee_nan_propagation():
+    # x * 0 is NaN where the tangent of x is NaN; folding must not drop the term.
+    f = lambda x, y: x * 0.0 + y * 2
+    x, y = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(f, x, y)
+    tx = torch.tensor([1.0, float("nan"), float("inf"), 2.0], dtype=D)
+    ty = torch.randn(4, dtype=D)
+    torch.testing.assert_close(jvp_fn(tx, ty), torch.func.jvp(f, (x, y), (tx, ty))[1],
+                               equal_nan=True)
+
+
+def test_shared_intermediate_coefficients_are_not_overwritten():
+    # a's coefficient feeds two products; in-place updates must not corrupt either.
+    r1, r2, r3 = (torch.randn(30, dtype=D) for _ in range(3))
+
+    def f(x):
+        a = x.sin()
+        b = (a * r1).exp() * r2
+        c = (a * r1).cos() * r3
+        return b + c, a * r2
+
+    jvp_fn = _check(f, torch.randn(30, dtype=D), n=3)
+    assert jvp_fn.num_ops <= 3
+
+
 def test_common_subexpressions_are_shared():
     x = torch.randn(6, 6, dtype=D)
     jvp_fn = _check(lambda x: x[1:, :].sum(0) @ x[1:, :].T, x)

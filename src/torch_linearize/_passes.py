@@ -40,6 +40,11 @@ def _is_zero_residual(prog: Program, r: Res, cache: dict[int, bool]) -> bool:
             z = True
         elif t.device.type == "meta" or t.layout != torch.strided:
             z = False
+        elif getattr(t, "_torch_linearize_structural_zero", False):
+            z = True
+        elif t.numel() > 64 and t.is_contiguous() and \
+                bool(t.reshape(-1)[:: t.numel() // 64].any()):
+            z = False  # a nonzero among a strided sample: no full pass needed
         else:
             z = t.numel() == 0 or not bool(t.any())
         cache[r.index] = z
@@ -244,19 +249,25 @@ def fold_pointwise(prog: Program) -> int:
     external |= {o.id for o in prog.outputs if isinstance(o, Var) and o.id in info}
 
     rewrites: dict[int, list[Eqn]] = {}
-    for vid in external:
+    uses: dict[int, int] = {}
+    for e in prog.eqns:
+        for v in e.in_vars():
+            uses[v.id] = uses.get(v.id, 0) + 1
+    for o in prog.outputs:
+        if isinstance(o, Var):
+            uses[o.id] = uses.get(o.id, 0) + 1
+    memo: dict[int, dict] = {}
+    owned: set[int] = set()
+    position = {v: k for k, v in enumerate(producer)}  # producer is in program order
+    for vid in sorted(external):
         bset, ops, res_elems = info[vid]
         if ops < 2:
             continue
         out = producer[vid].outs
-        terms = []
-        for bid in sorted(bset):
-            coeff = _region_value(prog, producer, info, vid, {bid: 1})
-            if coeff is None:
-                break
-            terms.append((bases[bid], coeff, bset[bid]))
-        else:
-            plan = _plan_terms(terms)
+        coeffs = _region_coefficients(prog, producer, position, vid, memo, owned, uses)
+        if coeffs is not None:
+            terms = [(bases[bid], coeffs.get(bid, 0), bset[bid]) for bid in sorted(bset)]
+            plan = _plan_terms(terms, out)
             n_ops = sum(1 for _, kind, _ in plan if kind != "first") + (
                 1 if plan and plan[0][1] == "first-scaled" else 0) + sum(
                 1 for (_, par), _, _ in plan if par)
@@ -276,29 +287,149 @@ def fold_pointwise(prog: Program) -> int:
     return len(rewrites)
 
 
-def _region_value(prog, producer, info, vid, ones: dict[int, int]):
-    """Evaluate value ``vid`` of a region with base ``b`` = 1 for ``b`` in ``ones``, else 0."""
-    cache: dict[int, torch.Tensor] = {}
+def _is_number(c) -> bool:
+    return isinstance(c, (int, float, complex)) and not isinstance(c, bool)
 
-    def value(v: Var):
-        if v.id in cache:
-            return cache[v.id]
-        e = producer.get(v.id)
-        if e is None:  # a base
-            one = ones.get(v.id, 0)
-            t = torch.full((), one, dtype=v.dtype, device=v.device)
-        else:
-            args = [value(a) if isinstance(a, Var) else
-                    prog.residuals[a.index] if isinstance(a, Res) else a for a in e.args]
-            t = e.fn(*args, **e.kwargs)
-        cache[v.id] = t
-        return t
 
+def _region_coefficients(prog, producer, position, vid, memo, owned, uses):
+    """Coefficients ``{base id: C_b}`` of region value ``vid`` (value = sum_b C_b * b).
+
+    One pass over the region in program order. A coefficient is a Python number
+    (exact; it stands for a 0-d tensor of the value's dtype) while only numbers
+    meet it, so sums of unit-scaled bases (stencils, residual connections) cost no
+    tensor work; otherwise a tensor, computed by the operation itself with the
+    coefficient in place of the tangent (0-d, so it keeps the broadcast shape of
+    the residuals). Products of coefficients this pass allocated, read by nothing
+    else, are updated in place. ``memo`` caches coefficients across exits of one
+    fold; ``owned`` holds ids of tensors this pass allocated and may overwrite.
+    Returns None if an operation cannot be evaluated on a 0-d coefficient.
+    """
+    need: list[int] = []
+    stack, seen = [vid], set()
+    while stack:
+        v = stack.pop()
+        if v in seen or v in memo or v not in producer:
+            continue
+        seen.add(v)
+        need.append(v)
+        stack.extend(a.id for a in producer[v].args if isinstance(a, Var))
+    order = sorted(need, key=position.__getitem__)
     try:
         with torch.no_grad():
-            return value(producer[vid].outs)
-    except RuntimeError:  # an op that does not broadcast a 0-d gradient: skip the region
+            for v in order:
+                e = producer[v]
+                arg_coeffs = [None if not isinstance(a, Var) else
+                              memo.get(a.id, {a.id: 1}) for a in e.args]
+                memo[v] = _eqn_coefficients(prog, e, arg_coeffs, owned, uses)
+    except RuntimeError:  # an op that does not broadcast a 0-d coefficient
         return None
+    return memo[vid]
+
+
+def _eqn_coefficients(prog, e: Eqn, arg_coeffs: list, owned: set[int], uses: dict) -> dict:
+    var_pos = [i for i, c in enumerate(arg_coeffs) if c is not None]
+    bids: dict[int, None] = {}
+    for i in var_pos:
+        bids.update(dict.fromkeys(arg_coeffs[i]))
+    out: dict = {}
+    for bid in bids:
+        vals = {i: arg_coeffs[i].get(bid, 0) for i in var_pos}
+        try:
+            c = _number_rule(e, vals)
+        except ArithmeticError:  # Python raises where IEEE gives inf/nan: use tensors
+            c = NotImplemented
+        if c is NotImplemented:
+            c = _tensor_rule(prog, e, vals, owned, uses)
+        out[bid] = c
+    return out
+
+
+def _literal(e: Eqn, i: int):
+    """Non-Var argument ``i`` as a Python number, or None (residual, absent, non-number)."""
+    if i >= len(e.args):
+        return None
+    a = e.args[i]
+    return a if _is_number(a) else None
+
+
+def _number_rule(e: Eqn, vals: dict):
+    """The coefficient when every coefficient involved is a Python number (else NotImplemented).
+
+    Non-Var arguments of additive positions are zero (checked when the region was
+    built), so they contribute nothing.
+    """
+    if not all(_is_number(c) for c in vals.values()):
+        return _zero_shortcut(e, vals)
+    fn = e.fn
+    x, y = vals.get(0, 0), vals.get(1, 0)
+    if fn is aten.add.Tensor:
+        return x + e.kwargs.get("alpha", 1) * y
+    if fn is aten.sub.Tensor:
+        return x - e.kwargs.get("alpha", 1) * y
+    if fn is aten.neg.default:
+        return -x
+    if fn in (aten.clone.default, aten.alias.default):
+        return x
+    if fn in _CONJUGATING:
+        return x.conjugate() if isinstance(x, complex) else x
+    if fn in (aten.mul.Scalar, aten.mul.Tensor, aten.div.Scalar, aten.div.Tensor):
+        other = _literal(e, 1) if 0 in vals else _literal(e, 0)
+        if other is None or (fn in (aten.div.Scalar, aten.div.Tensor) and (1 in vals or other == 0)):
+            return NotImplemented  # (x / 0 follows IEEE in the tensor rule)
+        c = vals[0] if 0 in vals else vals[1]
+        return c * other if fn in (aten.mul.Scalar, aten.mul.Tensor) else c / other
+    return NotImplemented
+
+
+def _zero_shortcut(e: Eqn, vals: dict):
+    """``C + 0``, ``0 + C``, ``C - 0``: reuse the tensor coefficient (no allocation)."""
+    if e.fn not in (aten.add.Tensor, aten.sub.Tensor) or len(vals) != 2:
+        return NotImplemented
+    x, y = vals[0], vals[1]
+    alpha = e.kwargs.get("alpha", 1)
+    if _is_number(y) and y == 0 and isinstance(x, torch.Tensor):
+        return x
+    if _is_number(x) and x == 0 and isinstance(y, torch.Tensor) and alpha == 1 and \
+            e.fn is aten.add.Tensor:
+        return y
+    return NotImplemented
+
+
+def _tensor_rule(prog, e: Eqn, vals: dict, owned: set[int], uses: dict):
+    args = []
+    for i, a in enumerate(e.args):
+        if i in vals:
+            c = vals[i]
+            args.append(torch.full((), c, dtype=a.dtype, device=a.device) if _is_number(c) else c)
+        elif isinstance(a, Res):
+            args.append(prog.residuals[a.index])
+        else:
+            args.append(a)
+    fn = e.fn
+    if fn in (aten.mul.Tensor, aten.div.Tensor) and list(vals) == [0] and not e.kwargs:
+        c, r = args[0], args[1]
+        if isinstance(r, torch.Tensor):
+            # C * r with C == 1: the residual itself (no copy); never overwritten.
+            if fn is aten.mul.Tensor and _is_number(vals[0]) and vals[0] == 1 and \
+                    r.dtype == e.args[0].dtype and r.dim() > 0:
+                return r
+            # C (ours, read by nothing else) *= r: no new allocation.
+            if id(c) in owned and uses.get(e.args[0].id, 0) == 1 and \
+                    torch.result_type(c, r) == c.dtype and \
+                    torch.broadcast_shapes(c.shape, r.shape) == c.shape:
+                return c.mul_(r) if fn is aten.mul.Tensor else c.div_(r)
+    elif fn is aten.mul.Tensor and list(vals) == [1] and isinstance(args[0], torch.Tensor) and \
+            _is_number(vals[1]) and vals[1] == 1 and args[0].dtype == e.args[1].dtype and \
+            args[0].dim() > 0 and not e.kwargs:
+        return args[0]
+    result = fn(*args, **e.kwargs)
+    if isinstance(result, torch.Tensor):
+        for c in vals.values():  # the result may alias an input (clone/alias are not views,
+            if result is c:       # but be safe): then neither may be overwritten
+                owned.discard(id(c))
+                return result
+        owned.add(id(result))
+    return result
 
 
 def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
@@ -320,19 +451,28 @@ def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
     device = next(iter(bases[b] for b in bset)).device
     idx = (torch.randint(numel, (k,), generator=gen) if numel > k else torch.arange(numel)).to(device)
     vals = {}
-    for bid in bset:
+    xs = torch.randn(len(bset), k, generator=gen, dtype=torch.float64)
+    for x, bid in zip(xs, bset):
         b = bases[bid]
-        x = torch.randn(k, generator=gen, dtype=torch.float64)
         vals[bid] = x.to(b.dtype).to(device) if not b.dtype.is_complex else \
             torch.complex(x, x.flip(0)).to(b.dtype).to(device)
 
+    coords = torch.unravel_index(idx, tuple(shape)) if shape else ()
+
     def gather(r: torch.Tensor) -> torch.Tensor:
-        return r.expand(shape).reshape(-1)[idx] if r.dim() or shape else r.reshape(-1)[idx]
+        # The k sampled positions of r broadcast to `shape`, without expanding r.
+        if r.dim() == 0:
+            return r
+        lead = len(shape) - r.dim()
+        index = tuple(coords[lead + j] if n != 1 else 0 for j, n in enumerate(r.shape))
+        g = r[index]
+        return g if g.dim() else g.expand(k)
 
     traced = _region_eval(prog, producer, vid, vals, gather)
     if traced is None:
         return False
-    folded = sum(gather(c) * (vals[b.id].conj() if par else vals[b.id]) for b, c, par in terms)
+    folded = sum((c if _is_number(c) else gather(c)) * (vals[b.id].conj() if par else vals[b.id])
+                 for b, c, par in terms)
     scale = float(traced.abs().max()) if traced.numel() else 0.0
     if not torch.isfinite(traced).all() or scale == 0.0:
         return bool(torch.equal(torch.isfinite(traced), torch.isfinite(folded)))
@@ -386,28 +526,37 @@ def _constant_value(c: torch.Tensor):
         return None if re is None or im is None else complex(re, im)
     if c.dtype == torch.bool:
         c = c.to(torch.uint8)
+    if c.numel() > 64:  # most coefficients vary: reject from a strided sample first
+        flat = c.reshape(-1) if c.is_contiguous() else None
+        if flat is not None:
+            sample = flat[:: max(1, flat.numel() // 64)]
+            if not bool((sample == sample[0]).all()):
+                return None
     lo, hi = torch.aminmax(c)
     if bool(lo != hi) or not bool(torch.isfinite(lo)) if c.is_floating_point() else bool(lo != hi):
         return None
     return lo.item()
 
 
-def _plan_terms(terms):
+def _plan_terms(terms, out: Var):
     """Order terms (unit coefficients first) and classify each coefficient."""
     plan = []
     for b, c, par in terms:
         b = (b, par)
-        value = _constant_value(c)
+        value = c if _is_number(c) else _constant_value(c)
         if value is None:
             kind, coef = "scaled", c
         elif value == 1:
             kind, coef = "unit", None
         elif value == 0:
-            continue
-        elif c.is_floating_point():
+            # Kept, not dropped: 0 * b is NaN where b is not finite (a NaN/inf residual
+            # upstream, or a non-finite tangent), as in the traced program.
+            kind, coef = "scalar", 0.0
+        elif not isinstance(value, complex) and (_is_number(c) or c.is_floating_point()):
             kind, coef = "scalar", float(value)
         else:
-            kind, coef = "scaled", c
+            kind, coef = "scaled", c if isinstance(c, torch.Tensor) else \
+                torch.full((), c, dtype=out.dtype, device=out.device)
         plan.append((b, kind, coef))
     plan.sort(key=lambda p: p[1] != "unit")
     if plan:
