@@ -56,7 +56,6 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
         interleave,
         markdown_table,
         short_reason,
-        time_ms,
     )
 except ImportError:  # pragma: no cover
     from benchmarks import bench_core as core
@@ -441,10 +440,11 @@ def run_batch(wl: Workload, cfg: Config, log: Callable[[str], None],
                           (core.NewtonCubic, "torch_linearize: vmap(jvp_fn), plain NewtonCubic "
                            "(per-tangent loop)")):
             _, jf = torch_linearize.linearize(lambda x, cls=cls: cls.apply(x, iters), x)
-            methods[name] = lambda i, v=torch.vmap(jf): v(T)
-        methods["torch.func: vmap(jvp(f)), plain NewtonCubic"] = (
-            lambda i, v=torch.vmap(lambda t: torch.func.jvp(
-                lambda x: core.NewtonCubic.apply(x, iters), (x,), (t,))[1]): v(T))
+            vmapped_fallback = torch.vmap(jf)
+            methods[name] = lambda i, v=vmapped_fallback: v(T)
+        func_vmapped_plain = torch.vmap(lambda t: torch.func.jvp(
+            lambda x: core.NewtonCubic.apply(x, iters), (x,), (t,))[1])
+        methods["torch.func: vmap(jvp(f)), plain NewtonCubic"] = lambda i: func_vmapped_plain(T)
 
     def to_tensor(out: Any) -> torch.Tensor:
         return torch.stack(out) if isinstance(out, list) else out
@@ -548,7 +548,7 @@ def run_transpose(wl: Workload, cfg: Config, log: Callable[[str], None],
             setup_rows[n].samples = samples[n]
     if not pool and setup_rows[TL_TRANSPOSE].samples is not None:
         setup_rows[TL_TRANSPOSE].note = "(pool of fresh maps ran out; some samples invalid)"
-    del pool
+    pool.clear()
     return TransposeResult(wl, rows, setup_rows)
 
 
