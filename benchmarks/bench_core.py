@@ -876,7 +876,7 @@ def render(results: list[WorkloadResult], cfg: Config, args: argparse.Namespace,
         f"{cfg.relin_rounds} re-linearization rounds; {cfg.batch_rounds} batched rounds; "
         "one extra warm-up round each, not recorded). 1-minute load average "
         f"{args.load[0]:.2f} before the run, {args.load[1]:.2f} after it (this process included); "
-        f"{args.guard_summary}.",
+        f"{args.guard_summary}. Allocator: {args.malloc_desc}.",
         "",
         "Workloads:",
         *(f"- `{res.wl.key}`: {res.wl.title}" for res in results),
@@ -1014,6 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'fresh' (default): a new, empty Inductor cache directory for this run, "
                    "so compile costs are cold compiles; 'default': the usual cache "
                    "(TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_<user>)")
+    p.add_argument("--malloc", choices=("default", "pinned"), default="default",
+                   help="glibc malloc: defaults, or pinned (reuse freed memory, no per-block mmap; "
+                        "see bench_batch_transpose.pin_malloc)")
     p.add_argument("--only", default="", help="comma-separated workloads: " + ",".join(WORKLOADS))
     return p
 
@@ -1035,6 +1038,14 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    args.malloc_desc = "glibc defaults"
+    if args.malloc == "pinned":
+        try:
+            from bench_batch_transpose import pin_malloc
+        except ImportError:  # pragma: no cover
+            from benchmarks.bench_batch_transpose import pin_malloc
+
+        args.malloc_desc = pin_malloc()
     load_before = _loadavg()
     if load_before > 0.75 * (os.cpu_count() or 1):
         log(f"warning: the 1-minute load average is {load_before:.1f} before starting; "
