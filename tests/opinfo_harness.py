@@ -65,10 +65,6 @@ _NAN_INPUT = (
     "and its transpose is the transpose of that program."
 )
 XFAIL: dict[tuple[str, torch.dtype], tuple[str, str]] = {
-    ("masked.normalize", torch.float32): (_NAN_JVP, "[nan-jvp] transpose"),
-    ("masked.normalize", torch.float64): (_NAN_JVP, "[nan-jvp] transpose"),
-    ("masked.log_softmax", torch.float32): (_NAN_JVP, "[nan-jvp] transpose"),
-    ("masked.log_softmax", torch.float64): (_NAN_JVP, "[nan-jvp] transpose"),
     ("masked.logaddexp", torch.float32): (_NAN_JVP, "[nan-jvp] transpose"),
     ("masked.logaddexp", torch.float64): (_NAN_JVP, "[nan-jvp] transpose"),
     ("masked.softmin", torch.float32): (_NAN_JVP, "[nan-jvp] transpose"),
