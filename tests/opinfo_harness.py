@@ -35,12 +35,6 @@ import torch_linearize as tl
 # Known failures, each with its reason and a signature every failing sample of
 # that (op, dtype) must match; all other samples of the op must still pass.
 # Keys: (OpInfo full name, dtype). Values: (reason, signature substring).
-_PINV = (
-    "PyTorch bug: complex linalg_pinv.atol_rtol_tensor returns a different (wrong) result "
-    "whenever any TorchDispatchMode is active, even a pass-through one (see "
-    "tests/test_opinfo.py::test_upstream_complex_pinv_under_dispatch_mode); linearize traces "
-    "under such a mode."
-)
 _UNPOOL = (
     "max_unpool scatters with duplicate indices when pooling windows overlap; which value wins "
     "is nondeterministic in PyTorch, so two runs can disagree."
@@ -81,10 +75,6 @@ XFAIL: dict[tuple[str, torch.dtype], tuple[str, str]] = {
     ("roll", torch.float32): (_ROLL, "vmap(jvp_fn)"),
     ("roll", torch.complex128): (_ROLL, "vmap(jvp_fn)"),
     ("logcumsumexp", torch.complex128): (_LOGCUMSUMEXP, "transpose"),
-    ("pinverse", torch.complex128): (_PINV, "not close"),
-    ("linalg.pinv", torch.complex128): (_PINV, "not close"),
-    ("linalg.pinv.singular", torch.complex128): (_PINV, "not close"),
-    ("linalg.lstsq.grad_oriented", torch.complex128): (_PINV, "not close"),
     ("nn.functional.max_unpool1d", torch.float32): (_UNPOOL, "not close"),
     ("nn.functional.max_unpool2d", torch.float32): (_UNPOOL, "not close"),
     ("nn.functional.max_unpool3d", torch.float32): (_UNPOOL, "not close"),

@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import opinfo_harness as h
+import torch_linearize as tl
 
 OPS = h.forward_ad_ops()
 
@@ -55,10 +56,13 @@ class _PassThrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_upstream_complex_pinv_under_dispatch_mode():
-    """Documents the PyTorch bug behind the pinv/lstsq XFAIL entries.
+def test_upstream_conj_views_inside_dispatch_mode_handlers():
+    """Documents the PyTorch behaviour that linearize's tracer works around.
 
-    If this test starts failing, PyTorch fixed the bug: remove those entries.
+    ``__torch_dispatch__`` runs with the Conjugate/Negative dispatch keys excluded, so
+    kernels that build conjugate views internally (complex ``linalg_pinv``) compute
+    garbage under any dispatch mode, even a pass-through one. If this test fails,
+    PyTorch changed that and ``_trace._needs_conj_keys`` can go.
     """
     torch.manual_seed(0)
     a = torch.randn(3, 3, dtype=torch.complex128)
@@ -69,7 +73,19 @@ def test_upstream_complex_pinv_under_dispatch_mode():
         moded = torch.ops.aten.linalg_pinv.atol_rtol_tensor(a, atol=atol, rtol=rtol)
     eye = torch.eye(3, dtype=a.dtype)
     assert torch.allclose(a @ plain, eye)
-    assert not torch.allclose(a @ moded, eye), "upstream bug fixed: drop the pinv XFAIL entries"
+    assert not torch.allclose(a @ moded, eye), "upstream behaviour changed"
+
+
+@pytest.mark.parametrize("fn", [torch.linalg.pinv, lambda a: torch.linalg.lstsq(a, a.sin()).solution])
+def test_complex_pinv_and_lstsq_are_right_despite_it(fn):
+    torch.manual_seed(0)
+    a = torch.randn(4, 3, dtype=torch.complex128)
+    y, jvp_fn = tl.linearize(fn, a)
+    torch.testing.assert_close(y, fn(a))
+    t = torch.randn_like(a)
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(fn, (a,), (t,))[1])
+    u = torch.randn_like(y)
+    torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(fn, a)[1](u)[0])
 
 
 def test_upstream_vmap_roll_of_scalars():

@@ -162,7 +162,9 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         )
     suspect = bool(set(prog.used_residuals()) & tracer.suspect_residuals)
     n_traced = len(prog.residuals)
+    prog.trace_values = tracer.trace_values  # outputs' tangents; inputs' placeholders are ones
     simplify(prog)
+    prog.trace_values = tracer.trace_values = {}
     for r in prog.residuals[n_traced:]:  # coefficients computed by the passes
         tracer.note_created(r)
     prog.prune_residuals()
@@ -252,6 +254,7 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
             tan = cast
         if isinstance(tan, Var):
             outputs.append(tan)
+            tracer.trace_values[tan.id] = fwAD.unpack_dual(o, level=tracer.level).tangent
         elif tan is None or tan._is_zerotensor() or not bool(tan.any()):
             outputs.append(ZeroOut(tuple(o.shape), o.dtype, o.device))
         else:

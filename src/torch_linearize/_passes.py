@@ -264,7 +264,8 @@ def fold_pointwise(prog: Program) -> int:
         if ops < 2:
             continue
         out = producer[vid].outs
-        coeffs = _region_coefficients(prog, producer, position, vid, memo, owned, uses)
+        coeffs = _traced_coefficient(prog, producer, bset, vid) or \
+            _region_coefficients(prog, producer, position, vid, memo, owned, uses)
         if coeffs is not None:
             terms = [(bases[bid], coeffs.get(bid, 0), bset[bid]) for bid in sorted(bset)]
             plan = _plan_terms(terms, out)
@@ -289,6 +290,42 @@ def fold_pointwise(prog: Program) -> int:
 
 def _is_number(c) -> bool:
     return isinstance(c, (int, float, complex)) and not isinstance(c, bool)
+
+
+def _traced_coefficient(prog, producer, bset, vid) -> dict | None:
+    """The coefficient of a one-input region, as computed by the trace itself.
+
+    Tangent placeholders of the program inputs are ones, so the traced value of a
+    region whose only base is an input *is* its coefficient (same operations, same
+    order, times 1). Used when it has the region's full shape (the 0-d evaluation
+    would not give a smaller, broadcast one); saves recomputing
+    a product of full-size residuals.
+    """
+    if len(bset) != 1 or not prog.trace_values:
+        return None
+    (bid, parity), = bset.items()
+    value = prog.trace_values.get(vid)
+    if parity or value is None or not any(v.id == bid for v in prog.inputs):
+        return None
+    out = producer[vid].outs
+    if value is None or tuple(value.shape) != tuple(out.shape) or value.dtype != out.dtype:
+        return None
+    shape: tuple = ()
+    stack, seen = [vid], set()
+    while stack:  # the broadcast shape of the region's residuals
+        v = stack.pop()
+        e = producer.get(v)
+        if e is None or v in seen:
+            continue
+        seen.add(v)
+        for a in e.args:
+            if isinstance(a, Var):
+                stack.append(a.id)
+            elif isinstance(a, Res):
+                shape = torch.broadcast_shapes(shape, prog.residuals[a.index].shape)
+    if tuple(shape) != tuple(out.shape):
+        return None
+    return {bid: value.detach()}
 
 
 def _region_coefficients(prog, producer, position, vid, memo, owned, uses):

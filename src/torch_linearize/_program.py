@@ -144,6 +144,10 @@ class Program:
     input_layouts: list[tuple] = field(default_factory=list)  # (stride, storage_offset) per input
     mutated_inputs: set[int] = field(default_factory=set)
     residual_names: list[str] = field(default_factory=list)
+    # Trace-time tangent values of the outputs (by Var id), while simplifying: the inputs'
+    # tangent placeholders are ones, so the value of a one-input pointwise region is its
+    # coefficient, already computed by the trace (see _passes._traced_coefficient).
+    trace_values: dict = field(default_factory=dict)
 
     def used_residuals(self) -> list[int]:
         seen: dict[int, None] = {}

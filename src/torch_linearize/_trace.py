@@ -34,6 +34,7 @@ from ._program import Eqn, Res, Var
 from ._residuals import ResidualTable, storage_key
 
 aten = torch.ops.aten
+C = torch._C
 
 __all__ = ["Tracer", "current_tracer"]
 
@@ -205,6 +206,24 @@ def current_tracer() -> Tracer | None:
     return getattr(_local, "tracer", None)
 
 
+_CONJ_NEG_KEYS = C.DispatchKeySet(C.DispatchKey.Conjugate) | C.DispatchKeySet(C.DispatchKey.Negative)
+
+
+def _needs_conj_keys(func, args, kwargs) -> bool:
+    """Complex operands, or a linear-algebra kernel (may make complex temporaries)."""
+    if func.__name__.startswith(("linalg_", "_linalg")):
+        return True
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_complex():
+                return True
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor) and b.is_complex():
+                    return True
+    return any(isinstance(v, torch.Tensor) and v.is_complex() for v in kwargs.values())
+
+
 class Tracer(TorchDispatchMode):
     """Records the tangent part of a forward-AD run into a linear program."""
 
@@ -213,6 +232,7 @@ class Tracer(TorchDispatchMode):
         self.level = level
         self.token = object()  # identifies this trace on tracked tensors
         self.eqns: list[Eqn] = []
+        self.trace_values: dict[int, torch.Tensor] = {}  # output Var id -> its traced value
         self.residuals = ResidualTable()
         self.inputs: list[Var] = []
         # Storage-keyed maps hold the storage itself, so its address cannot be reused by
@@ -397,6 +417,17 @@ class Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _needs_conj_keys(func, args, kwargs):
+            # PyTorch runs __torch_dispatch__ with the Conjugate and Negative keys
+            # excluded, so a kernel that builds conjugate views internally (complex
+            # linalg_pinv: `V.mH * (1/S)`) silently computes garbage under any dispatch
+            # mode. Re-enable them while this operation runs.
+            include, exclude = C._dispatch_tls_local_include_set(), C._dispatch_tls_local_exclude_set()
+            with C._ForceDispatchKeyGuard(include, exclude - _CONJ_NEG_KEYS):
+                return self._dispatch(func, args, kwargs)
+        return self._dispatch(func, args, kwargs)
+
+    def _dispatch(self, func, args, kwargs):
         if self.paused_depth:
             return func(*args, **kwargs)
         info = _op_info(func)
@@ -450,7 +481,7 @@ class Tracer(TorchDispatchMode):
         unless registered with ``torch_linearize.register_jvp``), so the tangent
         would silently be dropped: refuse instead.
         """
-        C = torch._C
+
         autograd = C.DispatchKeySet(C.DispatchKey.ADInplaceOrView)
         for k in (C.DispatchKey.AutogradCPU, C.DispatchKey.AutogradCUDA,
                   C.DispatchKey.AutogradOther, C.DispatchKey.AutogradMeta):
