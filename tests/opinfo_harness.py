@@ -44,11 +44,6 @@ _LOGCUMSUMEXP = (
     "|x| ~ 1e4 (its residuals exp(x) are inf); the transpose of that formula is NaN there, while "
     "torch.func.vjp uses a different, stable reverse-mode formula. The jvp itself matches."
 )
-_NAN_JVP = (
-    "Samples whose JVP is NaN somewhere (fully masked rows divide 0 by 0): PyTorch's forward "
-    "formula gives NaN there and its reverse formula 0, so no single linear map matches both; "
-    "jvp_fn matches torch.func.jvp and its transpose follows that program."
-)
 _ROLL = (
     "PyTorch bug: torch.vmap of torch.roll without dims on a 0-dim tensor rolls across the batch "
     "(tests/test_opinfo.py::test_upstream_vmap_roll_of_scalars); vmap(jvp_fn) inherits it."
@@ -59,12 +54,6 @@ _NAN_INPUT = (
     "and its transpose is the transpose of that program."
 )
 XFAIL: dict[tuple[str, torch.dtype], tuple[str, str]] = {
-    ("masked.logaddexp", torch.float32): (_NAN_JVP, "[nan-jvp] transpose"),
-    ("masked.logaddexp", torch.float64): (_NAN_JVP, "[nan-jvp] transpose"),
-    ("masked.softmin", torch.float32): (_NAN_JVP, "[nan-jvp] transpose"),
-    ("masked.softmin", torch.float64): (_NAN_JVP, "[nan-jvp] transpose"),
-    ("masked.softmax", torch.float32): (_NAN_JVP, "[nan-jvp] transpose"),
-    ("masked.softmax", torch.float64): (_NAN_JVP, "[nan-jvp] transpose"),
     ("masked.prod", torch.float32): (_NAN_INPUT, "[nan-input] transpose"),
     ("masked.prod", torch.float64): (_NAN_INPUT, "[nan-input] transpose"),
     ("masked.amin", torch.float32): (_NAN_INPUT, "[nan-input] transpose"),

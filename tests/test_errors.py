@@ -405,7 +405,7 @@ def test_mutating_aux_that_is_a_residual_raises():
 
     def f(x):
         e = x.exp()
-        return e * 2, e
+        return torch.outer(e, x), e  # the map reads e (the aux tensor itself) in outer(e, t)
 
     _, jvp_fn, aux = tl.linearize(f, x, has_aux=True)
     aux.zero_()

@@ -38,6 +38,63 @@ def test_elementwise_chain_folds_into_one_multiplication():
     assert jvp_fn.residual_bytes == x.numel() * x.element_size()
 
 
+@pytest.mark.parametrize("n_ops", [2, 3])
+def test_short_chains_fold_too(n_ops):
+    # t * a * b is one multiplication by (a * b): folding pays from two scalings on.
+    x = torch.randn(40, dtype=D)
+    ops = [torch.sin, torch.exp, torch.tanh][:n_ops]
+
+    def f(x):
+        for op in ops:
+            x = op(x)
+        return x
+
+    jvp_fn = _check(f, x)
+    assert jvp_fn.num_ops == 1
+    assert jvp_fn.residual_bytes == x.numel() * x.element_size()
+
+
+def test_scalings_are_not_distributed_over_cancelling_sums():
+    # (t - mean(t)) * 2681.1 * 1.3 over a dimension of size 1: exactly 0 as traced.
+    # Folded as t*c - mean(t)*c it would be a rounding error of t*c (layer_norm of one
+    # element hit this).
+    x = torch.randn(64, 1)
+
+    def f(x):
+        return (x - x.mean(-1, keepdim=True)) * 2681.1 * 1.3
+
+    _, jvp_fn = tl.linearize(f, x)
+    t = torch.randn(64, 1)
+    ref = torch.func.jvp(f, (x,), (t,))[1]
+    assert torch.equal(ref, torch.zeros_like(ref))
+    assert torch.equal(jvp_fn(t), ref)
+
+
+@pytest.mark.parametrize("select", ["where", "masked_fill", "relu", "hardtanh"])
+def test_selections_are_not_folded_into_products(select):
+    # A selection returns an exact 0 at unselected positions; a product with a zero
+    # coefficient would give NaN there for a non-finite incoming tangent.
+    x = torch.linspace(-3, 3, 12, dtype=D)
+    mask = x > 0
+    ops = {
+        "where": lambda v: torch.where(mask, v, 0.0),
+        "masked_fill": lambda v: v.masked_fill(~mask, 0.0),
+        "relu": lambda v: torch.relu(v - x.detach()),  # selects where v > x (v = sin-chain)
+        "hardtanh": lambda v: F.hardtanh(3 * v),
+    }
+
+    def f(x):
+        return ops[select](x.sin() * 2.5).exp() * 1.5
+
+    _, jvp_fn = tl.linearize(f, x)
+    t = torch.randn(12, dtype=D)
+    t[~mask] = float("inf")
+    ref = torch.func.jvp(f, (x,), (t,))[1]
+    torch.testing.assert_close(jvp_fn(t), ref, equal_nan=True)
+    u = torch.randn_like(ref)
+    torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(f, x)[1](u)[0], equal_nan=True)
+
+
 def test_linear_combination_of_several_tangent_values():
     # 5-point stencil plus a pointwise term: 4 additions and one fused multiply-add.
     u = torch.randn(12, 12, dtype=D)

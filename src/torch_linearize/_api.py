@@ -165,8 +165,12 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     prog.trace_values = tracer.trace_values  # outputs' tangents; inputs' placeholders are ones
     simplify(prog)
     prog.trace_values = tracer.trace_values = {}
-    for r in prog.residuals[n_traced:]:  # coefficients computed by the passes
-        tracer.note_created(r)
+    # Coefficients computed by the passes are new storage; a coefficient that *is* a
+    # traced residual (x * w folds to coefficients w and x) is not.
+    traced_storages = {storage_key(r) for r in prog.residuals[:n_traced]}
+    for r in prog.residuals[n_traced:]:
+        if storage_key(r) not in traced_storages:
+            tracer.note_created(r)
     prog.prune_residuals()
     live_nodes = {id(e.fn) for e in prog.eqns}
     opaque = [n for n in tracer.opaque_nodes if id(n) in live_nodes]

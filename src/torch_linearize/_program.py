@@ -103,6 +103,11 @@ class Eqn:
     poison: str | None = None  # set when the operation is not linear in its tangent inputs
 
     def _leaves(self) -> list:
+        # Cached: the passes ask for every equation's inputs many times. ``args`` and
+        # ``kwargs`` are only ever replaced (never mutated), so identity validates it.
+        c = self.__dict__.get("_leaf_cache")
+        if c is not None and c[0] is self.args and c[1] is self.kwargs:
+            return c[2]
         out: list = []
         for x in self.args:
             if isinstance(x, (list, tuple)):
@@ -115,6 +120,7 @@ class Eqn:
                     out.extend(x)
                 else:
                     out.append(x)
+        self.__dict__["_leaf_cache"] = (self.args, self.kwargs, out)
         return out
 
     def in_vars(self) -> list[Var]:
