@@ -277,3 +277,25 @@ def test_folding_other_dtypes(dtype):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
     torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1], **tol)
     assert jvp_fn.num_ops == 1
+
+
+def test_row_major_operands_give_contiguous_results():
+    # The premise of the folding layout fast path (_passes._all_contiguous_like): pointwise
+    # results of row-major operands of one shape (slices, steps, size-1 dims) and 0-d
+    # tensors are allocated contiguous by TensorIterator.
+    from torch_linearize._passes import _row_major
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(12, 14, 16, dtype=D)
+    views = [base[1:6, 2:8, 3:10], base[:10:2, 1:13:2, ::2][:5, :6, :7], base[3:8, 5:11, 9:16],
+             torch.randn(5, 6, 7, dtype=D), base[2:7, 3:9, 4:11].clone()]
+    zero_d = torch.tensor(1.5, dtype=D)
+    for trial in range(50):
+        idx = torch.randint(len(views), (3,), generator=gen).tolist()
+        a, b, c = (views[i] for i in idx)
+        assert all(_row_major(v.shape, v.stride()) for v in (a, b, c))
+        for r in (a * b, torch.addcmul(a, b, c), torch.add(a, b, alpha=2.5), a * zero_d,
+                  a.clone(), torch.addcmul(a, b, zero_d)):
+            assert r.is_contiguous(), (trial, idx)
+    # and a layout that is not row-major is rejected
+    assert not _row_major((5, 6), base[0, :5, :6].t().stride())

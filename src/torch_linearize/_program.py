@@ -173,9 +173,10 @@ class Program:
         def sub_arg(x):
             return type(x)(sub(y) for y in x) if isinstance(x, (list, tuple)) else sub(x)
 
-        for e in self.eqns:
-            e.args = tuple(sub_arg(a) for a in e.args)
-            e.kwargs = {k: sub_arg(v) for k, v in e.kwargs.items()}
+        if any(old != new for old, new in remap.items()):
+            for e in self.eqns:
+                e.args = tuple(sub_arg(a) for a in e.args)
+                e.kwargs = {k: sub_arg(v) for k, v in e.kwargs.items()}
         self.residuals = [self.residuals[i] for i in used]
         if self.residual_names:
             self.residual_names = [self.residual_names[i] for i in used]
