@@ -93,7 +93,8 @@ def _resolve(op: Any) -> CustomOpDef:
 
 
 def _check_schema(qualname: str, schema: Any) -> None:
-    if _lib_utils.is_out(_lib_utils.lookup_op(qualname)) or schema.is_mutable:
+    # (out= variants write their out arguments, so they are mutable schemas too)
+    if schema.is_mutable:
         raise ValueError(
             f"register_jvp: {qualname} mutates its arguments (schema {schema}); forward-mode "
             "rules, like register_autograd formulas, need a functional operator."
@@ -339,5 +340,6 @@ def register_jvp(
             warnings.filterwarnings("ignore", message=".*[Oo]verrid.*previously registered kernel")
             warnings.filterwarnings("ignore", message="Warning only once for all operators")
             lib = torch.library.Library(opdef._namespace, "FRAGMENT")
-            lib.impl(opdef._name, kernel, "Autograd", with_keyset=True)
+            # allow_override: torch 2.11 refuses by default (2.13 allows it by default)
+            lib.impl(opdef._name, kernel, "Autograd", with_keyset=True, allow_override=True)
         _REGISTRY[opdef._qualname] = (lib, opdef, fn_cls)
