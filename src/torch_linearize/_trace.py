@@ -209,9 +209,15 @@ def current_tracer() -> Tracer | None:
 _CONJ_NEG_KEYS = C.DispatchKeySet(C.DispatchKey.Conjugate) | C.DispatchKeySet(C.DispatchKey.Negative)
 
 
+_linalg_ops: dict[Any, bool] = {}
+
+
 def _needs_conj_keys(func, args, kwargs) -> bool:
     """Complex operands, or a linear-algebra kernel (may make complex temporaries)."""
-    if func.__name__.startswith(("linalg_", "_linalg")):
+    linalg = _linalg_ops.get(func)
+    if linalg is None:
+        linalg = _linalg_ops[func] = func.__name__.startswith(("linalg_", "_linalg"))
+    if linalg:
         return True
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -221,7 +227,11 @@ def _needs_conj_keys(func, args, kwargs) -> bool:
             for b in a:
                 if isinstance(b, torch.Tensor) and b.is_complex():
                     return True
-    return any(isinstance(v, torch.Tensor) and v.is_complex() for v in kwargs.values())
+    if kwargs:
+        for v in kwargs.values():
+            if isinstance(v, torch.Tensor) and v.is_complex():
+                return True
+    return False
 
 
 class Tracer(TorchDispatchMode):
@@ -538,10 +548,9 @@ class Tracer(TorchDispatchMode):
         the error is raised only if a poisoned value reaches an output of ``f``
         (PyTorch sometimes computes, and then discards, such values itself).
         """
-        name = str(func)
         if func in _DATA_READS:
             raise NonLinearTangentError(
-                f"linearize: {name} reads the value of a tangent-dependent tensor into Python "
+                f"linearize: {func} reads the value of a tangent-dependent tensor into Python "
                 "(e.g. .item(), bool(), torch.equal). The linearized function must be linear in "
                 "its tangents; read only primal values."
             )
@@ -551,11 +560,11 @@ class Tracer(TorchDispatchMode):
                 if v is not None and v.id in self.poisoned:
                     return self.poisoned[v.id]
         if info.random:
-            return (f"linearize: random operation {name} was applied to a tangent-dependent "
+            return (f"linearize: random operation {func} was applied to a tangent-dependent "
                     "tensor; a linear map cannot draw new random numbers from its input.")
         base = info.name[:-1] if info.name.endswith("_") else info.name
         if base in _NONLINEAR or base.lstrip("_") in _NONLINEAR:
-            return (f"linearize: {name} is not linear but was applied to a tangent-dependent "
+            return (f"linearize: {func} is not linear but was applied to a tangent-dependent "
                     "tensor. A tangent can only flow through linear operations.")
         pos = _BILINEAR.get(base)
         if pos is not None:
@@ -564,13 +573,13 @@ class Tracer(TorchDispatchMode):
                 if p < len(args) and isinstance(args[p], torch.Tensor) and self.lookup(args[p]) is not None
             )
             if n > 1:
-                return (f"linearize: {name} multiplies two tangent-dependent tensors; the result "
+                return (f"linearize: {func} multiplies two tangent-dependent tensors; the result "
                         "is quadratic, not linear, in the tangent.")
         lin = _LINEAR_ONLY_IN.get(base)
         if lin is not None:
             for p, a in enumerate(args):
                 if p not in lin and isinstance(a, torch.Tensor) and self.lookup(a) is not None:
-                    return (f"linearize: {name} is not linear in argument {p}, which depends on "
+                    return (f"linearize: {func} is not linear in argument {p}, which depends on "
                             "a tangent.")
         return None
 
