@@ -55,7 +55,9 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
         fmt_ratio,
         interleave,
         markdown_table,
+        pin_malloc,
         short_reason,
+        write_report,
     )
 except ImportError:  # pragma: no cover
     from benchmarks import bench_core as core
@@ -66,7 +68,9 @@ except ImportError:  # pragma: no cover
         fmt_ratio,
         interleave,
         markdown_table,
+        pin_malloc,
         short_reason,
+        write_report,
     )
 
 REL_TOL = 1e-4  # relative max error (|a - ref|_max / |ref|_max), as in bench_core
@@ -312,34 +316,6 @@ class Row:
         if self.failed or self.samples is None or len(self.samples) < 4:
             return ""
         return f"{self.samples.spread:.0%}"
-
-
-def pin_malloc() -> str:
-    """Make glibc malloc keep and reuse freed memory (no ``mmap`` per large block, no trimming).
-
-    By default glibc serves every block above its mmap threshold (at most 32 MiB) with a
-    fresh ``mmap`` and returns it to the OS on ``free``; the kernel then faults in and zeroes
-    every 4 KiB page on first touch, so a 256 MiB batched result costs ~40 ms of system time
-    *on some calls*: whether a block is served from a freed heap chunk or from a new mapping
-    depends on the allocation history of the whole process. That made batched timings
-    bimodal (IQR of several 100 %) and ratios between methods depend on luck. With
-    ``M_MMAP_MAX = 0`` and a 2 GiB ``M_TRIM_THRESHOLD`` every method reuses warm memory, as
-    with a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator).
-    Returns a description for the report.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return "glibc defaults (mallopt unavailable)"
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
-        return "glibc defaults (mallopt failed)"
-    return ("glibc malloc pinned with mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB): freed "
-            "memory is reused, never unmapped (see `--malloc`)")
 
 
 def _minor_faults() -> int | None:
@@ -868,10 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(batch, jac, trans, cfg, args, time.perf_counter() - t0)
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
-        log(f"wrote {args.out}")
+        write_report(text, args.out, log)
     return 0
 
 

@@ -62,9 +62,11 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
         fmt_ratio,
         interleave,
         markdown_table,
+        pin_malloc,
         short_reason,
         storage_bytes,
         time_ms,
+        write_report,
     )
 except ImportError:  # pragma: no cover
     from benchmarks.common import (
@@ -75,9 +77,11 @@ except ImportError:  # pragma: no cover
         fmt_ratio,
         interleave,
         markdown_table,
+        pin_malloc,
         short_reason,
         storage_bytes,
         time_ms,
+        write_report,
     )
 
 MiB = 1024 * 1024
@@ -1016,7 +1020,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_<user>)")
     p.add_argument("--malloc", choices=("default", "pinned"), default="default",
                    help="glibc malloc: defaults, or pinned (reuse freed memory, no per-block mmap; "
-                        "see bench_batch_transpose.pin_malloc)")
+                        "see common.pin_malloc)")
     p.add_argument("--only", default="", help="comma-separated workloads: " + ",".join(WORKLOADS))
     return p
 
@@ -1040,11 +1044,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args.malloc_desc = "glibc defaults"
     if args.malloc == "pinned":
-        try:
-            from bench_batch_transpose import pin_malloc
-        except ImportError:  # pragma: no cover
-            from benchmarks.bench_batch_transpose import pin_malloc
-
         args.malloc_desc = pin_malloc()
     load_before = _loadavg()
     if load_before > 0.75 * (os.cpu_count() or 1):
@@ -1098,10 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, cfg, args, elapsed)
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
-        log(f"wrote {args.out}")
+        write_report(text, args.out, log)
     return 0
 
 

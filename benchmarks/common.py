@@ -309,3 +309,39 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
         ("-" * widths[i]) if i < 2 else ("-" * (widths[i] - 1) + ":") for i in range(cols)
     ) + " |"
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def pin_malloc() -> str:
+    """Make glibc malloc keep and reuse freed memory (no ``mmap`` per large block, no trimming).
+
+    By default glibc serves every block above its mmap threshold (at most 32 MiB) with a
+    fresh ``mmap`` and returns it to the OS on ``free``; the kernel then faults in and zeroes
+    every 4 KiB page on first touch, so a 256 MiB batched result costs ~40 ms of system time
+    *on some calls*: whether a block is served from a freed heap chunk or from a new mapping
+    depends on the allocation history of the whole process. That made batched timings
+    bimodal (IQR of several 100 %) and ratios between methods depend on luck. With
+    ``M_MMAP_MAX = 0`` and a 2 GiB ``M_TRIM_THRESHOLD`` every method reuses warm memory, as
+    with a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator).
+    Returns a description for the report.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "glibc defaults (mallopt unavailable)"
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return "glibc defaults (mallopt failed)"
+    return ("glibc malloc pinned with mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB): freed "
+            "memory is reused, never unmapped (see `--malloc`)")
+
+
+def write_report(text: str, path: str, log: Callable[[str], None]) -> None:
+    """Write a benchmark report (creating its folder) and log where it went."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
+    log(f"wrote {path}")
