@@ -57,7 +57,10 @@ def _needs_autograd_wrapper(args) -> bool:
         return True
     if not torch.is_grad_enabled():
         return False
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
 
 
 class _OpaqueNode:
@@ -192,9 +195,10 @@ class _OpaqueNode:
                          for m in self.out_meta)
         materialize = self._materialize()
         if nbatch == 0:
-            for i, meta in enumerate(self.in_meta):
-                if args[i] is None and meta is not None and materialize:
-                    args[i] = self._zero(i)
+            if materialize:
+                for i, meta in enumerate(self.in_meta):
+                    if args[i] is None and meta is not None:
+                        args[i] = self._zero(i)
             out = self._invoke(args)
             return tuple(self._check(j, o, args, ()) for j, o in enumerate(out))
         return self._run_batched(nbatch, args, materialize)
