@@ -57,10 +57,7 @@ def _needs_autograd_wrapper(args) -> bool:
         return True
     if not torch.is_grad_enabled():
         return False
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            return True
-    return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 class _OpaqueNode:
