@@ -51,6 +51,7 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
     from common import (
         ContentionGuard,
         Samples,
+        elementwise_chain,
         fmt_ms,
         fmt_ratio,
         interleave,
@@ -64,6 +65,7 @@ except ImportError:  # pragma: no cover
     from benchmarks.common import (
         ContentionGuard,
         Samples,
+        elementwise_chain,
         fmt_ms,
         fmt_ratio,
         interleave,
@@ -164,17 +166,6 @@ def make_mlp() -> Workload:
 
     return Workload("mlp", "MLP 4x tanh(x W^T + b), x 256x512, W 512x512, w.r.t. x", base.f,
                     base.x, floor_setup, floor_batched, base.floor_apply, floor_transpose)
-
-
-def _elementwise_chain(x: torch.Tensor) -> torch.Tensor:
-    x = torch.sin(x)
-    x = torch.exp(x)
-    x = torch.tanh(x)
-    x = torch.cos(x)
-    x = torch.sigmoid(x)
-    x = torch.log1p(x)
-    x = torch.erf(x)
-    return torch.atan(x)
 
 
 def _elementwise_factors(x: torch.Tensor) -> list[torch.Tensor]:
@@ -287,7 +278,7 @@ def small_workloads() -> list[SmallWorkload]:
     return [
         SmallWorkload("mlp", "MLP 4x tanh, x 8x64, W 64x64: J 512x512", f_mlp, x_mlp),
         SmallWorkload("elementwise", "elementwise chain, 4096: J 4096x4096 (diagonal)",
-                      _elementwise_chain, x_el),
+                      elementwise_chain, x_el),
         SmallWorkload("pde", "PDE residual 32x32: J 900x1024",
                       lambda u: core._lap(u) - u[1:-1, 1:-1] ** 3, u),
         SmallWorkload("custom", "custom Function (batched_jvp), 4096: J 4096x4096 (diagonal)",

@@ -58,6 +58,7 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
         ContentionGuard,
         Samples,
         closure_tensor_bytes,
+        elementwise_chain,
         fmt_ms,
         fmt_ratio,
         interleave,
@@ -73,6 +74,7 @@ except ImportError:  # pragma: no cover
         ContentionGuard,
         Samples,
         closure_tensor_bytes,
+        elementwise_chain,
         fmt_ms,
         fmt_ratio,
         interleave,
@@ -145,15 +147,7 @@ def make_elementwise() -> Workload:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1_000_000, generator=g)
 
-    def f(x: torch.Tensor) -> torch.Tensor:
-        x = torch.sin(x)
-        x = torch.exp(x)
-        x = torch.tanh(x)
-        x = torch.cos(x)
-        x = torch.sigmoid(x)
-        x = torch.log1p(x)
-        x = torch.erf(x)
-        return torch.atan(x)
+    f = elementwise_chain
 
     def floor_setup() -> torch.Tensor:
         # the folded derivative, computed once (one jvp with a ones tangent)

@@ -29,6 +29,11 @@ import torch
 
 import torch_linearize as tl
 
+try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.bench_overhead``
+    from common import elementwise_chain
+except ImportError:  # pragma: no cover
+    from benchmarks.common import elementwise_chain
+
 
 class Quadratic(torch.autograd.Function):
     """y = a x^2 + b x + c with a hand-written jvp (the forum's custom Function)."""
@@ -52,13 +57,6 @@ def quadratic(x, a, b, c):
     return a * x**2 + b * x + c
 
 
-def chain(x):
-    for op in (torch.sin, torch.exp, torch.tanh, torch.sigmoid, torch.cos, torch.log1p,
-               torch.erf, torch.atan):
-        x = op(x)
-    return x
-
-
 def _workloads() -> list[tuple[str, Callable, tuple, Callable[[], Callable]]]:
     p = tuple(torch.tensor(v, dtype=torch.float64) for v in (2.0, 3.0, 4.0, 5.0))
     x = torch.linspace(-1, 1, 16)
@@ -69,13 +67,13 @@ def _workloads() -> list[tuple[str, Callable, tuple, Callable[[], Callable]]]:
         return lambda dx, da, db, dc: d * dx + x2 * da + xx * db + dc
 
     def chain_floor() -> Callable:
-        r = torch.func.jvp(chain, (x,), (torch.ones_like(x),))[1]
+        r = torch.func.jvp(elementwise_chain, (x,), (torch.ones_like(x),))[1]
         return lambda t: t * r
 
     return [
         ("forum quadratic, 4 scalars (plain PyTorch)", quadratic, p, quad_floor),
         ("forum quadratic, 4 scalars (custom Function)", Quadratic.apply, p, quad_floor),
-        ("elementwise chain, 8 ops, 16 elements", chain, (x,), chain_floor),
+        ("elementwise chain, 8 ops, 16 elements", elementwise_chain, (x,), chain_floor),
     ]
 
 

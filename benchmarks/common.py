@@ -345,3 +345,15 @@ def write_report(text: str, path: str, log: Callable[[str], None]) -> None:
     with open(path, "w") as fh:
         fh.write(text)
     log(f"wrote {path}")
+
+
+def elementwise_chain(x: torch.Tensor) -> torch.Tensor:
+    """The benchmarks' elementwise workload: 8 transcendental operations in a row."""
+    x = torch.sin(x)
+    x = torch.exp(x)
+    x = torch.tanh(x)
+    x = torch.cos(x)
+    x = torch.sigmoid(x)
+    x = torch.log1p(x)
+    x = torch.erf(x)
+    return torch.atan(x)
