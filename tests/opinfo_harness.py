@@ -350,9 +350,9 @@ def adjoint_explains(f, primals, jvp_fn, vjp_fn, ref_vjp_out, cots, gen, seed) -
     return abs(ours_l - ours_r) <= tight * scale and abs(torch_l - torch_r) > tight * scale
 
 
-def samples_for(op, dtype, limit):
+def samples_for(op, dtype, limit, device="cpu"):
     try:
-        it = op.sample_inputs("cpu", dtype, requires_grad=False)
+        it = op.sample_inputs(device, dtype, requires_grad=False)
         out = []
         for i, s in enumerate(it):
             if limit is not None and i >= limit:
@@ -363,15 +363,21 @@ def samples_for(op, dtype, limit):
         return []
 
 
-def run_sweep(dtypes, limit, ops=None, verbose=False, out=sys.stdout, modes=("jvp",)):
+def run_sweep(dtypes, limit, ops=None, verbose=False, out=sys.stdout, modes=("jvp",),
+              device="cpu", budget_s=None):
+    """Check every sample; with ``budget_s``, no new op starts once that many seconds passed."""
     results: list[Outcome] = []
     ops = ops if ops is not None else forward_ad_ops()
     t0 = time.time()
     for op in ops:
+        if budget_s is not None and time.time() - t0 > budget_s:
+            print(f"time budget of {budget_s:.0f}s reached: stopped before {op_full_name(op)}",
+                  file=out)
+            break
         for dtype in dtypes:
-            if dtype not in op.supported_dtypes("cpu"):
+            if dtype not in op.supported_dtypes(device):
                 continue
-            for i, s in enumerate(samples_for(op, dtype, limit)):
+            for i, s in enumerate(samples_for(op, dtype, limit, device)):
                 if os.environ.get("OPINFO_TRACE"):
                     print(f"-> {op_full_name(op)} {dtype} #{i}", file=out, flush=True)
                 with warnings.catch_warnings():
@@ -404,6 +410,9 @@ def main(argv=None):
     ap.add_argument("--ops", default="", help="comma list of OpInfo names to restrict to")
     ap.add_argument("--modes", default="jvp,vmap,transpose,each",
                     help="comma list: jvp,vmap,transpose,each")
+    ap.add_argument("--device", default="cpu", help="device of the samples (cpu, cuda)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new ops after this many seconds (partial sweep)")
     args = ap.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     ops = forward_ad_ops()
@@ -411,12 +420,13 @@ def main(argv=None):
         wanted = set(args.ops.split(","))
         ops = [op for op in ops if op.name in wanted or op_full_name(op) in wanted]
     results, secs = run_sweep(dtypes, args.limit or None, ops, verbose=True,
-                              modes=tuple(args.modes.split(",")))
+                              modes=tuple(args.modes.split(",")), device=args.device,
+                              budget_s=args.budget_s)
     p, n, ok, nops = summarize(results)
     skipped = sum(1 for r in results if r.status == "skip")
     xfailed = sum(1 for r in results if r.status == "xfail")
     total = n + xfailed
-    print(f"\nOpInfo sweep ({args.dtypes}, limit={args.limit or 'all'}, checks={args.modes}): "
+    print(f"\nOpInfo sweep ({args.device}, {args.dtypes}, limit={args.limit or 'all'}, checks={args.modes}): "
           f"{p} of {total} samples pass "
           f"({100.0 * p / max(total, 1):.2f}%); {xfailed} known failures (XFAIL, with reasons); "
           f"{n - p} unexpected failures; {ok} of {nops} (op, dtype) pairs pass all counted samples; "

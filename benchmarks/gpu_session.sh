@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one command (run on the device machine from the
+# repository root; outputs land in $OUT, default /tmp/gpu_out):
+#   1. benchmarks/gpu.py      - Triton check + GPU benchmark + issue-5 GPU targets
+#   2. pytest on CUDA         - tests/test_cuda.py, test_triton_op.py, test_compile.py, test_examples.py
+#   3. OpInfo sweep on CUDA   - tests/opinfo_harness.py --device cuda (time-budgeted)
+# expecttest (needed by PyTorch's op_db) is not on the GPU image: copy it to .whl/site
+# (git-ignored) and carry .whl. Each step has its own timeout; a failing step does
+# not stop the next one.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src:$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+timeout "${GPU_BENCH_S:-330}" $PY benchmarks/gpu.py --out "$OUT/gpu_results.md" 2>&1 | tee "$OUT/gpu_log.txt"
+echo "gpu.py exit: ${PIPESTATUS[0]}"
+
+timeout "${GPU_TEST_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  tests/test_triton_op.py tests/test_compile.py tests/test_examples.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25
+echo "pytest exit: ${PIPESTATUS[0]}"
+
+timeout "${GPU_OPINFO_S:-100}" $PY tests/opinfo_harness.py --device cuda --dtypes float64,float32 \
+  --limit 4 --budget-s "${GPU_OPINFO_BUDGET_S:-75}" > "$OUT/opinfo_cuda.txt" 2>&1
+echo "opinfo exit: $?"
+tail -4 "$OUT/opinfo_cuda.txt"

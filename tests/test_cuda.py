@@ -1,0 +1,335 @@
+"""The core guarantees on a CUDA device (skipped without one).
+
+Run on the GPU machine with ``pytest tests/test_cuda.py``. ``TL_TEST_DEVICE=cpu``
+runs the same tests on the CPU (how the module's own logic is checked on machines
+without a GPU); the CUDA-only checks (allocator accounting, CuPy kernels, CUDA
+graphs, Inductor) skip there.
+
+Every check compares with an independent float64 reference on the same device:
+``torch.func.jvp``/``torch.func.vjp``, eager ``forward_ad`` or, for the raw-kernel
+Function, the formula itself.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import opinfo_harness as h
+import torch_linearize as tl
+
+DEVICE = os.environ.get("TL_TEST_DEVICE", "cuda")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (or TL_TEST_DEVICE=cpu)", allow_module_level=True)
+
+D = torch.float64
+ON_CUDA = DEVICE == "cuda"
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="CUDA-only check")
+
+
+def _randn(*shape, dtype=D, seed=None):
+    g = None if seed is None else torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(*shape, dtype=dtype, device=DEVICE, generator=g)
+
+
+def mlp(params, x):
+    for w, b in params:
+        x = torch.tanh(x @ w + b)
+    return x
+
+
+def chain(x):
+    return torch.sin(torch.exp(torch.tanh(x))) * torch.sigmoid(x) + torch.log1p(x * x)
+
+
+def pde(u):
+    lap = u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * u[1:-1, 1:-1]
+    return lap - u[1:-1, 1:-1] ** 3 + torch.exp(-u[1:-1, 1:-1])
+
+
+def _workloads():
+    params = [(_randn(32, 32, seed=i) / 6, _randn(32, seed=10 + i)) for i in range(4)]
+    return {
+        "mlp": (lambda x: mlp(params, x), _randn(8, 32, seed=1)),
+        "elementwise": (chain, _randn(10_000, seed=2)),
+        "pde": (pde, _randn(66, 66, seed=3)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "elementwise", "pde"])
+def test_workloads_match_torch_func_jvp_on_device(name):
+    f, x = _workloads()[name]
+    y, jvp_fn = tl.linearize(f, x)
+    assert y.device == x.device
+    torch.testing.assert_close(y, f(x))
+    for seed in range(3):
+        t = _randn(*x.shape, seed=100 + seed)
+        out = jvp_fn(t)
+        assert out.device == x.device
+        torch.testing.assert_close(out, torch.func.jvp(f, (x,), (t,))[1], rtol=1e-10, atol=1e-12)
+
+
+def test_apply_runs_no_primal_kernel_on_device():
+    from helpers import OpCounter
+
+    x = _randn(1000, seed=4)
+    _, jvp_fn = tl.linearize(lambda v: torch.sin(torch.exp(torch.tanh(v))), x)
+    t = _randn(1000, seed=5)
+    with OpCounter() as c:
+        jvp_fn(t)
+    ran = {str(k) for k in c.counts}
+    assert not any(n in k for k in ran for n in ("sin", "exp", "tanh", "cos")), ran
+
+
+@pytest.mark.parametrize("name", ["mlp", "elementwise", "pde"])
+def test_batched_and_transposed_maps_on_device(name):
+    f, x = _workloads()[name]
+    y, jvp_fn = tl.linearize(f, x)
+    ts = torch.stack([_randn(*x.shape, seed=200 + k) for k in range(4)])
+    batched = torch.vmap(jvp_fn)(ts)
+    for k in range(4):
+        torch.testing.assert_close(batched[k], torch.func.jvp(f, (x,), (ts[k],))[1],
+                                   rtol=1e-10, atol=1e-12)
+    ct = _randn(*y.shape, seed=300)
+    (got,) = jvp_fn.transpose()(ct)
+    (want,) = torch.func.vjp(f, x)[1](ct)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_jacobian_on_device():
+    f, x = _workloads()["mlp"]
+    x = x[:2, :8].contiguous()
+    params = [(_randn(8, 8, seed=i), _randn(8, seed=20 + i)) for i in range(2)]
+
+    def g(v):
+        return mlp(params, v)
+
+    _, jvp_fn = tl.linearize(g, x)
+    torch.testing.assert_close(jvp_fn.jacobian(), torch.func.jacfwd(g)(x))
+
+
+def test_random_ops_share_the_draw_on_device():
+    x = _randn(4096, seed=6)
+
+    def f(v):
+        return F.dropout(torch.sin(v), p=0.5, training=True) * v
+
+    torch.manual_seed(7)
+    y, jvp_fn = tl.linearize(f, x)
+    t = _randn(4096, seed=8)
+    torch.manual_seed(7)
+    y_ref, t_ref = torch.func.jvp(f, (x,), (t,))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(jvp_fn(t), t_ref)
+    assert (y == 0).any() and (y != 0).any()  # a real mask was drawn
+
+
+class _DeviceScale(torch.autograd.Function):
+    """Opaque: forward and jvp read scalars with .item() and run a torch op on the device."""
+
+    calls = {"forward": 0, "setup_context": 0, "jvp": 0}
+
+    @staticmethod
+    def forward(x, s):
+        _DeviceScale.calls["forward"] += 1
+        k = float(s.item())
+        return torch.sin(x) * k
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _DeviceScale.calls["setup_context"] += 1
+        x, s = inputs
+        ctx.k = float(s.item())
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def jvp(ctx, dx, ds):
+        _DeviceScale.calls["jvp"] += 1
+        (x,) = ctx.saved_tensors
+        out = torch.cos(x) * ctx.k * dx
+        if ds is not None:
+            out = out + torch.sin(x) * ds.item()
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        raise NotImplementedError
+
+
+def test_custom_function_runs_forward_once_and_jvp_per_tangent_on_device():
+    x, s = _randn(512, seed=9), torch.tensor(1.5, dtype=D, device=DEVICE)
+    for k in _DeviceScale.calls:
+        _DeviceScale.calls[k] = 0
+    y, jvp_fn = tl.linearize(lambda a, b: _DeviceScale.apply(a, b) + a, x, s)
+    assert _DeviceScale.calls == {"forward": 1, "setup_context": 1, "jvp": 0}
+    for seed in range(3):
+        tx, ts = _randn(512, seed=10 + seed), _randn((), seed=20 + seed)
+        want = torch.cos(x) * 1.5 * tx + torch.sin(x) * ts + tx
+        torch.testing.assert_close(jvp_fn(tx, ts), want)
+    assert _DeviceScale.calls == {"forward": 1, "setup_context": 1, "jvp": 3}
+    torch.testing.assert_close(y, torch.sin(x) * 1.5 + x)
+
+
+def _cupy():
+    cp = pytest.importorskip("cupy")
+    return cp
+
+
+_SCALE_SRC = r"""
+extern "C" __global__ void scale_sin(const double* x, double* y, double k, long long n, int deriv) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = k * (deriv ? cos(x[i]) : sin(x[i]));
+}
+extern "C" __global__ void mul(const double* a, const double* b, double* y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a[i] * b[i];
+}
+"""
+
+
+@needs_cuda
+def test_hand_written_cuda_kernel_in_forward_and_jvp():
+    """A raw CUDA kernel (CuPy RawKernel on torch's data pointers) in forward and jvp.
+
+    ``torch.func.jvp`` cannot run it ("Cannot access data pointer"); linearize calls the
+    Function's jvp with plain tensors, so it works, and matches the formula.
+    """
+    cp = _cupy()
+    mod = cp.RawModule(code=_SCALE_SRC)
+    scale_sin, mul = mod.get_function("scale_sin"), mod.get_function("mul")
+
+    def launch(kernel, *args, n):
+        stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        with stream:
+            kernel(((n + 255) // 256,), (256,), args)
+
+    class RawSin(torch.autograd.Function):
+        @staticmethod
+        def forward(x, k: float):
+            x = x.contiguous()
+            y = torch.empty_like(x)
+            launch(scale_sin, x.data_ptr(), y.data_ptr(), cp.float64(k), cp.int64(x.numel()),
+                   cp.int32(0), n=x.numel())
+            return y
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            x, k = inputs
+            x = x.contiguous()
+            ctx.k = k
+            d = torch.empty_like(x)  # k cos(x), computed once by the raw kernel
+            launch(scale_sin, x.data_ptr(), d.data_ptr(), cp.float64(k), cp.int64(x.numel()),
+                   cp.int32(1), n=x.numel())
+            ctx.save_for_forward(d)
+
+        @staticmethod
+        def jvp(ctx, t, _):
+            (d,) = ctx.saved_tensors
+            t = t.contiguous()
+            out = torch.empty_like(t)
+            launch(mul, d.data_ptr(), t.data_ptr(), out.data_ptr(), cp.int64(t.numel()),
+                   n=t.numel())
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError
+
+    x = _randn(100_003, seed=11)
+    y, jvp_fn = tl.linearize(lambda v: RawSin.apply(v, 2.0) * v, x)
+    torch.testing.assert_close(y, 2.0 * torch.sin(x) * x)
+    t = _randn(100_003, seed=12)
+    want = torch.func.jvp(lambda v: 2.0 * torch.sin(v) * v, (x,), (t,))[1]
+    torch.testing.assert_close(jvp_fn(t), want)
+    with pytest.raises(Exception, match="data pointer"):
+        torch.func.jvp(lambda v: RawSin.apply(v, 2.0) * v, (x,), (t,))
+
+
+@needs_cuda
+def test_residual_bytes_match_the_allocator_and_release_frees_them():
+    torch.cuda.synchronize()
+    x = _randn(1 << 20, seed=13)  # 8 MiB
+    gc.collect()
+    base = torch.cuda.memory_allocated()
+    y, jvp_fn = tl.linearize(lambda v: torch.sin(v) * torch.exp(v), x)
+    del y
+    gc.collect()
+    held = torch.cuda.memory_allocated() - base
+    assert jvp_fn.residual_bytes > 0
+    # Everything the map holds on the device is what it reports (allocator rounding aside).
+    assert abs(held - jvp_fn.residual_bytes) <= 1 << 16, (held, jvp_fn.residual_bytes)
+    assert jvp_fn.residual_bytes <= 2 * x.numel() * x.element_size()
+    jvp_fn.release()
+    gc.collect()
+    assert torch.cuda.memory_allocated() - base <= 1 << 16
+    with pytest.raises(tl.ReleasedError):
+        jvp_fn(x)
+
+
+@needs_cuda
+def test_cuda_graph_replay_matches_for_new_tangents():
+    f, x = _workloads()["pde"]
+    _, jvp_fn = tl.linearize(f, x)
+    graphed = jvp_fn.cuda_graph()
+    for seed in range(3):
+        t = _randn(*x.shape, seed=400 + seed)
+        torch.testing.assert_close(graphed(t), torch.func.jvp(f, (x,), (t,))[1])
+
+
+@needs_cuda
+def test_inductor_compiled_map_on_device_reuses_code_across_points():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    t = _randn(4096, dtype=torch.float32, seed=14)
+    graphs = []
+    for seed in range(3):
+        x = _randn(4096, dtype=torch.float32, seed=30 + seed)
+        _, jvp_fn = tl.linearize(chain, x)
+        c = jvp_fn.compile()  # Inductor: Triton kernels on the GPU
+        torch.testing.assert_close(c(t), torch.func.jvp(chain, (x,), (t,))[1],
+                                   rtol=1e-5, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
+
+
+# A representative OpInfo subset on the device (the full sweep on any device:
+# ``python tests/opinfo_harness.py --device cuda``).
+_OPINFO_SUBSET = (
+    "sin", "exp", "tanh", "sigmoid", "mul", "div.no_rounding_mode", "add", "matmul", "nn.functional.conv2d",
+    "nn.functional.layer_norm", "softmax", "log_softmax", "cumsum", "sum", "mean", "var",
+    "linalg.solve", "linalg.eigh", "nn.functional.dropout", "index_select", "gather",
+    "nn.functional.max_pool2d", "roll", "where", "nn.functional.gelu", "max_pool2d_with_indices_backward",
+    "nn.functional.cross_entropy", "nn.functional.interpolate.bilinear", "logsumexp",
+    "nn.functional.embedding", "linalg.svd",
+)
+_OPS = [op for op in h.forward_ad_ops() if h.op_full_name(op) in _OPINFO_SUBSET]
+
+
+@pytest.mark.parametrize("op", [pytest.param(op, id=h.op_full_name(op)) for op in _OPS])
+def test_opinfo_subset_on_device(op):
+    failures, checked = [], 0
+    name = h.op_full_name(op)
+    for dtype, limit in ((torch.float64, 4), (torch.float32, 2)):
+        if dtype not in op.supported_dtypes(DEVICE):
+            continue
+        for i, sample in enumerate(h.samples_for(op, dtype, limit, DEVICE)):
+            r = h.check_sample(op, sample, dtype, modes=("jvp", "vmap", "transpose"))
+            if r.status == "skip":
+                continue
+            checked += 1
+            if r.status != "pass" and not h.expected_failure(r, name, dtype):
+                failures.append(f"{dtype} sample {i}: {r.status}: {r.detail}")
+    if checked == 0:
+        pytest.skip(f"{name}: no sample the reference can run on {DEVICE}")
+    assert not failures, "\n".join(failures[:3])
+
+
+def test_opinfo_subset_names_real_ops():
+    missing = set(_OPINFO_SUBSET) - {h.op_full_name(op) for op in _OPS}
+    assert not missing, f"not OpInfos with forward AD in this torch: {sorted(missing)}"
