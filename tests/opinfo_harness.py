@@ -411,6 +411,8 @@ def main(argv=None):
     ap.add_argument("--modes", default="jvp,vmap,transpose,each",
                     help="comma list: jvp,vmap,transpose,each")
     ap.add_argument("--device", default="cpu", help="device of the samples (cpu, cuda)")
+    ap.add_argument("--skip-until", default="",
+                    help="skip the ops listed before this OpInfo name (resume a budgeted sweep)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new ops after this many seconds (partial sweep)")
     args = ap.parse_args(argv)
@@ -419,6 +421,11 @@ def main(argv=None):
     if args.ops:
         wanted = set(args.ops.split(","))
         ops = [op for op in ops if op.name in wanted or op_full_name(op) in wanted]
+    if args.skip_until:
+        names = [op_full_name(op) for op in ops]
+        if args.skip_until not in names:
+            ap.error(f"--skip-until: no OpInfo named {args.skip_until!r}")
+        ops = ops[names.index(args.skip_until):]
     results, secs = run_sweep(dtypes, args.limit or None, ops, verbose=True,
                               modes=tuple(args.modes.split(",")), device=args.device,
                               budget_s=args.budget_s)

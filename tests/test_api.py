@@ -176,6 +176,41 @@ def test_non_contiguous_primal_and_tangent_layouts():
         torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t.contiguous(),))[1])
 
 
+def test_tangent_views_into_a_batch_run_without_a_copy():
+    # T[k] of a stacked batch has the traced strides but a storage offset: view ops take
+    # relative offsets, so the map runs on it directly (an extra copy doubled the memory
+    # traffic of the folded elementwise chain on the GPU).
+    x = torch.randn(1000, dtype=D)
+
+    def f(v):
+        return torch.sin(torch.exp(v)) * v
+
+    _, jvp_fn = tl.linearize(f, x)
+    T = torch.randn(3, 1000, dtype=D)
+    for k in range(3):
+        with OpCounter() as c:
+            out = jvp_fn(T[k])
+        assert "copy_" not in c.counts and "clone" not in c.counts, c.counts
+        torch.testing.assert_close(out, torch.func.jvp(f, (x,), (T[k].clone(),))[1])
+
+
+@pytest.mark.parametrize("op", ["as_strided", "as_strided_scatter"])
+def test_absolute_storage_offsets_still_see_the_traced_layout(op):
+    # as_strided takes an *absolute* storage offset: applied to an input, it must see the
+    # tangent where the traced placeholder began (offset 0), so offset views are copied.
+    x = torch.randn(40, dtype=D)
+
+    def f(v):
+        if op == "as_strided":
+            return torch.sin(v).as_strided((10,), (2,), 3) * v.as_strided((10,), (3,), 5)
+        return torch.as_strided_scatter(v.sin(), v[:10] * 2, (10,), (1,), 4)
+
+    _, jvp_fn = tl.linearize(f, x)
+    T = torch.randn(3, 40, dtype=D)
+    for k in range(3):
+        torch.testing.assert_close(jvp_fn(T[k]), torch.func.jvp(f, (x,), (T[k].clone(),))[1])
+
+
 def test_expanded_primal():
     # torch.func.jvp itself rejects primals with internal overlap; linearize accepts them.
     x = torch.randn(3, 1, dtype=D).expand(3, 4)

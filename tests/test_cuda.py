@@ -281,6 +281,55 @@ def test_cuda_graph_replay_matches_for_new_tangents():
 
 
 @needs_cuda
+def test_cuda_graph_with_several_and_nested_inputs_and_outputs():
+    # Several inputs: one fused _foreach_copy_ into the static buffers; pytree in/out.
+    a, b, c = (torch.tensor(v, dtype=D, device=DEVICE) for v in (2.0, 3.0, 5.0))
+    x = _randn(7, seed=15)
+
+    def f(p, x):
+        return {"y": p["a"] * x**2 + p["b"] * x + p["c"], "s": (x * p["a"]).sum()}
+
+    p = {"a": a, "b": b, "c": c}
+    _, jvp_fn = tl.linearize(f, p, x)
+    for clone in (True, False):
+        graphed = jvp_fn.cuda_graph(clone_outputs=clone)
+        results = []
+        for seed in range(3):
+            tp = {k: _randn((), seed=50 + 3 * seed + i) for i, k in enumerate("abc")}
+            tx = _randn(7, seed=60 + seed)
+            got = graphed(tp, tx)
+            want = torch.func.jvp(f, (p, x), (tp, tx))[1]
+            torch.testing.assert_close(got, want)
+            results.append((got["y"], want["y"]))
+        # Cloned outputs survive later calls; static ones are overwritten by them.
+        first_got, first_want = results[0]
+        if clone:
+            torch.testing.assert_close(first_got, first_want)
+        else:
+            assert first_got.data_ptr() == results[-1][0].data_ptr()
+
+
+@needs_cuda
+def test_cuda_graph_validates_tangents_and_watches_the_point():
+    x = _randn(100, seed=16)
+    primal = x.clone()
+    # v[:50].sum() * v keeps the primal itself as a residual, watched for in-place changes
+    _, jvp_fn = tl.linearize(lambda v: torch.sin(v) * v + v[:50].sum() * v, primal)
+    graphed = jvp_fn.cuda_graph()
+    graphed(_randn(100, seed=17))
+    with pytest.raises(ValueError, match="shape"):
+        graphed(_randn(99, seed=18))
+    with pytest.raises(ValueError, match="dtype"):
+        graphed(_randn(100, dtype=torch.float32, seed=19))
+    primal.add_(1.0)  # the point changed in place: the residuals no longer match it
+    with pytest.raises(tl.StaleResidualError):
+        graphed(_randn(100, seed=20))
+    jvp_fn.release()
+    with pytest.raises(tl.ReleasedError):
+        graphed(_randn(100, seed=21))
+
+
+@needs_cuda
 def test_inductor_compiled_map_on_device_reuses_code_across_points():
     from torch._dynamo.utils import counters
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._errors import LinearizeError
+from ._errors import LinearizeError, ReleasedError
 from ._program import Eqn, Program, Res, Var, compile_program, segment_source
 
 __all__ = ["compile_map", "cuda_graph_map"]
@@ -154,11 +154,14 @@ def compile_map(lm, **compile_kwargs: Any):
 class CudaGraphMap:
     """One application of a linear map captured in a CUDA graph and replayed.
 
-    Inputs are copied into static buffers and the captured kernels are replayed;
-    the outputs are the graph's static output buffers, cloned unless
-    ``clone_outputs=False`` (then they are overwritten by the next call). The map
-    must be CUDA-graph safe: no host synchronisation (``.item()``) and no
-    allocation-dependent control flow in custom-Function ``jvp``s.
+    Inputs are copied into static buffers (one fused ``_foreach_copy_`` launch) and
+    the captured kernels are replayed; the outputs are the graph's static output
+    buffers, cloned unless ``clone_outputs=False`` (then, as with
+    ``torch.cuda.make_graphed_callables``, they are overwritten by the next call).
+    The map must be CUDA-graph safe: no host synchronisation (``.item()``) and no
+    allocation-dependent control flow in custom-Function ``jvp``s. Residuals are the
+    linear map's own tensors, so an in-place change of a primal after ``linearize``
+    is detected at every call, as for the map itself.
     """
 
     def __init__(self, lm, clone_outputs: bool = True, warmup: int = 3):
@@ -166,41 +169,69 @@ class CudaGraphMap:
         self._clone = clone_outputs
         self._warmup = warmup
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._static_in: list[torch.Tensor] = []
+        self._static_in: list[torch.Tensor] = []  # one per differentiable input leaf
         self._static_out: Any = None
+        self._out_list: list[torch.Tensor] = []
 
-    def _capture(self, args: tuple) -> None:
-        flat = self._lm._flatten(args)
-        if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in flat if t is not None):
+    def _inputs(self, args: tuple) -> Any:
+        """The tangent leaves, validated (shape, dtype, device) as the map validates them."""
+        lm = self._lm
+        if lm._flat_args and len(args) == len(lm._metas):
+            for t, (shape, dtype, device) in zip(args, lm._metas):
+                if type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or \
+                        t.device != device:
+                    break
+            else:
+                return args
+        leaves = lm._flatten(args)  # raises a ValueError naming the leaf on a mismatch
+        return [leaves[i] for i in lm._diff_positions]
+
+    def _capture(self, flat: Any) -> None:
+        if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in flat):
             raise LinearizeError(
                 "cuda_graph(): every tangent must be a CUDA tensor (CUDA graphs need a GPU)."
             )
-        self._static_in = [t.detach().clone() if t is not None else None for t in flat]
-        spec = self._lm._in_spec
-        static_args = torch.utils._pytree.tree_unflatten(self._static_in, spec)
+        self._static_in = [t.detach().clone() for t in flat]
+        lm = self._lm
+        leaves: list[Any] = [None] * len(lm._in_leaves)
+        for pos, t in zip(lm._diff_positions, self._static_in):
+            leaves[pos] = t
+        static_args = torch.utils._pytree.tree_unflatten(leaves, lm._in_spec)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self._warmup):
-                self._lm(*static_args)
+                lm(*static_args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._static_out = self._lm(*static_args)
+            self._static_out = lm(*static_args)
+        self._out_list, self._out_spec = torch.utils._pytree.tree_flatten(self._static_out)
         self._graph = graph
 
     def __call__(self, *args: Any) -> Any:
+        lm = self._lm
+        if lm._run is None:
+            raise ReleasedError(f"{lm._api}: this linear map was released; call linearize again.")
+        flat = self._inputs(args)
         if self._graph is None:
-            self._capture(args)
-        flat = self._lm._flatten(args)
-        for dst, src in zip(self._static_in, flat):
-            if dst is not None:
-                dst.copy_(src, non_blocking=True)
+            self._capture(flat)
+        if lm._stale_watch:
+            lm._check_stale()
+        static_in = self._static_in
+        if len(static_in) == 1:
+            static_in[0].copy_(flat[0])
+        else:
+            torch._foreach_copy_(static_in, list(flat))
         self._graph.replay()
         if not self._clone:
             return self._static_out
-        return torch.utils._pytree.tree_map(
-            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self._static_out)
+        outs = self._out_list
+        if len(outs) == 1 and isinstance(outs[0], torch.Tensor):
+            fresh = [outs[0].clone()]
+        else:
+            fresh = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
+        return torch.utils._pytree.tree_unflatten(fresh, self._out_spec)
 
 
 def cuda_graph_map(lm, clone_outputs: bool = True) -> CudaGraphMap:

@@ -349,11 +349,28 @@ def _callable_for(fn: Callable) -> Callable:
 _code_cache: dict[str, Any] = {}  # program source -> code object (re-linearizing reuses it)
 
 
+def _takes_storage_offset(fn: Any) -> bool:
+    """Whether ``fn`` reads an absolute storage offset (``as_strided``, ``set_``...)."""
+    schema = getattr(fn, "_schema", None)
+    return schema is not None and any(a.name == "storage_offset" for a in schema.arguments)
+
+
+def offset_sensitive(prog: Program) -> bool:
+    """Whether an input's storage offset can change the program's result.
+
+    View ops (slice, select, ...) take offsets *relative* to their input, so a tangent
+    that is a view into a larger buffer (``T[k]`` of a stacked batch) runs as is; only
+    ops that take an absolute offset see where the traced placeholder (offset 0) began.
+    """
+    return any(_takes_storage_offset(e.fn) for e in prog.eqns)
+
+
 def compile_program(prog: Program) -> Callable[..., tuple]:
     """Generate a Python function ``run(*inputs) -> tuple(outputs)`` for ``prog``.
 
-    Residuals are bound as closure cells; inputs whose layout differs from the
-    layout the program was traced with are copied into that layout first, and
+    Residuals are bound as closure cells; inputs whose strides differ from the
+    layout the program was traced with (or whose storage offset differs, when an op
+    of the program takes an absolute offset) are copied into that layout first, and
     inputs the program mutates in place are copied so the caller's tensors are
     never written.
     """
@@ -365,12 +382,15 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     lines.append(f"def _make({res_params}):")
     lines.append(f"    def run({in_params}):")
     body: list[str] = []
+    check_offsets = offset_sensitive(prog)
     for k, v in enumerate(prog.inputs):
         stride, offset = prog.input_layouts[k] if prog.input_layouts else (None, 0)
         name = nm.var(v)
         if stride is not None:
             s = nm.lit(tuple(stride))
-            cond = f"{name}.stride() != {s} or {name}.storage_offset() != {offset}"
+            cond = f"{name}.stride() != {s}"
+            if check_offsets:
+                cond += f" or {name}.storage_offset() != {offset}"
             body.append(f"if {cond}: {name} = _relayout({name}, {s})")
             if k in prog.mutated_inputs:
                 body.append(f"else: {name} = _relayout({name}, {s})")
