@@ -140,7 +140,10 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # A copy of a working tree (the device machine's) can be newer than its HEAD.
+        return (out.stdout.strip() or "unknown") + (" + uncommitted changes" if dirty else "")
     except Exception:
         return "unknown"
 
