@@ -94,6 +94,36 @@ def test_in_dims_none_and_chunk_size():
     assert CALLS["batched_jvp"] == 3
 
 
+def test_one_vmap_level_skips_the_autograd_function_round_trip(monkeypatch):
+    # vmap(jvp_fn) around plain tensors batches the node directly (batch dim moved first,
+    # unbatched arguments expanded); the autograd.Function entry is not used.
+    from torch_linearize import _opaque
+
+    def refuse(*args):
+        raise AssertionError("took the autograd.Function path")
+
+    Fn = make_scale(batched_jvp=True)
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x, w: Fn.apply(x, w), x, w)
+    monkeypatch.setattr(_opaque._OpaqueApply, "apply", refuse)
+    tx, tw = torch.randn(3, 5, dtype=D), torch.randn(3, dtype=D)
+    got = torch.vmap(jvp_fn, in_dims=(1, None), out_dims=1)(tx, tw)
+    torch.testing.assert_close(got, tx * w[:, None] + (x * tw)[:, None])
+    assert CALLS["batched_jvp"] == 1
+
+
+def test_vmap_over_tangents_that_require_grad_keeps_the_autograd_graph():
+    Fn = make_scale(batched_jvp=True)
+    x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x, w: Fn.apply(x, w), x, w)
+    tx = torch.randn(4, 3, dtype=D, requires_grad=True)
+    tw = torch.randn(4, 3, dtype=D)
+    out = torch.vmap(jvp_fn)(tx, tw)
+    torch.testing.assert_close(out, tx.detach() * w + x * tw)
+    (g,) = torch.autograd.grad(out.sum(), tx)
+    torch.testing.assert_close(g, w.expand(4, 3))
+
+
 def test_batched_vjp_for_vmap_over_transpose():
     Fn = make_scale(batched_vjp=True)
     x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)

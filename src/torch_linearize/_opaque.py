@@ -34,7 +34,9 @@ import math
 from typing import Any
 
 import torch
+import torch._C._functorch as _ft
 import torch.autograd.forward_ad as fwAD
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 
 from ._errors import LinearizeError, ReleasedError
 from ._program import type_str
@@ -92,8 +94,43 @@ class _OpaqueNode:
         if self.ctx is None:
             raise ReleasedError(f"{self.display_name}: the linear map was released.")
         if _needs_autograd_wrapper(args):
+            out = self._run_under_one_vmap(args)
+            if out is not None:
+                return out
             return _OpaqueApply.apply(self, 0, *args)
         return self.run(0, args)
+
+    def _run_under_one_vmap(self, args) -> tuple | None:
+        """The common ``vmap(jvp_fn)`` case, batched directly; None where it does not apply.
+
+        Applies when the innermost transform is a vmap whose batched arguments wrap plain
+        tensors (no other transform in between, nothing requiring grad) and the node does
+        not write its arguments in place. It does what :class:`_OpaqueApply`'s vmap rule
+        does (move the batch dim first, ``run`` with one batch dim, re-wrap the results)
+        without the ``autograd.Function`` round trip, which costs ~0.2 ms per call.
+        """
+        if self.dirty or _ft.peek_interpreter_stack() is None:
+            return None
+        interp = retrieve_current_functorch_interpreter()
+        if interp.key() != _ft.TransformType.Vmap:
+            return None
+        level = interp.level()
+        size = interp.batch_size()
+        moved: list[Any] = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if _ft.maybe_get_level(a) == level:
+                    value, bdim = _ft._unwrap_batched(a, level)
+                    if _ft.is_functorch_wrapped_tensor(value) or value.requires_grad:
+                        return None
+                    a = value.movedim(bdim, 0) if bdim is not None and bdim != 0 else value
+                elif _ft.is_functorch_wrapped_tensor(a) or a.requires_grad:
+                    return None
+                else:
+                    a = a.expand(size, *a.shape)
+            moved.append(a)
+        outs = self.run(1, moved)
+        return tuple(None if o is None else _ft._add_batch_dim(o, 0, level) for o in outs)
 
     @property
     def display_name(self) -> str:
