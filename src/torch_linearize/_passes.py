@@ -48,9 +48,22 @@ def _is_zero_residual(prog: Program, r: Res, cache: dict[int, bool]) -> bool:
                 bool(t.reshape(-1)[:: t.numel() // 64].any()):
             z = False  # a nonzero among a strided sample: no full pass needed
         else:
-            z = t.numel() == 0 or not bool(t.any())
+            z = t.numel() == 0 or _all_zero(t)
         cache[r.index] = z
     return z
+
+
+_AMINMAX_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+def _all_zero(t: torch.Tensor) -> bool:
+    """Every element of ``t`` is zero (NaN is not). For real floating tensors one
+    ``aminmax`` (about 2x cheaper than ``any`` on CPU): both ends are 0 exactly when
+    all elements are, and a NaN propagates into both."""
+    if t.dtype in _AMINMAX_DTYPES:
+        lo, hi = torch.aminmax(t)
+        return lo.item() == 0 and hi.item() == 0
+    return not bool(t.any())
 
 
 def _identity_source(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> Var | None:
