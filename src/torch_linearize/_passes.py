@@ -109,43 +109,7 @@ def _identity_candidate(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> V
 
 def forward_identities(prog: Program) -> int:
     """Remove identity operations; returns how many were removed."""
-    mutated = _mutated_groups(prog)
-    input_groups = {v.group for v in prog.inputs}
-    outputs = {id(o) for o in prog.outputs if isinstance(o, Var)}
-    rename: dict[int, Var] = {}
-    zero_cache: dict[int, bool] = {}
-    kept: list[Eqn] = []
-
-    def sub(x):
-        if isinstance(x, Var):
-            return rename.get(x.id, x)
-        if isinstance(x, (list, tuple)):
-            return type(x)(sub(y) for y in x)
-        return x
-
-    removed = 0
-    for e in prog.eqns:
-        if rename:  # (unchanged args keep their identity: Eqn caches its leaves)
-            e.args = tuple(sub(a) for a in e.args)
-            e.kwargs = {k: sub(v) for k, v in e.kwargs.items()}
-        src = _identity_source(prog, e, zero_cache)
-        if src is not None:
-            out = e.outs
-            if out.group not in mutated and src.group not in mutated:
-                if id(out) in outputs and src.group in input_groups:
-                    # Never hand the caller's own tangent back as an output: a copy
-                    # (still cheaper than the original op, and no residual).
-                    if e.fn is not aten.clone.default:
-                        e = Eqn(aten.clone.default, (src,), {}, out, name="")
-                        removed += 1
-                else:
-                    rename[out.id] = src
-                    removed += 1
-                    continue
-        kept.append(e)
-    prog.eqns = kept
-    prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
-    return removed
+    return _rewrite_walk(prog, identities=True, cse=False)[0]
 
 
 # --------------------------------------------------------------------------- pointwise folding
@@ -191,7 +155,7 @@ def _is_zero_literal(prog: Program, x, cache: dict[int, bool]) -> bool:
     return isinstance(x, (int, float, complex)) and not isinstance(x, bool) and x == 0
 
 
-def fold_pointwise(prog: Program) -> int:
+def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
     """Rewrite pointwise-linear regions as a few fused multiply-adds.
 
     A value computed from tangent values ``b_1..b_k`` (all of the same shape) by the
@@ -203,7 +167,8 @@ def fold_pointwise(prog: Program) -> int:
     of the residuals they come from; a region is rewritten only if that lowers its
     operation count and does not grow the stored coefficients.
 
-    Returns the number of values rewritten (dead equations are left to DCE).
+    Returns the number of values rewritten (dead equations are left to DCE); the
+    equations it emitted are appended to ``emitted_out`` if given.
     """
     mutated = _mutated_groups(prog)
     zero_cache: dict[int, bool] = {}
@@ -309,6 +274,9 @@ def fold_pointwise(prog: Program) -> int:
         else:
             new.append(e)
     prog.eqns = new
+    if emitted_out is not None:
+        for eqns in rewrites.values():
+            emitted_out.extend(eqns)
     return len(rewrites)
 
 
@@ -814,28 +782,71 @@ def _emit_terms(prog: Program, plan, out: Var) -> list[Eqn]:
 # --------------------------------------------------------------------------- CSE
 
 
+def _key_of(x):
+    """A hashable key for an argument pytree (Vars by id, residuals by slot)."""
+    if isinstance(x, Var):
+        return ("v", x.id)
+    if isinstance(x, Res):
+        return ("r", x.index)
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, *(_key_of(y) for y in x))
+    if isinstance(x, float) and x != x:
+        return ("nan",)
+    try:
+        hash(x)
+    except TypeError:
+        return ("id", id(x))
+    return ("l", type(x).__name__, x)
+
+
+def _cse_key(e: Eqn) -> tuple:
+    """``(fn, args key, kwargs key)``; cached on the equation while its arguments stay the
+    same objects (passes replace ``args``/``kwargs``, never mutate them), so a later
+    round keys the equations it did not touch for free."""
+    c = e.__dict__.get("_cse_key")
+    if c is not None and c[0] is e.args and c[1] is e.kwargs:
+        return c[2]
+    kw = e.kwargs
+    k = (e.fn, _key_of(e.args), _key_of(tuple(sorted(kw.items()))) if kw else ())
+    e.__dict__["_cse_key"] = (e.args, kw, k)
+    return k
+
+
+_deterministic: dict = {}  # OpOverload -> not tagged nondeterministic_seeded
+
+
+def _deterministic_op(fn) -> bool:
+    d = _deterministic.get(fn)
+    if d is None:
+        d = _deterministic[fn] = torch.Tag.nondeterministic_seeded not in fn.tags
+    return d
+
+
 def common_subexpressions(prog: Program) -> int:
     """Reuse the result of an identical earlier pure operation (same op, same arguments)."""
+    return _rewrite_walk(prog, identities=False, cse=True)[1]
+
+
+def _rewrite_walk(prog: Program, identities: bool = True, cse: bool = True) -> tuple[int, int]:
+    """:func:`forward_identities` and :func:`common_subexpressions` in one walk.
+
+    Returns (identities removed, duplicates removed). Equivalent to running the two
+    passes one after the other: an equation is first tested as an identity (on
+    arguments renamed by both), then looked up as a duplicate. A duplicate is
+    renamed to an earlier equal value of the same shape and strides (and, being the
+    same operation on the same arguments, dtype and storage), so renaming it first
+    changes no identity decision.
+    """
     mutated = _mutated_groups(prog)
+    if identities:
+        input_groups = {v.group for v in prog.inputs}
+        outputs = {id(o) for o in prog.outputs if isinstance(o, Var)}
+        zero_cache: dict[int, bool] = {}
     seen: dict[tuple, Var] = {}
     rename: dict[int, Var] = {}
-    kept = []
-    removed = 0
-
-    def key_of(x):
-        if isinstance(x, Var):
-            return ("v", x.id)
-        if isinstance(x, Res):
-            return ("r", x.index)
-        if isinstance(x, (list, tuple)):
-            return (type(x).__name__, *(key_of(y) for y in x))
-        if isinstance(x, float) and x != x:
-            return ("nan",)
-        try:
-            hash(x)
-        except TypeError:
-            return ("id", id(x))
-        return ("l", type(x).__name__, x)
+    kept: list[Eqn] = []
+    n_ident = n_cse = 0
+    OpOverload = torch._ops.OpOverload
 
     def sub(x):
         if isinstance(x, Var):
@@ -849,22 +860,41 @@ def common_subexpressions(prog: Program) -> int:
             e.args = tuple(sub(a) for a in e.args)
             e.kwargs = {k: sub(v) for k, v in e.kwargs.items()}
         out = e.outs
-        pure = (isinstance(e.fn, torch._ops.OpOverload) and isinstance(out, Var) and not e.mutates
-                and e.poison is None and out.group not in mutated
-                and torch.Tag.nondeterministic_seeded not in e.fn.tags
-                and all(v.group not in mutated for v in e.in_vars()))
-        if pure:
-            k = (e.fn, key_of(e.args), key_of(tuple(sorted(e.kwargs.items()))))
-            prev = seen.get(k)
-            if prev is not None and prev.shape == out.shape and prev.stride == out.stride:
-                rename[out.id] = prev
-                removed += 1
-                continue
-            seen[k] = out
+        if identities:
+            src = _identity_source(prog, e, zero_cache)
+            if src is not None and out.group not in mutated and src.group not in mutated:
+                if id(out) in outputs and src.group in input_groups:
+                    # Never hand the caller's own tangent back as an output: a copy
+                    # (still cheaper than the original op, and no residual).
+                    if e.fn is not aten.clone.default:
+                        e = Eqn(aten.clone.default, (src,), {}, out, name="")
+                        n_ident += 1
+                else:
+                    rename[out.id] = src
+                    n_ident += 1
+                    continue
+        if cse and isinstance(out, Var) and not e.mutates and e.poison is None \
+                and isinstance(e.fn, OpOverload) and out.group not in mutated \
+                and _deterministic_op(e.fn):
+            pure = True
+            if mutated:
+                for v in e.in_vars():
+                    if v.group in mutated:
+                        pure = False
+                        break
+            if pure:
+                k = _cse_key(e)
+                prev = seen.get(k)
+                if prev is not None and prev.shape == out.shape and prev.stride == out.stride:
+                    rename[out.id] = prev
+                    n_cse += 1
+                    continue
+                seen[k] = out
         kept.append(e)
     prog.eqns = kept
-    prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
-    return removed
+    if rename:
+        prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
+    return n_ident, n_cse
 
 
 def collapse_fresh_copies(prog: Program) -> int:
@@ -921,14 +951,44 @@ def collapse_fresh_copies(prog: Program) -> int:
 
 
 def simplify(prog: Program) -> None:
-    """Run all passes to a fixed point (each is cheap; programs are small)."""
+    """Run all passes to a fixed point (at most four rounds).
+
+    Gives the program the full rounds would (``collapse_fresh_copies``,
+    ``forward_identities``, ``common_subexpressions``, ``fold_pointwise``, dead-code
+    elimination, repeated while any of them changes something), but after the first
+    round runs a pass only if what changed since it last ran can give it work:
+
+    * ``collapse_fresh_copies`` only matches the tracer's ``fresh_zeros`` buffers,
+      which no pass creates: without one it is skipped altogether.
+    * An identity is an equation of its own (``x + zero residual``, a same-layout
+      copy or view) whose status no other rewrite changes (renames keep shape,
+      dtype, strides and storage); new candidates are a ``clone`` that folding
+      emitted (a region that is just its base) or one that collapsing made.
+    * The identity/CSE walk leaves no duplicates behind (renames are applied as it
+      goes); new ones need new equations (folding's), removed ones (DCE) or renames.
+    * Folding is deterministic: it is re-run only if the program changed since.
+    """
     from ._program import dead_code_elimination
 
-    for _ in range(4):
-        changed = collapse_fresh_copies(prog)
-        changed += forward_identities(prog)
-        changed += common_subexpressions(prog)
-        changed += fold_pointwise(prog)
+    # Only the tracer names a buffer "fresh_zeros" (no pass makes one).
+    fresh = any(e.name == "fresh_zeros" for e in prog.eqns)
+    walk_ident = walk_cse = run_fold = True
+    for rnd in range(4):
+        collapsed = collapse_fresh_copies(prog) if fresh else 0
+        if collapsed:  # a new clone, and a buffer no longer written in place
+            walk_ident = walk_cse = run_fold = True
+        renamed = 0
+        if walk_ident or walk_cse:
+            renamed = sum(_rewrite_walk(prog, identities=walk_ident, cse=walk_cse))
+        emitted: list[Eqn] = []
+        folded = fold_pointwise(prog, emitted) if run_fold or renamed else 0
+        if rnd and not (collapsed or renamed or folded):
+            break  # nothing changed: the program is the last round's (DCE included)
+        n = len(prog.eqns)
         dead_code_elimination(prog)
-        if not changed:
+        if not (collapsed or renamed or folded):
             break
+        removed = len(prog.eqns) != n
+        walk_ident = any(e.fn is aten.clone.default for e in emitted)
+        walk_cse = walk_ident or bool(folded) or removed
+        run_fold = bool(folded) or removed
