@@ -584,7 +584,8 @@ _probes: dict[tuple, tuple] = {}
 
 def _probe(shape: tuple, numel: int, n_bases: int, device) -> tuple:
     """Sampled positions (flat and per dimension) and random base values for
-    :func:`_folding_is_accurate`; deterministic (seed 0), so cached per shape."""
+    :func:`_folding_is_accurate`; deterministic (seed 0), so cached per shape. The
+    last entry caches the base values converted to each dtype asked for."""
     key = (shape, n_bases, str(device))
     hit = _probes.get(key)
     if hit is not None:
@@ -599,8 +600,17 @@ def _probe(shape: tuple, numel: int, n_bases: int, device) -> tuple:
     coords = tuple(c.to(device) for c in torch.unravel_index(idx.cpu(), shape)) if shape else ()
     if len(_probes) > 256:
         _probes.clear()
-    _probes[key] = (idx, coords, xs)
+    _probes[key] = (idx, coords, xs, {})
     return _probes[key]
+
+
+def _probe_values(xs: torch.Tensor, converted: dict, dtype) -> list:
+    """The probe's base values in ``dtype`` (read only; cached with the probe)."""
+    v = converted.get(dtype)
+    if v is None:
+        v = converted[dtype] = [x.to(dtype) if not dtype.is_complex else
+                                torch.complex(x, x.flip(0)).to(dtype) for x in xs]
+    return v
 
 
 def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
@@ -618,18 +628,18 @@ def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
     for d in shape:
         numel *= d
     device = next(iter(bases[b] for b in bset)).device
-    idx, coords, xs = _probe(tuple(shape), numel, len(bset), device)
+    idx, coords, xs, converted = _probe(tuple(shape), numel, len(bset), device)
     k = idx.numel()
     vals = {}
-    for x, bid in zip(xs, bset):
-        b = bases[bid]
-        vals[bid] = x.to(b.dtype) if not b.dtype.is_complex else \
-            torch.complex(x, x.flip(0)).to(b.dtype)
+    for i, bid in enumerate(bset):  # (row i for base i)
+        vals[bid] = _probe_values(xs, converted, bases[bid].dtype)[i]
 
     def gather(r: torch.Tensor) -> torch.Tensor:
         # The k sampled positions of r broadcast to `shape`, without expanding r.
         if r.dim() == 0:
             return r
+        if r.shape == shape and not r.is_complex():
+            return torch.take(r, idx)  # (row-major flat positions: the same values)
         lead = len(shape) - r.dim()
         index = tuple(coords[lead + j] if n != 1 else 0 for j, n in enumerate(r.shape))
         g = r[index]
@@ -638,10 +648,19 @@ def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
     traced = _region_eval(prog, producer, vid, vals, gather)
     if traced is None:
         return False
-    folded = sum((c if _is_number(c) else gather(c)) * (vals[b.id].conj() if par else vals[b.id])
-                 for b, c, par in terms)
+    # sum(c * v for the terms), without the multiplications by an exact 1 and the
+    # leading 0 + (the same values: the base values are finite).
+    folded = None
+    for b, c, par in terms:
+        v = vals[b.id].conj() if par else vals[b.id]
+        if not (type(c) in (int, float) and c == 1 and not v.is_complex()):
+            v = (c if _is_number(c) else gather(c)) * v
+        folded = v if folded is None else folded + v
+    if folded is None:
+        folded = 0
     scale = float(traced.abs().max()) if traced.numel() else 0.0
-    if not torch.isfinite(traced).all() or scale == 0.0:
+    # (max propagates NaN: a finite scale means every element is finite)
+    if not math.isfinite(scale) or scale == 0.0:
         return bool(torch.equal(torch.isfinite(traced), torch.isfinite(folded)))
     eps = torch.finfo(traced.dtype).eps if (traced.is_floating_point() or traced.is_complex()) else 0
     return float((traced - folded).abs().max()) <= 64 * eps * scale
