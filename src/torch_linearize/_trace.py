@@ -696,9 +696,13 @@ class Tracer(TorchDispatchMode):
             self.poisoned[v.id] = why
 
     # ------------------------------------------------------------------ outputs
-    def tangent_of(self, t: torch.Tensor) -> Var | torch.Tensor | None:
-        """The tracked tangent of dual tensor ``t`` (a Var), an untracked tangent tensor, or None."""
-        tangent = fwAD.unpack_dual(t, level=self.level).tangent
+    _UNPACK = object()
+
+    def tangent_of(self, t: torch.Tensor, tangent: Any = _UNPACK) -> Var | torch.Tensor | None:
+        """The tracked tangent of dual tensor ``t`` (a Var), an untracked tangent tensor, or None
+        (``tangent``: its tangent, if the caller unpacked it already)."""
+        if tangent is Tracer._UNPACK:
+            tangent = fwAD.unpack_dual(t, level=self.level).tangent
         if tangent is None:
             return None
         v = self.lookup(tangent)
