@@ -66,10 +66,18 @@ def _all_zero(t: torch.Tensor) -> bool:
     return not bool(t.any())
 
 
+# The operators _identity_candidate can match (by id: the tuple keeps them alive).
+_IDENTITY_FNS = (aten.add.Tensor, aten.sub.Tensor, aten._to_copy.default, aten.clone.default,
+                 aten.expand.default, aten.view.default, aten._unsafe_view.default,
+                 aten.reshape.default, aten.alias.default, aten.detach.default)
+_IDENTITY_FN_IDS = frozenset(id(f) for f in _IDENTITY_FNS)
+
+
 def _identity_source(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> Var | None:
     """If ``e`` returns its (single) tangent input unchanged, that input Var."""
     out = e.outs
-    if not isinstance(out, Var) or e.poison is not None or e.mutates:
+    if id(e.fn) not in _IDENTITY_FN_IDS or not isinstance(out, Var) or e.poison is not None \
+            or e.mutates:
         return None
     src = _identity_candidate(prog, e, zero_cache)
     # The replacement must have the same layout: later views may depend on strides.
@@ -801,8 +809,25 @@ def _emit_terms(prog: Program, plan, out: Var) -> list[Eqn]:
 # --------------------------------------------------------------------------- CSE
 
 
+_NAN_KEY = ("nan",)
+# Literal types keyed as (type, value) without further checks (hashable, compared by value).
+_PLAIN_LITERALS = frozenset({int, float, bool, complex, str, type(None), torch.dtype,
+                             torch.device, torch.layout, torch.memory_format})
+
+
 def _key_of(x):
-    """A hashable key for an argument pytree (Vars by id, residuals by slot)."""
+    """A hashable key for an argument pytree: equal exactly when the arguments are the same
+    Vars (a bare int: their id), residual slots, list/tuple structure and literals of the
+    same type (so 1, 1.0 and True differ; NaN equals NaN)."""
+    t = type(x)
+    if t is Var:
+        return x.id
+    if t is Res:  # (compares and hashes by slot)
+        return x
+    if t is tuple or t is list:
+        return (t, *[_key_of(y) for y in x])
+    if t in _PLAIN_LITERALS:
+        return _NAN_KEY if t is float and x != x else (t, x)
     if isinstance(x, Var):
         return ("v", x.id)
     if isinstance(x, Res):
@@ -810,7 +835,7 @@ def _key_of(x):
     if isinstance(x, (list, tuple)):
         return (type(x).__name__, *(_key_of(y) for y in x))
     if isinstance(x, float) and x != x:
-        return ("nan",)
+        return _NAN_KEY
     try:
         hash(x)
     except TypeError:
