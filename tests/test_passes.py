@@ -361,3 +361,17 @@ def test_row_major_operands_give_contiguous_results():
             assert r.is_contiguous(), (trial, idx)
     # and a layout that is not row-major is rejected
     assert not _row_major((5, 6), base[0, :5, :6].t().stride())
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 1, 7), (1,), (4, 0, 3)])
+def test_probe_coordinates_match_unravel_index(shape):
+    from torch_linearize._passes import _unravel
+
+    n = 1
+    for d in shape:
+        n *= d
+    idx = torch.randint(n, (50,)) if n else torch.arange(0)
+    ours, ref = _unravel(idx, shape), torch.unravel_index(idx, shape)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -605,11 +605,23 @@ def _probe(shape: tuple, numel: int, n_bases: int, device) -> tuple:
     # CPU float64 ``rand`` is several times cheaper than ``randn``).
     xs = (torch.rand(n_bases, k, generator=gen, dtype=torch.float64) * 2 - 1).to(device)
     idx = idx.to(device)
-    coords = tuple(c.to(device) for c in torch.unravel_index(idx.cpu(), shape)) if shape else ()
+    coords = tuple(c.to(device) for c in _unravel(idx.cpu(), shape)) if shape else ()
     if len(_probes) > 256:
         _probes.clear()
     _probes[key] = (idx, coords, xs, {})
     return _probes[key]
+
+
+def _unravel(idx: torch.Tensor, shape: tuple) -> list[torch.Tensor]:
+    """``torch.unravel_index(idx, shape)`` (row-major coordinates of flat positions),
+    without its first-call import of sympy (about 0.4 s)."""
+    if idx.numel() == 0:
+        return [idx.clone() for _ in shape]
+    coords, rem = [], idx
+    for n in reversed(shape):
+        coords.append(rem % n)
+        rem = rem // n
+    return coords[::-1]
 
 
 def _probe_values(xs: torch.Tensor, converted: dict, dtype) -> list:
