@@ -481,13 +481,32 @@ def _region_coefficients(prog, producer, position, vid, memo, owned, uses):
     return memo[vid]
 
 
+_NUMBER_TYPES = frozenset({int, float, complex})  # exactly (subclasses take the general path)
+
+
 def _eqn_coefficients(prog, e: Eqn, arg_coeffs: list, owned: set[int], uses: dict) -> dict:
     var_pos = [i for i, c in enumerate(arg_coeffs) if c is not None]
     bids: dict[int, None] = {}
     for i in var_pos:
         bids.update(dict.fromkeys(arg_coeffs[i]))
     out: dict = {}
+    fn = e.fn
+    add_sub = fn is aten.add.Tensor or fn is aten.sub.Tensor
+    if add_sub:  # sums of number coefficients (stencils): _number_rule's formula inline
+        alpha = e.kwargs.get("alpha", 1)
+        c0 = arg_coeffs[0] if arg_coeffs and arg_coeffs[0] is not None else None
+        c1 = arg_coeffs[1] if len(arg_coeffs) > 1 and arg_coeffs[1] is not None else None
+        add = fn is aten.add.Tensor
     for bid in bids:
+        if add_sub:
+            x = c0.get(bid, 0) if c0 is not None else 0
+            y = c1.get(bid, 0) if c1 is not None else 0
+            if type(x) in _NUMBER_TYPES and type(y) in _NUMBER_TYPES:
+                try:
+                    out[bid] = x + alpha * y if add else x - alpha * y
+                    continue
+                except ArithmeticError:
+                    pass  # (as below: the tensor rule)
         vals = {i: arg_coeffs[i].get(bid, 0) for i in var_pos}
         try:
             c = _number_rule(e, vals)
@@ -551,6 +570,12 @@ def _zero_shortcut(e: Eqn, vals: dict):
 
 
 def _tensor_rule(prog, e: Eqn, vals: dict, owned: set[int], uses: dict):
+    fn = e.fn
+    if fn is aten.mul.Tensor and list(vals) == [0] and not e.kwargs and _is_number(vals[0]) \
+            and vals[0] == 1 and len(e.args) == 2 and isinstance(e.args[1], Res):
+        r = prog.residuals[e.args[1].index]
+        if r.dtype == e.args[0].dtype and r.dim() > 0:
+            return r  # C * r with C == 1: the residual itself (as below, before any tensor work)
     args = []
     for i, a in enumerate(e.args):
         if i in vals:
@@ -560,7 +585,6 @@ def _tensor_rule(prog, e: Eqn, vals: dict, owned: set[int], uses: dict):
             args.append(prog.residuals[a.index])
         else:
             args.append(a)
-    fn = e.fn
     if fn in (aten.mul.Tensor, aten.div.Tensor) and list(vals) == [0] and not e.kwargs:
         c, r = args[0], args[1]
         if isinstance(r, torch.Tensor):
@@ -735,6 +759,9 @@ def _constant_value(c: torch.Tensor):
     if c.numel() > 64:  # most coefficients vary: reject from a strided sample first
         flat = c.reshape(-1) if c.is_contiguous() else None
         if flat is not None:
+            a, b = flat[:2].tolist()
+            if a != b:  # (or NaN): not constant, whatever the rest holds
+                return None
             sample = flat[:: max(1, flat.numel() // 64)]
             if not bool((sample == sample[0]).all()):
                 return None
