@@ -16,7 +16,7 @@ from torch.utils._pytree import (
     tree_unflatten,
 )
 
-from ._checks import flatten_primals, leaf_specs_of
+from ._checks import flatten_primals, flatten_with_path, leaf_specs_of
 from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError, StaleResidualError
 from ._forward_ad import shared_dual_level
@@ -242,7 +242,7 @@ def e_name(e) -> str:
 
 
 def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
-    with_path, out_spec = tree_flatten_with_path(out)
+    with_path, out_spec = flatten_with_path(out)
     outputs: list[Var | ZeroOut] = []
     y_flat = []
     for kp, o in with_path:

@@ -175,6 +175,8 @@ class Program:
 
         if any(old != new for old, new in remap.items()):
             for e in self.eqns:
+                if not e.in_res():
+                    continue  # (nothing to renumber: keep its argument objects)
                 e.args = tuple(sub_arg(a) for a in e.args)
                 e.kwargs = {k: sub_arg(v) for k, v in e.kwargs.items()}
         self.residuals = [self.residuals[i] for i in used]
