@@ -152,6 +152,8 @@ _POINTWISE_LINEAR: dict = {
     aten._conj.default: (0,),
     aten.conj_physical.default: (0,),
 }
+# (by id, for the per-equation lookup: the dict above keeps the operators alive)
+_POINTWISE_LINEAR_BY_ID = {id(f): pos for f, pos in _POINTWISE_LINEAR.items()}
 _CONJUGATING = {aten._conj.default, aten.conj_physical.default}
 # Arguments (by position) that are added to the tangent: they must be zero for linearity.
 _ADDITIVE = {aten.add.Tensor: (0, 1), aten.sub.Tensor: (0, 1)}
@@ -186,7 +188,7 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
     producer: dict[int, Eqn] = {}
     for e in prog.eqns:
         out = e.outs
-        pos = _POINTWISE_LINEAR.get(e.fn)
+        pos = _POINTWISE_LINEAR_BY_ID.get(id(e.fn))
         if pos is None or not isinstance(out, Var) or e.mutates or e.poison is not None:
             continue
         if out.group in mutated or any(isinstance(v, (Var, list, tuple)) for v in e.kwargs.values()):
@@ -236,18 +238,16 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
         return 0
     # Exits: region values used by something outside the region, or returned.
     external: set[int] = set()
+    uses: dict[int, int] = {}
     for e in prog.eqns:
         in_region = isinstance(e.outs, Var) and e.outs.id in info
         for v in e.in_vars():
-            if v.id in info and not in_region:
+            uses[v.id] = uses.get(v.id, 0) + 1
+            if not in_region and v.id in info:
                 external.add(v.id)
     external |= {o.id for o in prog.outputs if isinstance(o, Var) and o.id in info}
 
     rewrites: dict[int, list[Eqn]] = {}
-    uses: dict[int, int] = {}
-    for e in prog.eqns:
-        for v in e.in_vars():
-            uses[v.id] = uses.get(v.id, 0) + 1
     for o in prog.outputs:
         if isinstance(o, Var):
             uses[o.id] = uses.get(o.id, 0) + 1
