@@ -97,6 +97,7 @@ class _OpInfo:
     custom: bool  # an operator outside aten/prims (torch.library custom ops, extensions)
     # Derived once per operator (the checks of every call read only these):
     passthrough: bool = False  # returns no tensor and reads no data: run as is
+    data_read: bool = False  # in _DATA_READS
     linalg: bool = False  # linalg kernel: may build complex temporaries (conj keys)
     value_independent: bool = False  # name in _VALUE_INDEPENDENT
     uninitialized: bool = False  # name in _UNINITIALIZED
@@ -128,6 +129,7 @@ def _op_info(func) -> _OpInfo:
     info = _OpInfo(
         base, tuple(writes), fresh, random, returns_tensor, custom,
         passthrough=not returns_tensor and func not in _DATA_READS,
+        data_read=func in _DATA_READS,
         linalg=func.__name__.startswith(("linalg_", "_linalg")),
         value_independent=base in _VALUE_INDEPENDENT,
         uninitialized=base in _UNINITIALIZED,
@@ -601,7 +603,7 @@ class Tracer(TorchDispatchMode):
         the error is raised only if a poisoned value reaches an output of ``f``
         (PyTorch sometimes computes, and then discards, such values itself).
         """
-        if func in _DATA_READS:
+        if info.data_read:
             raise NonLinearTangentError(
                 f"linearize: {func} reads the value of a tangent-dependent tensor into Python "
                 "(e.g. .item(), bool(), torch.equal). The linearized function must be linear in "
@@ -650,14 +652,16 @@ class Tracer(TorchDispatchMode):
                         if v is not None)
             for t in written:
                 self.before_write(t, True, func, like)
-        written_vars = tuple(self.lookup(t) for t in written)
-        sargs = tuple(self._sym(a, func) for a in args)
-        skwargs = {k: self._sym(v, func) for k, v in kwargs.items()}
+        written_vars = tuple(self.lookup(t) for t in written) if written else ()
+        sym = self._sym
+        sargs = tuple([sym(a, func) if isinstance(a, (torch.Tensor, list, tuple)) else a
+                       for a in args])
+        skwargs = {k: sym(v, func) for k, v in kwargs.items()} if kwargs else {}
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
             # Fast path: one floating output.
             eqn = Eqn(func, sargs, skwargs, self.new_var(out),
-                      mutates=tuple(v for v in written_vars if v is not None))
+                      mutates=tuple(v for v in written_vars if v is not None) if written else ())
             if poison is not None:
                 self._poison(eqn, poison)
             self.eqns.append(eqn)
