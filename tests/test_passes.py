@@ -187,6 +187,68 @@ def test_output_never_aliases_the_callers_tangent():
     assert not torch.equal(out, t)
 
 
+def _ops(jvp_fn):
+    return [str(e.fn) for e in jvp_fn._program.eqns]
+
+
+def test_clone_emitted_by_folding_is_removed_in_the_next_round():
+    # (b * 2) * 0.5 folds to b itself, emitted as clone(b); the second round of
+    # simplify (which runs identities only for such clones) must remove it.
+    x = torch.randn(6, dtype=D)
+    jvp_fn = _check(lambda x: torch.cumsum(torch.cumsum(x, 0) * 2 * 0.5, 0), x)
+    assert _ops(jvp_fn) == ["aten.cumsum.default"] * 2
+
+
+def test_equal_folded_regions_are_shared_in_the_next_round():
+    # Two regions fold to the same mul(b, 6.0): the second round's CSE (run only on
+    # what folding emitted) must share it, and then the cumsums of the two.
+    x = torch.randn(6, dtype=D)
+
+    def f(x):
+        b = torch.cumsum(x, 0)
+        return torch.cumsum(b * 3 * 2, 0) - torch.cumsum(b * 2 * 3, 0).flip(0)
+
+    jvp_fn = _check(f, x)
+    assert sorted(_ops(jvp_fn)).count("aten.cumsum.default") == 2
+    assert _ops(jvp_fn).count("aten.mul.Scalar") == 1
+
+
+def test_folded_regions_fold_again_in_the_next_round():
+    # u = b1 * r1 + b2 * r2 folds to mul + addcmul; (u * w1) * w2 cannot join that
+    # region (an inexact scaling of a sum of two tangent values), but once u is an
+    # addcmul it is a base of its own and the second round folds u * (w1 * w2).
+    x = torch.randn(7, dtype=D)
+    w1, w2 = torch.randn(7, dtype=D), torch.randn(7, dtype=D)
+
+    def f(x):
+        u = torch.sin(torch.cumsum(x, 0)) + torch.cos(torch.cumsum(x.flip(0), 0))
+        return u * w1 * w2
+
+    jvp_fn = _check(f, x)
+    assert _ops(jvp_fn).count("aten.mul.Tensor") == 2  # b1 * r1 and u * (w1 * w2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                   torch.complex64, torch.int64, torch.bool])
+def test_zero_residual_check_matches_any(dtype):
+    # x + r is removed only if r is zero everywhere; the check (aminmax for real floating
+    # dtypes) must agree with `not r.any()`: NaN and inf are nonzero, -0.0 is zero.
+    from torch_linearize._passes import _all_zero
+
+    specials = [float("nan"), float("inf"), -float("inf"), -0.0, 1e-30, 1.0, -2.0]
+    for n in (1, 5, 100, 4099):
+        z = torch.zeros(n, dtype=dtype)
+        assert _all_zero(z) and _all_zero(z[::2])
+        for pos in {0, n // 2, n - 1}:
+            for v in specials:
+                t = torch.zeros(n, dtype=dtype)
+                try:
+                    t[pos] = v
+                except RuntimeError:
+                    continue
+                assert _all_zero(t) == (not bool(t.any())), (n, pos, v)
+
+
 def test_accuracy_guard_keeps_cancelling_sums_unfolded():
     x = torch.randn(20, dtype=D)
 
@@ -299,3 +361,17 @@ def test_row_major_operands_give_contiguous_results():
             assert r.is_contiguous(), (trial, idx)
     # and a layout that is not row-major is rejected
     assert not _row_major((5, 6), base[0, :5, :6].t().stride())
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 1, 7), (1,), (4, 0, 3)])
+def test_probe_coordinates_match_unravel_index(shape):
+    from torch_linearize._passes import _unravel
+
+    n = 1
+    for d in shape:
+        n *= d
+    idx = torch.randint(n, (50,)) if n else torch.arange(0)
+    ours, ref = _unravel(idx, shape), torch.unravel_index(idx, shape)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -16,7 +16,7 @@ from torch.utils._pytree import (
     tree_unflatten,
 )
 
-from ._checks import flatten_primals, leaf_specs_of
+from ._checks import flatten_primals, flatten_with_path, leaf_specs_of
 from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError, StaleResidualError
 from ._forward_ad import shared_dual_level
@@ -136,10 +136,11 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                     out, aux = out
                 with tracer.paused():
                     outputs, y_flat, out_spec = _collect_outputs(tracer, out)
-                    for kp, a in tree_flatten_with_path(aux)[0]:
-                        if isinstance(a, torch.Tensor):
-                            _refuse_tangent_dependent(tracer, a, f"aux{keystr(kp)}")
-                    aux = tree_map(lambda a: _primal(a, level), aux)
+                    if has_aux:
+                        for kp, a in tree_flatten_with_path(aux)[0]:
+                            if isinstance(a, torch.Tensor):
+                                _refuse_tangent_dependent(tracer, a, f"aux{keystr(kp)}")
+                        aux = tree_map(lambda a: _primal(a, level), aux)
         finally:
             changed = tracer.residuals.end_trace()
 
@@ -153,14 +154,15 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         residual_names=tracer.residuals.origin,
     )
     dead_code_elimination(prog)  # raises for live non-linear (poisoned) values
-    stale = sorted(set(prog.used_residuals()) & set(changed))
+    used = set(prog.used_residuals())
+    stale = sorted(used & set(changed))
     if stale:
         raise StaleResidualError(
             f"{_API}: {_describe_residual(prog, stale[0], flat, leaf_specs)} was modified in "
             "place later during f by code linearize cannot see (e.g. through numpy or a raw data "
             "pointer). Clone it before modifying it."
         )
-    suspect = bool(set(prog.used_residuals()) & tracer.suspect_residuals)
+    suspect = bool(used & tracer.suspect_residuals)
     n_traced = len(prog.residuals)
     prog.trace_values = tracer.trace_values  # outputs' tangents; inputs' placeholders are ones
     simplify(prog)
@@ -189,7 +191,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     # coefficients computed from them, e.g. after folding, stays the linearization at
     # the original point and keeps working.)
     reachable = {storage_key(t) for t in y_flat if isinstance(t, torch.Tensor)}
-    reachable |= {storage_key(t) for t in tree_flatten(aux)[0] if isinstance(t, torch.Tensor)}
+    if has_aux:
+        reachable |= {storage_key(t) for t in tree_flatten(aux)[0] if isinstance(t, torch.Tensor)}
     watch = []
     for i, r in enumerate(prog.residuals):
         if r._is_zerotensor() or r.device.type == "meta":
@@ -239,7 +242,7 @@ def e_name(e) -> str:
 
 
 def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
-    with_path, out_spec = tree_flatten_with_path(out)
+    with_path, out_spec = flatten_with_path(out)
     outputs: list[Var | ZeroOut] = []
     y_flat = []
     for kp, o in with_path:
@@ -249,7 +252,8 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
                 f"{type(o).__name__}. Return non-tensors through has_aux=True."
             )
         _refuse_tangent_dependent(tracer, o, f"output{keystr(kp)}")
-        tan = tracer.tangent_of(o)
+        primal, tangent = fwAD.unpack_dual(o, level=tracer.level)
+        tan = tracer.tangent_of(o, tangent)
         if isinstance(tan, Var) and tan.dtype != o.dtype:
             # Eager forward AD can leave a tangent in a narrower dtype than its output
             # (type promotion with constant operands); torch.func.jvp casts it.
@@ -258,7 +262,7 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
             tan = cast
         if isinstance(tan, Var):
             outputs.append(tan)
-            tracer.trace_values[tan.id] = fwAD.unpack_dual(o, level=tracer.level).tangent
+            tracer.trace_values[tan.id] = tangent
         elif tan is None or tan._is_zerotensor() or not bool(tan.any()):
             outputs.append(ZeroOut(tuple(o.shape), o.dtype, o.device))
         else:
@@ -267,7 +271,7 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
                 "but is not zero, so f is not differentiable at this point in a way linearize can "
                 "represent (an affine rather than linear tangent)."
             )
-        y_flat.append(fwAD.unpack_dual(o, level=tracer.level).primal.detach())
+        y_flat.append(primal.detach())
     return outputs, y_flat, out_spec
 
 

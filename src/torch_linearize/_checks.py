@@ -10,10 +10,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, keystr, tree_flatten, tree_flatten_with_path
+from torch.utils._pytree import (
+    SequenceKey,
+    TreeSpec,
+    keystr,
+    tree_flatten,
+    tree_flatten_with_path,
+    tree_structure,
+)
 
 __all__ = [
-    "LeafSpec", "flatten_primals", "flatten_tangents", "is_differentiable_dtype", "leaf_specs_of",
+    "LeafSpec", "flatten_primals", "flatten_tangents", "flatten_with_path", "is_differentiable_dtype",
+    "leaf_specs_of",
 ]
 
 
@@ -40,9 +48,27 @@ def _path(prefix: str, kp) -> str:
     return prefix + keystr(kp)
 
 
+_LEAF_SPEC = tree_structure(0)
+_tuple_specs: dict[int, tuple[TreeSpec, list[str]]] = {}
+
+
+def flatten_with_path(tree: Any) -> tuple[list[tuple[Any, Any]], TreeSpec]:
+    """``tree_flatten_with_path(tree)``, without the generic walk for the common cases:
+    a plain tensor, or a tuple of plain tensors (``linearize(f, x, y)``'s primals)."""
+    if type(tree) is torch.Tensor:
+        return [((), tree)], _LEAF_SPEC
+    if type(tree) is tuple and all(type(x) is torch.Tensor for x in tree):
+        n = len(tree)
+        spec = _tuple_specs.get(n)
+        if spec is None:
+            spec = _tuple_specs[n] = tree_structure((0,) * n)
+        return [((SequenceKey(i),), x) for i, x in enumerate(tree)], spec
+    return tree_flatten_with_path(tree)
+
+
 def flatten_primals(api: str, primals: tuple) -> tuple[list[torch.Tensor], TreeSpec, list[LeafSpec]]:
     """Flatten ``primals`` (the positional arguments), checking that every leaf is a tensor."""
-    with_path, spec = tree_flatten_with_path(primals)
+    with_path, spec = flatten_with_path(primals)
     leaves, specs = [], []
     for kp, leaf in with_path:
         path = _path("primals", kp)
@@ -66,7 +92,7 @@ def leaf_specs_of(tree: Any) -> list[LeafSpec]:
     """LeafSpecs (path relative to ``tree``) for every tensor leaf of ``tree``."""
     return [
         LeafSpec(keystr(kp), tuple(x.shape), x.dtype, x.device, is_differentiable_dtype(x.dtype))
-        for kp, x in tree_flatten_with_path(tree)[0]
+        for kp, x in flatten_with_path(tree)[0]
     ]
 
 

@@ -48,15 +48,36 @@ def _is_zero_residual(prog: Program, r: Res, cache: dict[int, bool]) -> bool:
                 bool(t.reshape(-1)[:: t.numel() // 64].any()):
             z = False  # a nonzero among a strided sample: no full pass needed
         else:
-            z = t.numel() == 0 or not bool(t.any())
+            z = t.numel() == 0 or _all_zero(t)
         cache[r.index] = z
     return z
+
+
+_AMINMAX_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+def _all_zero(t: torch.Tensor) -> bool:
+    """Every element of ``t`` is zero (NaN is not). For real floating tensors one
+    ``aminmax`` (about 2x cheaper than ``any`` on CPU): both ends are 0 exactly when
+    all elements are, and a NaN propagates into both."""
+    if t.dtype in _AMINMAX_DTYPES:
+        lo, hi = torch.aminmax(t)
+        return lo.item() == 0 and hi.item() == 0
+    return not bool(t.any())
+
+
+# The operators _identity_candidate can match (by id: the tuple keeps them alive).
+_IDENTITY_FNS = (aten.add.Tensor, aten.sub.Tensor, aten._to_copy.default, aten.clone.default,
+                 aten.expand.default, aten.view.default, aten._unsafe_view.default,
+                 aten.reshape.default, aten.alias.default, aten.detach.default)
+_IDENTITY_FN_IDS = frozenset(id(f) for f in _IDENTITY_FNS)
 
 
 def _identity_source(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> Var | None:
     """If ``e`` returns its (single) tangent input unchanged, that input Var."""
     out = e.outs
-    if not isinstance(out, Var) or e.poison is not None or e.mutates:
+    if id(e.fn) not in _IDENTITY_FN_IDS or not isinstance(out, Var) or e.poison is not None \
+            or e.mutates:
         return None
     src = _identity_candidate(prog, e, zero_cache)
     # The replacement must have the same layout: later views may depend on strides.
@@ -96,43 +117,7 @@ def _identity_candidate(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> V
 
 def forward_identities(prog: Program) -> int:
     """Remove identity operations; returns how many were removed."""
-    mutated = _mutated_groups(prog)
-    input_groups = {v.group for v in prog.inputs}
-    outputs = {id(o) for o in prog.outputs if isinstance(o, Var)}
-    rename: dict[int, Var] = {}
-    zero_cache: dict[int, bool] = {}
-    kept: list[Eqn] = []
-
-    def sub(x):
-        if isinstance(x, Var):
-            return rename.get(x.id, x)
-        if isinstance(x, (list, tuple)):
-            return type(x)(sub(y) for y in x)
-        return x
-
-    removed = 0
-    for e in prog.eqns:
-        if rename:  # (unchanged args keep their identity: Eqn caches its leaves)
-            e.args = tuple(sub(a) for a in e.args)
-            e.kwargs = {k: sub(v) for k, v in e.kwargs.items()}
-        src = _identity_source(prog, e, zero_cache)
-        if src is not None:
-            out = e.outs
-            if out.group not in mutated and src.group not in mutated:
-                if id(out) in outputs and src.group in input_groups:
-                    # Never hand the caller's own tangent back as an output: a copy
-                    # (still cheaper than the original op, and no residual).
-                    if e.fn is not aten.clone.default:
-                        e = Eqn(aten.clone.default, (src,), {}, out, name="")
-                        removed += 1
-                else:
-                    rename[out.id] = src
-                    removed += 1
-                    continue
-        kept.append(e)
-    prog.eqns = kept
-    prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
-    return removed
+    return _rewrite_walk(prog, identities=True, cse=False)[0]
 
 
 # --------------------------------------------------------------------------- pointwise folding
@@ -167,6 +152,8 @@ _POINTWISE_LINEAR: dict = {
     aten._conj.default: (0,),
     aten.conj_physical.default: (0,),
 }
+# (by id, for the per-equation lookup: the dict above keeps the operators alive)
+_POINTWISE_LINEAR_BY_ID = {id(f): pos for f, pos in _POINTWISE_LINEAR.items()}
 _CONJUGATING = {aten._conj.default, aten.conj_physical.default}
 # Arguments (by position) that are added to the tangent: they must be zero for linearity.
 _ADDITIVE = {aten.add.Tensor: (0, 1), aten.sub.Tensor: (0, 1)}
@@ -178,7 +165,7 @@ def _is_zero_literal(prog: Program, x, cache: dict[int, bool]) -> bool:
     return isinstance(x, (int, float, complex)) and not isinstance(x, bool) and x == 0
 
 
-def fold_pointwise(prog: Program) -> int:
+def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
     """Rewrite pointwise-linear regions as a few fused multiply-adds.
 
     A value computed from tangent values ``b_1..b_k`` (all of the same shape) by the
@@ -190,7 +177,8 @@ def fold_pointwise(prog: Program) -> int:
     of the residuals they come from; a region is rewritten only if that lowers its
     operation count and does not grow the stored coefficients.
 
-    Returns the number of values rewritten (dead equations are left to DCE).
+    Returns the number of values rewritten (dead equations are left to DCE); the
+    equations it emitted are appended to ``emitted_out`` if given.
     """
     mutated = _mutated_groups(prog)
     zero_cache: dict[int, bool] = {}
@@ -200,7 +188,7 @@ def fold_pointwise(prog: Program) -> int:
     producer: dict[int, Eqn] = {}
     for e in prog.eqns:
         out = e.outs
-        pos = _POINTWISE_LINEAR.get(e.fn)
+        pos = _POINTWISE_LINEAR_BY_ID.get(id(e.fn))
         if pos is None or not isinstance(out, Var) or e.mutates or e.poison is not None:
             continue
         if out.group in mutated or any(isinstance(v, (Var, list, tuple)) for v in e.kwargs.values()):
@@ -250,18 +238,16 @@ def fold_pointwise(prog: Program) -> int:
         return 0
     # Exits: region values used by something outside the region, or returned.
     external: set[int] = set()
+    uses: dict[int, int] = {}
     for e in prog.eqns:
         in_region = isinstance(e.outs, Var) and e.outs.id in info
         for v in e.in_vars():
-            if v.id in info and not in_region:
+            uses[v.id] = uses.get(v.id, 0) + 1
+            if not in_region and v.id in info:
                 external.add(v.id)
     external |= {o.id for o in prog.outputs if isinstance(o, Var) and o.id in info}
 
     rewrites: dict[int, list[Eqn]] = {}
-    uses: dict[int, int] = {}
-    for e in prog.eqns:
-        for v in e.in_vars():
-            uses[v.id] = uses.get(v.id, 0) + 1
     for o in prog.outputs:
         if isinstance(o, Var):
             uses[o.id] = uses.get(o.id, 0) + 1
@@ -296,6 +282,9 @@ def fold_pointwise(prog: Program) -> int:
         else:
             new.append(e)
     prog.eqns = new
+    if emitted_out is not None:
+        for eqns in rewrites.values():
+            emitted_out.extend(eqns)
     return len(rewrites)
 
 
@@ -492,13 +481,32 @@ def _region_coefficients(prog, producer, position, vid, memo, owned, uses):
     return memo[vid]
 
 
+_NUMBER_TYPES = frozenset({int, float, complex})  # exactly (subclasses take the general path)
+
+
 def _eqn_coefficients(prog, e: Eqn, arg_coeffs: list, owned: set[int], uses: dict) -> dict:
     var_pos = [i for i, c in enumerate(arg_coeffs) if c is not None]
     bids: dict[int, None] = {}
     for i in var_pos:
         bids.update(dict.fromkeys(arg_coeffs[i]))
     out: dict = {}
+    fn = e.fn
+    add_sub = fn is aten.add.Tensor or fn is aten.sub.Tensor
+    if add_sub:  # sums of number coefficients (stencils): _number_rule's formula inline
+        alpha = e.kwargs.get("alpha", 1)
+        c0 = arg_coeffs[0] if arg_coeffs and arg_coeffs[0] is not None else None
+        c1 = arg_coeffs[1] if len(arg_coeffs) > 1 and arg_coeffs[1] is not None else None
+        add = fn is aten.add.Tensor
     for bid in bids:
+        if add_sub:
+            x = c0.get(bid, 0) if c0 is not None else 0
+            y = c1.get(bid, 0) if c1 is not None else 0
+            if type(x) in _NUMBER_TYPES and type(y) in _NUMBER_TYPES:
+                try:
+                    out[bid] = x + alpha * y if add else x - alpha * y
+                    continue
+                except ArithmeticError:
+                    pass  # (as below: the tensor rule)
         vals = {i: arg_coeffs[i].get(bid, 0) for i in var_pos}
         try:
             c = _number_rule(e, vals)
@@ -562,6 +570,12 @@ def _zero_shortcut(e: Eqn, vals: dict):
 
 
 def _tensor_rule(prog, e: Eqn, vals: dict, owned: set[int], uses: dict):
+    fn = e.fn
+    if fn is aten.mul.Tensor and list(vals) == [0] and not e.kwargs and _is_number(vals[0]) \
+            and vals[0] == 1 and len(e.args) == 2 and isinstance(e.args[1], Res):
+        r = prog.residuals[e.args[1].index]
+        if r.dtype == e.args[0].dtype and r.dim() > 0:
+            return r  # C * r with C == 1: the residual itself (as below, before any tensor work)
     args = []
     for i, a in enumerate(e.args):
         if i in vals:
@@ -571,7 +585,6 @@ def _tensor_rule(prog, e: Eqn, vals: dict, owned: set[int], uses: dict):
             args.append(prog.residuals[a.index])
         else:
             args.append(a)
-    fn = e.fn
     if fn in (aten.mul.Tensor, aten.div.Tensor) and list(vals) == [0] and not e.kwargs:
         c, r = args[0], args[1]
         if isinstance(r, torch.Tensor):
@@ -603,7 +616,8 @@ _probes: dict[tuple, tuple] = {}
 
 def _probe(shape: tuple, numel: int, n_bases: int, device) -> tuple:
     """Sampled positions (flat and per dimension) and random base values for
-    :func:`_folding_is_accurate`; deterministic (seed 0), so cached per shape."""
+    :func:`_folding_is_accurate`; deterministic (seed 0), so cached per shape. The
+    last entry caches the base values converted to each dtype asked for."""
     key = (shape, n_bases, str(device))
     hit = _probes.get(key)
     if hit is not None:
@@ -615,11 +629,32 @@ def _probe(shape: tuple, numel: int, n_bases: int, device) -> tuple:
     # CPU float64 ``rand`` is several times cheaper than ``randn``).
     xs = (torch.rand(n_bases, k, generator=gen, dtype=torch.float64) * 2 - 1).to(device)
     idx = idx.to(device)
-    coords = tuple(c.to(device) for c in torch.unravel_index(idx.cpu(), shape)) if shape else ()
+    coords = tuple(c.to(device) for c in _unravel(idx.cpu(), shape)) if shape else ()
     if len(_probes) > 256:
         _probes.clear()
-    _probes[key] = (idx, coords, xs)
+    _probes[key] = (idx, coords, xs, {})
     return _probes[key]
+
+
+def _unravel(idx: torch.Tensor, shape: tuple) -> list[torch.Tensor]:
+    """``torch.unravel_index(idx, shape)`` (row-major coordinates of flat positions),
+    without its first-call import of sympy (about 0.4 s)."""
+    if idx.numel() == 0:
+        return [idx.clone() for _ in shape]
+    coords, rem = [], idx
+    for n in reversed(shape):
+        coords.append(rem % n)
+        rem = rem // n
+    return coords[::-1]
+
+
+def _probe_values(xs: torch.Tensor, converted: dict, dtype) -> list:
+    """The probe's base values in ``dtype`` (read only; cached with the probe)."""
+    v = converted.get(dtype)
+    if v is None:
+        v = converted[dtype] = [x.to(dtype) if not dtype.is_complex else
+                                torch.complex(x, x.flip(0)).to(dtype) for x in xs]
+    return v
 
 
 def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
@@ -637,18 +672,18 @@ def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
     for d in shape:
         numel *= d
     device = next(iter(bases[b] for b in bset)).device
-    idx, coords, xs = _probe(tuple(shape), numel, len(bset), device)
+    idx, coords, xs, converted = _probe(tuple(shape), numel, len(bset), device)
     k = idx.numel()
     vals = {}
-    for x, bid in zip(xs, bset):
-        b = bases[bid]
-        vals[bid] = x.to(b.dtype) if not b.dtype.is_complex else \
-            torch.complex(x, x.flip(0)).to(b.dtype)
+    for i, bid in enumerate(bset):  # (row i for base i)
+        vals[bid] = _probe_values(xs, converted, bases[bid].dtype)[i]
 
     def gather(r: torch.Tensor) -> torch.Tensor:
         # The k sampled positions of r broadcast to `shape`, without expanding r.
         if r.dim() == 0:
             return r
+        if r.shape == shape and not r.is_complex():
+            return torch.take(r, idx)  # (row-major flat positions: the same values)
         lead = len(shape) - r.dim()
         index = tuple(coords[lead + j] if n != 1 else 0 for j, n in enumerate(r.shape))
         g = r[index]
@@ -657,10 +692,19 @@ def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
     traced = _region_eval(prog, producer, vid, vals, gather)
     if traced is None:
         return False
-    folded = sum((c if _is_number(c) else gather(c)) * (vals[b.id].conj() if par else vals[b.id])
-                 for b, c, par in terms)
+    # sum(c * v for the terms), without the multiplications by an exact 1 and the
+    # leading 0 + (the same values: the base values are finite).
+    folded = None
+    for b, c, par in terms:
+        v = vals[b.id].conj() if par else vals[b.id]
+        if not (type(c) in (int, float) and c == 1 and not v.is_complex()):
+            v = (c if _is_number(c) else gather(c)) * v
+        folded = v if folded is None else folded + v
+    if folded is None:
+        folded = 0
     scale = float(traced.abs().max()) if traced.numel() else 0.0
-    if not torch.isfinite(traced).all() or scale == 0.0:
+    # (max propagates NaN: a finite scale means every element is finite)
+    if not math.isfinite(scale) or scale == 0.0:
         return bool(torch.equal(torch.isfinite(traced), torch.isfinite(folded)))
     eps = torch.finfo(traced.dtype).eps if (traced.is_floating_point() or traced.is_complex()) else 0
     return float((traced - folded).abs().max()) <= 64 * eps * scale
@@ -715,6 +759,9 @@ def _constant_value(c: torch.Tensor):
     if c.numel() > 64:  # most coefficients vary: reject from a strided sample first
         flat = c.reshape(-1) if c.is_contiguous() else None
         if flat is not None:
+            a, b = flat[:2].tolist()
+            if a != b:  # (or NaN): not constant, whatever the rest holds
+                return None
             sample = flat[:: max(1, flat.numel() // 64)]
             if not bool((sample == sample[0]).all()):
                 return None
@@ -801,28 +848,88 @@ def _emit_terms(prog: Program, plan, out: Var) -> list[Eqn]:
 # --------------------------------------------------------------------------- CSE
 
 
+_NAN_KEY = ("nan",)
+# Literal types keyed as (type, value) without further checks (hashable, compared by value).
+_PLAIN_LITERALS = frozenset({int, float, bool, complex, str, type(None), torch.dtype,
+                             torch.device, torch.layout, torch.memory_format})
+
+
+def _key_of(x):
+    """A hashable key for an argument pytree: equal exactly when the arguments are the same
+    Vars (a bare int: their id), residual slots, list/tuple structure and literals of the
+    same type (so 1, 1.0 and True differ; NaN equals NaN)."""
+    t = type(x)
+    if t is Var:
+        return x.id
+    if t is Res:  # (compares and hashes by slot)
+        return x
+    if t is tuple or t is list:
+        return (t, *[_key_of(y) for y in x])
+    if t in _PLAIN_LITERALS:
+        return _NAN_KEY if t is float and x != x else (t, x)
+    if isinstance(x, Var):
+        return ("v", x.id)
+    if isinstance(x, Res):
+        return ("r", x.index)
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, *(_key_of(y) for y in x))
+    if isinstance(x, float) and x != x:
+        return _NAN_KEY
+    try:
+        hash(x)
+    except TypeError:
+        return ("id", id(x))
+    return ("l", type(x).__name__, x)
+
+
+def _cse_key(e: Eqn) -> tuple:
+    """``(fn, args key, kwargs key)``; cached on the equation while its arguments stay the
+    same objects (passes replace ``args``/``kwargs``, never mutate them), so a later
+    round keys the equations it did not touch for free."""
+    c = e.__dict__.get("_cse_key")
+    if c is not None and c[0] is e.args and c[1] is e.kwargs:
+        return c[2]
+    kw = e.kwargs
+    k = (e.fn, _key_of(e.args), _key_of(tuple(sorted(kw.items()))) if kw else ())
+    e.__dict__["_cse_key"] = (e.args, kw, k)
+    return k
+
+
+_deterministic: dict = {}  # OpOverload -> not tagged nondeterministic_seeded
+
+
+def _deterministic_op(fn) -> bool:
+    d = _deterministic.get(fn)
+    if d is None:
+        d = _deterministic[fn] = torch.Tag.nondeterministic_seeded not in fn.tags
+    return d
+
+
 def common_subexpressions(prog: Program) -> int:
     """Reuse the result of an identical earlier pure operation (same op, same arguments)."""
+    return _rewrite_walk(prog, identities=False, cse=True)[1]
+
+
+def _rewrite_walk(prog: Program, identities: bool = True, cse: bool = True) -> tuple[int, int]:
+    """:func:`forward_identities` and :func:`common_subexpressions` in one walk.
+
+    Returns (identities removed, duplicates removed). Equivalent to running the two
+    passes one after the other: an equation is first tested as an identity (on
+    arguments renamed by both), then looked up as a duplicate. A duplicate is
+    renamed to an earlier equal value of the same shape and strides (and, being the
+    same operation on the same arguments, dtype and storage), so renaming it first
+    changes no identity decision.
+    """
     mutated = _mutated_groups(prog)
+    if identities:
+        input_groups = {v.group for v in prog.inputs}
+        outputs = {id(o) for o in prog.outputs if isinstance(o, Var)}
+        zero_cache: dict[int, bool] = {}
     seen: dict[tuple, Var] = {}
     rename: dict[int, Var] = {}
-    kept = []
-    removed = 0
-
-    def key_of(x):
-        if isinstance(x, Var):
-            return ("v", x.id)
-        if isinstance(x, Res):
-            return ("r", x.index)
-        if isinstance(x, (list, tuple)):
-            return (type(x).__name__, *(key_of(y) for y in x))
-        if isinstance(x, float) and x != x:
-            return ("nan",)
-        try:
-            hash(x)
-        except TypeError:
-            return ("id", id(x))
-        return ("l", type(x).__name__, x)
+    kept: list[Eqn] = []
+    n_ident = n_cse = 0
+    OpOverload = torch._ops.OpOverload
 
     def sub(x):
         if isinstance(x, Var):
@@ -836,22 +943,41 @@ def common_subexpressions(prog: Program) -> int:
             e.args = tuple(sub(a) for a in e.args)
             e.kwargs = {k: sub(v) for k, v in e.kwargs.items()}
         out = e.outs
-        pure = (isinstance(e.fn, torch._ops.OpOverload) and isinstance(out, Var) and not e.mutates
-                and e.poison is None and out.group not in mutated
-                and torch.Tag.nondeterministic_seeded not in e.fn.tags
-                and all(v.group not in mutated for v in e.in_vars()))
-        if pure:
-            k = (e.fn, key_of(e.args), key_of(tuple(sorted(e.kwargs.items()))))
-            prev = seen.get(k)
-            if prev is not None and prev.shape == out.shape and prev.stride == out.stride:
-                rename[out.id] = prev
-                removed += 1
-                continue
-            seen[k] = out
+        if identities:
+            src = _identity_source(prog, e, zero_cache)
+            if src is not None and out.group not in mutated and src.group not in mutated:
+                if id(out) in outputs and src.group in input_groups:
+                    # Never hand the caller's own tangent back as an output: a copy
+                    # (still cheaper than the original op, and no residual).
+                    if e.fn is not aten.clone.default:
+                        e = Eqn(aten.clone.default, (src,), {}, out, name="")
+                        n_ident += 1
+                else:
+                    rename[out.id] = src
+                    n_ident += 1
+                    continue
+        if cse and isinstance(out, Var) and not e.mutates and e.poison is None \
+                and isinstance(e.fn, OpOverload) and out.group not in mutated \
+                and _deterministic_op(e.fn):
+            pure = True
+            if mutated:
+                for v in e.in_vars():
+                    if v.group in mutated:
+                        pure = False
+                        break
+            if pure:
+                k = _cse_key(e)
+                prev = seen.get(k)
+                if prev is not None and prev.shape == out.shape and prev.stride == out.stride:
+                    rename[out.id] = prev
+                    n_cse += 1
+                    continue
+                seen[k] = out
         kept.append(e)
     prog.eqns = kept
-    prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
-    return removed
+    if rename:
+        prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
+    return n_ident, n_cse
 
 
 def collapse_fresh_copies(prog: Program) -> int:
@@ -908,14 +1034,44 @@ def collapse_fresh_copies(prog: Program) -> int:
 
 
 def simplify(prog: Program) -> None:
-    """Run all passes to a fixed point (each is cheap; programs are small)."""
+    """Run all passes to a fixed point (at most four rounds).
+
+    Gives the program the full rounds would (``collapse_fresh_copies``,
+    ``forward_identities``, ``common_subexpressions``, ``fold_pointwise``, dead-code
+    elimination, repeated while any of them changes something), but after the first
+    round runs a pass only if what changed since it last ran can give it work:
+
+    * ``collapse_fresh_copies`` only matches the tracer's ``fresh_zeros`` buffers,
+      which no pass creates: without one it is skipped altogether.
+    * An identity is an equation of its own (``x + zero residual``, a same-layout
+      copy or view) whose status no other rewrite changes (renames keep shape,
+      dtype, strides and storage); new candidates are a ``clone`` that folding
+      emitted (a region that is just its base) or one that collapsing made.
+    * The identity/CSE walk leaves no duplicates behind (renames are applied as it
+      goes); new ones need new equations (folding's), removed ones (DCE) or renames.
+    * Folding is deterministic: it is re-run only if the program changed since.
+    """
     from ._program import dead_code_elimination
 
-    for _ in range(4):
-        changed = collapse_fresh_copies(prog)
-        changed += forward_identities(prog)
-        changed += common_subexpressions(prog)
-        changed += fold_pointwise(prog)
+    # Only the tracer names a buffer "fresh_zeros" (no pass makes one).
+    fresh = any(e.name == "fresh_zeros" for e in prog.eqns)
+    walk_ident = walk_cse = run_fold = True
+    for rnd in range(4):
+        collapsed = collapse_fresh_copies(prog) if fresh else 0
+        if collapsed:  # a new clone, and a buffer no longer written in place
+            walk_ident = walk_cse = run_fold = True
+        renamed = 0
+        if walk_ident or walk_cse:
+            renamed = sum(_rewrite_walk(prog, identities=walk_ident, cse=walk_cse))
+        emitted: list[Eqn] = []
+        folded = fold_pointwise(prog, emitted) if run_fold or renamed else 0
+        if rnd and not (collapsed or renamed or folded):
+            break  # nothing changed: the program is the last round's (DCE included)
+        n = len(prog.eqns)
         dead_code_elimination(prog)
-        if not changed:
+        if not (collapsed or renamed or folded):
             break
+        removed = len(prog.eqns) != n
+        walk_ident = any(e.fn is aten.clone.default for e in emitted)
+        walk_cse = walk_ident or bool(folded) or removed
+        run_fold = bool(folded) or removed

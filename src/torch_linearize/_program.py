@@ -175,6 +175,8 @@ class Program:
 
         if any(old != new for old, new in remap.items()):
             for e in self.eqns:
+                if not e.in_res():
+                    continue  # (nothing to renumber: keep its argument objects)
                 e.args = tuple(sub_arg(a) for a in e.args)
                 e.kwargs = {k: sub_arg(v) for k, v in e.kwargs.items()}
         self.residuals = [self.residuals[i] for i in used]
@@ -196,28 +198,38 @@ def dead_code_elimination(prog: Program) -> None:
             if o.group is not None:
                 needed_groups.add(o.group)
     kept: list[Eqn] = []
+    poisoned = None
     for e in reversed(prog.eqns):
-        outs = e.out_vars()
-        live = any(v.id in live_vars for v in outs) or any(
-            m.group is not None and m.group in needed_groups for m in e.mutates
-        )
+        o = e.outs
+        if type(o) is Var:  # (the common case, without building lists)
+            outs: Any = (o,)
+            live = o.id in live_vars
+        else:
+            outs = e.out_vars()
+            live = any(v.id in live_vars for v in outs)
+        if not live and e.mutates:
+            live = any(m.group is not None and m.group in needed_groups for m in e.mutates)
         if not live:
             continue
         kept.append(e)
-        for v in e.in_vars():
-            live_vars.add(v.id)
-            if v.group is not None:
-                needed_groups.add(v.group)
+        for x in e._leaves():
+            if isinstance(x, Var):
+                live_vars.add(x.id)
+                if x.group is not None:
+                    needed_groups.add(x.group)
         for v in outs:
             if v.group is not None:
                 needed_groups.add(v.group)
+        if e.poison is not None:
+            poisoned = e
     kept.reverse()
     prog.eqns = kept
-    for e in kept:
-        if e.poison is not None:
-            from ._errors import NonLinearTangentError
+    if poisoned is not None:
+        for e in kept:  # the first one in program order
+            if e.poison is not None:
+                from ._errors import NonLinearTangentError
 
-            raise NonLinearTangentError(e.poison)
+                raise NonLinearTangentError(e.poison)
 
 
 # --------------------------------------------------------------------------- printing

@@ -95,15 +95,25 @@ class _OpInfo:
     random: bool
     returns_tensor: bool  # False for metadata queries (is_same_size, ...) and data reads
     custom: bool  # an operator outside aten/prims (torch.library custom ops, extensions)
+    # Derived once per operator (the checks of every call read only these):
+    passthrough: bool = False  # returns no tensor and reads no data: run as is
+    data_read: bool = False  # in _DATA_READS
+    linalg: bool = False  # linalg kernel: may build complex temporaries (conj keys)
+    value_independent: bool = False  # name in _VALUE_INDEPENDENT
+    uninitialized: bool = False  # name in _UNINITIALIZED
+    nonlinear: bool = False  # (in-place-stripped) name in _NONLINEAR
+    bilinear: tuple | None = None  # _BILINEAR positions
+    linear_only_in: tuple | None = None  # _LINEAR_ONLY_IN positions
 
 
-_op_infos: dict[Any, _OpInfo] = {}
+# id(operator) -> (operator, info); the operator is kept, so its id stays its own.
+_op_infos: dict[int, tuple[Any, _OpInfo]] = {}
 
 
 def _op_info(func) -> _OpInfo:
-    info = _op_infos.get(func)
-    if info is not None:
-        return info
+    hit = _op_infos.get(id(func))
+    if hit is not None and hit[0] is func:
+        return hit[1]
     schema = func._schema
     writes = []
     for pos, a in enumerate(schema.arguments):
@@ -115,8 +125,19 @@ def _op_info(func) -> _OpInfo:
     base = schema.name.split("::")[-1]
     returns_tensor = any("Tensor" in str(r.type) for r in schema.returns)
     custom = getattr(func, "namespace", "aten") not in ("aten", "prims", "debugprims", "rngprims")
-    info = _OpInfo(base, tuple(writes), fresh, random, returns_tensor, custom)
-    _op_infos[func] = info
+    nl_base = base[:-1] if base.endswith("_") else base
+    info = _OpInfo(
+        base, tuple(writes), fresh, random, returns_tensor, custom,
+        passthrough=not returns_tensor and func not in _DATA_READS,
+        data_read=func in _DATA_READS,
+        linalg=func.__name__.startswith(("linalg_", "_linalg")),
+        value_independent=base in _VALUE_INDEPENDENT,
+        uninitialized=base in _UNINITIALIZED,
+        nonlinear=nl_base in _NONLINEAR or nl_base.lstrip("_") in _NONLINEAR,
+        bilinear=_BILINEAR.get(nl_base),
+        linear_only_in=_LINEAR_ONLY_IN.get(nl_base),
+    )
+    _op_infos[id(func)] = (func, info)
     return info
 
 
@@ -206,18 +227,20 @@ def current_tracer() -> Tracer | None:
     return getattr(_local, "tracer", None)
 
 
+_EFFICIENT_ZERO = aten._efficientzerotensor.default
+
 _CONJ_NEG_KEYS = C.DispatchKeySet(C.DispatchKey.Conjugate) | C.DispatchKeySet(C.DispatchKey.Negative)
 
 
-_linalg_ops: dict[Any, bool] = {}
+# Size and storage queries that forward AD makes for every tangent it sets (two per
+# operation): they read no tensor data and no dispatch key changes their answer.
+# (Matched by id: the tuple keeps the operators alive, so their ids stay theirs.)
+_SHAPE_QUERIES = (aten.is_same_size.default, aten._has_same_storage_numel.default)
+_SHAPE_QUERY_IDS = frozenset(id(f) for f in _SHAPE_QUERIES)
 
-
-def _needs_conj_keys(func, args, kwargs) -> bool:
+def _needs_conj_keys(info: _OpInfo, args, kwargs) -> bool:
     """Complex operands, or a linear-algebra kernel (may make complex temporaries)."""
-    linalg = _linalg_ops.get(func)
-    if linalg is None:
-        linalg = _linalg_ops[func] = func.__name__.startswith(("linalg_", "_linalg"))
-    if linalg:
+    if info.linalg:
         return True
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -425,49 +448,81 @@ class Tracer(TorchDispatchMode):
                         return True
         return False
 
+    def _scan(self, args, kwargs) -> tuple[bool, bool]:
+        """(a positional argument is a structural zero, an argument is tracked), in one
+        pass: ``_has_zero(args)`` and ``_any_tracked(args, kwargs)``."""
+        token, promoted = self.token, self.promoted
+        zero = tracked = False
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                items = (a,)
+            elif isinstance(a, (list, tuple)):
+                items = a
+            else:
+                continue
+            for b in items:
+                if not isinstance(b, torch.Tensor):
+                    continue
+                d = b.__dict__
+                if not zero and (_ZERO_ATTR in d or b._is_zerotensor()):
+                    zero = True
+                if not tracked:
+                    entry = d.get(_ATTR)
+                    if (entry is not None and entry[0] is token) or (
+                            promoted and self.lookup(b) is not None):
+                        tracked = True
+        if not tracked and kwargs:
+            tracked = self._any_tracked((), kwargs)
+        return zero, tracked
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if id(func) in _SHAPE_QUERY_IDS:  # (about half of all calls): straight through
+            return func._op(*args, **kwargs) if kwargs else func._op(*args)
         kwargs = kwargs or {}
-        if _needs_conj_keys(func, args, kwargs):
+        hit = _op_infos.get(id(func))
+        info = hit[1] if hit is not None and hit[0] is func else _op_info(func)
+        if _needs_conj_keys(info, args, kwargs):
             # PyTorch runs __torch_dispatch__ with the Conjugate and Negative keys
             # excluded, so a kernel that builds conjugate views internally (complex
             # linalg_pinv: `V.mH * (1/S)`) silently computes garbage under any dispatch
             # mode. Re-enable them while this operation runs.
             include, exclude = C._dispatch_tls_local_include_set(), C._dispatch_tls_local_exclude_set()
             with C._ForceDispatchKeyGuard(include, exclude - _CONJ_NEG_KEYS):
-                return self._dispatch(func, args, kwargs)
-        return self._dispatch(func, args, kwargs)
+                return self._dispatch(func, args, kwargs, info)
+        return self._dispatch(func, args, kwargs, info)
 
-    def _dispatch(self, func, args, kwargs):
+    def _dispatch(self, func, args, kwargs, info: _OpInfo):
         if self.paused_depth:
             return func(*args, **kwargs)
-        info = _op_info(func)
-        if not info.returns_tensor and func not in _DATA_READS:
+        if info.passthrough:
             return func(*args, **kwargs)  # metadata query: no tensor data is read
-        if func is aten._efficientzerotensor.default:
+        if func is _EFFICIENT_ZERO:
             return _structural_zero(*args, **kwargs)
         if info.write_args:
             for t in self._written(args, kwargs, info):
                 if _ZERO_ATTR in t.__dict__:  # about to be written: give it real memory
                     del t.__dict__[_ZERO_ATTR]
                     t.set_(torch.zeros(t.shape, dtype=t.dtype, device=t.device))
-        if _has_zero(args):
+        zero, tracked = self._scan(args, kwargs)
+        if zero:
             zero = self._zero_tensor_op(func, args, kwargs)
             if zero is not None:
                 return zero
             args = tuple(_plain_zero(a) for a in args)
-        if info.name in _VALUE_INDEPENDENT:
+            tracked = self._any_tracked(args, kwargs)
+        if info.value_independent:
             out = func(*args, **kwargs)
             self.note_created(out)
-            if info.name in _UNINITIALIZED:
+            if info.uninitialized:
                 k = storage_key(out)
                 if k is not None:
                     self.uninitialized[k] = out.untyped_storage()
-            if self._any_tracked(args, kwargs):
+            if tracked:
                 k = storage_key(out)
                 if k is not None:
                     self.suspect_storages.add(k)
             return out
-        if self._any_tracked(args, kwargs):
+        if tracked:
             return self._record(func, args, kwargs, info)
         if info.custom:
             self._refuse_dropped_tangents(func, args, kwargs)
@@ -548,7 +603,7 @@ class Tracer(TorchDispatchMode):
         the error is raised only if a poisoned value reaches an output of ``f``
         (PyTorch sometimes computes, and then discards, such values itself).
         """
-        if func in _DATA_READS:
+        if info.data_read:
             raise NonLinearTangentError(
                 f"linearize: {func} reads the value of a tangent-dependent tensor into Python "
                 "(e.g. .item(), bool(), torch.equal). The linearized function must be linear in "
@@ -562,11 +617,10 @@ class Tracer(TorchDispatchMode):
         if info.random:
             return (f"linearize: random operation {func} was applied to a tangent-dependent "
                     "tensor; a linear map cannot draw new random numbers from its input.")
-        base = info.name[:-1] if info.name.endswith("_") else info.name
-        if base in _NONLINEAR or base.lstrip("_") in _NONLINEAR:
+        if info.nonlinear:
             return (f"linearize: {func} is not linear but was applied to a tangent-dependent "
                     "tensor. A tangent can only flow through linear operations.")
-        pos = _BILINEAR.get(base)
+        pos = info.bilinear
         if pos is not None:
             n = sum(
                 1 for p in pos
@@ -575,7 +629,7 @@ class Tracer(TorchDispatchMode):
             if n > 1:
                 return (f"linearize: {func} multiplies two tangent-dependent tensors; the result "
                         "is quadratic, not linear, in the tangent.")
-        lin = _LINEAR_ONLY_IN.get(base)
+        lin = info.linear_only_in
         if lin is not None:
             for p, a in enumerate(args):
                 if p not in lin and isinstance(a, torch.Tensor) and self.lookup(a) is not None:
@@ -598,14 +652,16 @@ class Tracer(TorchDispatchMode):
                         if v is not None)
             for t in written:
                 self.before_write(t, True, func, like)
-        written_vars = tuple(self.lookup(t) for t in written)
-        sargs = tuple(self._sym(a, func) for a in args)
-        skwargs = {k: self._sym(v, func) for k, v in kwargs.items()}
+        written_vars = tuple(self.lookup(t) for t in written) if written else ()
+        sym = self._sym
+        sargs = tuple([sym(a, func) if isinstance(a, (torch.Tensor, list, tuple)) else a
+                       for a in args])
+        skwargs = {k: sym(v, func) for k, v in kwargs.items()} if kwargs else {}
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
             # Fast path: one floating output.
             eqn = Eqn(func, sargs, skwargs, self.new_var(out),
-                      mutates=tuple(v for v in written_vars if v is not None))
+                      mutates=tuple(v for v in written_vars if v is not None) if written else ())
             if poison is not None:
                 self._poison(eqn, poison)
             self.eqns.append(eqn)
@@ -644,9 +700,13 @@ class Tracer(TorchDispatchMode):
             self.poisoned[v.id] = why
 
     # ------------------------------------------------------------------ outputs
-    def tangent_of(self, t: torch.Tensor) -> Var | torch.Tensor | None:
-        """The tracked tangent of dual tensor ``t`` (a Var), an untracked tangent tensor, or None."""
-        tangent = fwAD.unpack_dual(t, level=self.level).tangent
+    _UNPACK = object()
+
+    def tangent_of(self, t: torch.Tensor, tangent: Any = _UNPACK) -> Var | torch.Tensor | None:
+        """The tracked tangent of dual tensor ``t`` (a Var), an untracked tangent tensor, or None
+        (``tangent``: its tangent, if the caller unpacked it already)."""
+        if tangent is Tracer._UNPACK:
+            tangent = fwAD.unpack_dual(t, level=self.level).tangent
         if tangent is None:
             return None
         v = self.lookup(tangent)
