@@ -375,3 +375,17 @@ def test_probe_coordinates_match_unravel_index(shape):
     assert len(ours) == len(ref)
     for a, b in zip(ours, ref):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_cse_tells_signed_zeros_apart():
+    # 0.0 == -0.0 in Python, but t * -0.0 and t * 0.0 differ in the sign of zero.
+    def f(x):
+        return torch.stack([x * -0.0, x * 0.0, x * -0.0])
+
+    x = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(f, x)
+    t = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=D)
+    got, want = jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1]
+    assert torch.equal(got.signbit(), want.signbit())
+    muls = [e for e in jvp_fn._program.eqns if e.fn is torch.ops.aten.mul.Tensor]
+    assert len(muls) == 2  # the repeated x * -0.0 is still shared

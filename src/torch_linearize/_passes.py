@@ -857,7 +857,7 @@ _PLAIN_LITERALS = frozenset({int, float, bool, complex, str, type(None), torch.d
 def _key_of(x):
     """A hashable key for an argument pytree: equal exactly when the arguments are the same
     Vars (a bare int: their id), residual slots, list/tuple structure and literals of the
-    same type (so 1, 1.0 and True differ; NaN equals NaN)."""
+    same type and bits (so 1, 1.0 and True differ, 0.0 and -0.0 differ; NaN equals NaN)."""
     t = type(x)
     if t is Var:
         return x.id
@@ -866,7 +866,11 @@ def _key_of(x):
     if t is tuple or t is list:
         return (t, *[_key_of(y) for y in x])
     if t in _PLAIN_LITERALS:
-        return _NAN_KEY if t is float and x != x else (t, x)
+        if t is float:  # float.hex tells -0.0 from 0.0 (== does not) and is exact
+            return (t, x.hex())
+        if t is complex:
+            return (t, x.real.hex(), x.imag.hex())
+        return (t, x)
     if isinstance(x, Var):
         return ("v", x.id)
     if isinstance(x, Res):

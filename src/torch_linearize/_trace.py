@@ -184,6 +184,36 @@ def _structural_zero(size, dtype=None, layout=None, device=None, pin_memory=None
     return z
 
 
+# A 0-d efficient zero that PyTorch marks as a wrapped number (the tangent of a Python
+# scalar operand: `4 * x`, `x / 4`, `lerp(a, b, 0.3)`) reaches __torch_dispatch__ as
+# the Python number 0, so `0 * x` is evaluated: NaN where x is infinite, and forward
+# AD's exact zero becomes a NaN constant added to the tangent. The tracer marks results
+# of products by a literal zero (or by such a result) and, where one is *added to a
+# tracked tangent* (the only place forward AD combines them), uses a structural zero.
+# Primal uses keep the computed value.
+_ZERO_PRODUCT_ATTR = "_torch_linearize_zero_product"
+_ADDITIVE = {  # additive operators -> positions whose zero-product operand is dropped
+    aten.add.Tensor: (0, 1), aten.sub.Tensor: (0, 1), aten.add_.Tensor: (1,),
+    aten.sub_.Tensor: (1,), aten.addcmul.default: (0,), aten.addcdiv.default: (0,),
+    aten.addcmul_.default: (), aten.addcdiv_.default: (),
+}
+
+
+def _zero_operand(a) -> bool:
+    """A literal zero or a marked zero product."""
+    if isinstance(a, torch.Tensor):
+        return _ZERO_PRODUCT_ATTR in a.__dict__
+    return isinstance(a, (int, float, complex)) and a == 0
+
+
+def _is_zero_product(func, args) -> bool:
+    """Whether ``func(*args)`` is zero because an operand in a zero position is zero."""
+    pos = _ZERO_PRODUCTS[func]
+    if not pos:  # sums: every operand zero
+        return len(args) >= 2 and _zero_operand(args[0]) and _zero_operand(args[1])
+    return any(p < len(args) and _zero_operand(args[p]) for p in pos)
+
+
 def _is_zero(a) -> bool:
     return isinstance(a, torch.Tensor) and (a._is_zerotensor() or _ZERO_ATTR in a.__dict__)
 
@@ -280,6 +310,7 @@ class Tracer(TorchDispatchMode):
         self.uninitialized: dict[int, Any] = {}  # storages from empty factories, never written
         self.suspect_residuals: set[int] = set()
         self.paused_depth = 0
+        self.zero_products = False  # a result was marked _ZERO_PRODUCT_ATTR
 
     # ------------------------------------------------------------------ activation
     @contextmanager
@@ -448,6 +479,17 @@ class Tracer(TorchDispatchMode):
                         return True
         return False
 
+    def _drop_zero_products(self, func, args) -> tuple[tuple, bool]:
+        """Replace untracked zero products added to a tracked tangent by structural zeros."""
+        out, dropped = list(args), False
+        for p in _ADDITIVE[func]:
+            a = args[p] if p < len(args) else None
+            if isinstance(a, torch.Tensor) and _ZERO_PRODUCT_ATTR in a.__dict__ and \
+                    self.lookup(a) is None:
+                out[p] = _structural_zero(a.shape, dtype=a.dtype, device=a.device)
+                dropped = True
+        return (tuple(out), True) if dropped else (args, False)
+
     def _scan(self, args, kwargs) -> tuple[bool, bool]:
         """(a positional argument is a structural zero, an argument is tracked), in one
         pass: ``_has_zero(args)`` and ``_any_tracked(args, kwargs)``."""
@@ -504,6 +546,9 @@ class Tracer(TorchDispatchMode):
                     del t.__dict__[_ZERO_ATTR]
                     t.set_(torch.zeros(t.shape, dtype=t.dtype, device=t.device))
         zero, tracked = self._scan(args, kwargs)
+        if tracked and self.zero_products and func in _ADDITIVE:
+            args, dropped = self._drop_zero_products(func, args)
+            zero = zero or dropped
         if zero:
             zero = self._zero_tensor_op(func, args, kwargs)
             if zero is not None:
@@ -530,6 +575,9 @@ class Tracer(TorchDispatchMode):
             for t in self._written(args, kwargs, info):
                 self.before_write(t, False, info.name)
         out = func(*args, **kwargs)
+        if func in _ZERO_PRODUCTS and isinstance(out, torch.Tensor) and _is_zero_product(func, args):
+            out.__dict__[_ZERO_PRODUCT_ATTR] = True
+            self.zero_products = True
         if info.fresh_outputs or func is aten.lift_fresh.default:
             if isinstance(out, torch.Tensor):
                 self.note_created(out)
