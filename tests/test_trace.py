@@ -79,3 +79,58 @@ def test_primal_uses_of_zero_products_keep_their_ieee_value():
     t = torch.randn(10, dtype=D)
     for a, b in zip(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1]):
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+MATMULS = {
+    "mm": lambda x, w, b: torch.tanh(x @ w),
+    "addmm": lambda x, w, b: torch.tanh(torch.addmm(b, x, w, beta=0.5, alpha=2.0)),
+    "linear": lambda x, w, b: torch.nn.functional.linear(x, w.t(), b).sin(),
+    "bmm": lambda x, w, b: torch.bmm(x.unsqueeze(0).expand(3, -1, -1), w.expand(3, -1, -1)),
+    "baddbmm": lambda x, w, b: torch.baddbmm(b.expand(3, 5, -1), x.expand(3, -1, -1),
+                                             w.expand(3, -1, -1)),
+    "mv": lambda x, w, b: torch.mv(w.t(), x[0]).exp(),
+    "transposed": lambda x, w, b: (x.t().contiguous().t() @ w.t().contiguous().t()).cos(),
+}
+
+
+@pytest.mark.parametrize("name", list(MATMULS))
+def test_tangent_matmuls_are_recorded_without_being_computed(name):
+    from helpers import OpCounter
+
+    f = MATMULS[name]
+    x, w, b = torch.randn(5, 4, dtype=D), torch.randn(4, 6, dtype=D), torch.randn(6, dtype=D)
+    with OpCounter() as traced:
+        y, jvp_fn = tl.linearize(f, x, w, b)
+    with OpCounter() as primal:
+        f(x, w, b)
+    products = ("mm", "addmm", "bmm", "baddbmm", "mv")
+    # Each product runs once for the primal; its tangent products are only recorded.
+    assert sum(traced.counts[k] for k in products) == sum(primal.counts[k] for k in products)
+    torch.testing.assert_close(y, f(x, w, b))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        t = tuple(torch.randn(p.shape, dtype=D, generator=gen) for p in (x, w, b))
+        torch.testing.assert_close(jvp_fn(*t), torch.func.jvp(f, (x, w, b), t)[1])
+    # Transposes and batches see the same program.
+    t = torch.randn(3, *x.shape, dtype=D), torch.randn(3, *w.shape, dtype=D), \
+        torch.randn(3, *b.shape, dtype=D)
+    got = torch.vmap(jvp_fn)(*t)
+    for k in range(3):
+        torch.testing.assert_close(got[k], torch.func.jvp(f, (x, w, b), tuple(a[k] for a in t))[1])
+
+
+def test_matmul_kernels_return_contiguous_results():
+    # The premise of recording tangent products without computing them: the traced
+    # result (contiguous zeros) has the layout the real kernel gives at apply time.
+    import itertools
+
+    aten = torch.ops.aten
+    for m, k, p, ta, tb in itertools.product((0, 1, 3), (1, 4), (1, 5), (False, True), (False, True)):
+        a = torch.randn(k, m, dtype=D).t() if ta else torch.randn(m, k, dtype=D)
+        b = torch.randn(p, k, dtype=D).t() if tb else torch.randn(k, p, dtype=D)
+        outs = [aten.mm.default(a, b), aten.addmm.default(torch.randn(p, dtype=D), a, b),
+                aten.bmm.default(a.expand(2, m, k), b.expand(2, k, p)),
+                aten.baddbmm.default(torch.randn(m, p, dtype=D), a.expand(2, m, k), b.expand(2, k, p)),
+                aten.mv.default(a, torch.randn(k, dtype=D))]
+        for o in outs:
+            assert o.stride() == torch.empty(o.shape).stride(), (m, k, p, ta, tb, o.shape, o.stride())

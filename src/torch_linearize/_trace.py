@@ -199,6 +199,44 @@ _ADDITIVE = {  # additive operators -> positions whose zero-product operand is d
 }
 
 
+# Matrix products of a tangent are recorded without being computed: their values at
+# trace time (the placeholder tangents are ones) are never read -- the program is
+# applied later to real tangents, and folding only reuses traced values of pointwise
+# regions that start at an input -- and they cost as much as the primal's own
+# products. Their results are contiguous zeros of the right shape (these structured
+# kernels always return contiguous outputs; tests/test_trace.py checks it).
+def _mm_shape(args):
+    return (args[0].shape[0], args[1].shape[1])
+
+
+_SHAPE_ONLY = {
+    aten.mm.default: _mm_shape,
+    aten.addmm.default: lambda args: (args[1].shape[0], args[2].shape[1]),
+    aten.bmm.default: lambda args: (args[0].shape[0], args[0].shape[1], args[1].shape[2]),
+    aten.baddbmm.default: lambda args: (args[1].shape[0], args[1].shape[1], args[2].shape[2]),
+    aten.mv.default: lambda args: (args[0].shape[0],),
+}
+
+
+def _shape_only_result(func, args, kwargs):
+    """Contiguous zeros shaped like ``func(*args)``, or None where that is not certain."""
+    if kwargs and any(k not in ("beta", "alpha") for k in kwargs):
+        return None
+    like = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.layout != torch.strided or a.is_conj() or a.is_neg() or \
+                    torch._C._functorch.is_functorch_wrapped_tensor(a):
+                return None
+            if like is None:
+                like = a
+            elif a.dtype != like.dtype or a.device != like.device:
+                return None
+    if like is None:
+        return None
+    return torch.zeros(_SHAPE_ONLY[func](args), dtype=like.dtype, device=like.device)
+
+
 def _zero_operand(a) -> bool:
     """A literal zero or a marked zero product."""
     if isinstance(a, torch.Tensor):
@@ -705,7 +743,11 @@ class Tracer(TorchDispatchMode):
         sargs = tuple([sym(a, func) if isinstance(a, (torch.Tensor, list, tuple)) else a
                        for a in args])
         skwargs = {k: sym(v, func) for k, v in kwargs.items()} if kwargs else {}
-        out = func(*args, **kwargs)
+        out = None
+        if func in _SHAPE_ONLY and poison is None and not written:
+            out = _shape_only_result(func, args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
             # Fast path: one floating output.
             eqn = Eqn(func, sargs, skwargs, self.new_var(out),
