@@ -363,6 +363,27 @@ def samples_for(op, dtype, limit, device="cpu"):
         return []
 
 
+def check_op(op, plan, modes, device="cpu") -> tuple[list[str], int]:
+    """Check ``op`` for each ``(dtype, sample limit)`` of ``plan`` on ``device``.
+
+    Returns (unexpected failures, one line each; number of samples checked). Known
+    failures (``XFAIL``) and samples the reference cannot run are not failures.
+    """
+    failures, checked = [], 0
+    name = op_full_name(op)
+    for dtype, limit in plan:
+        if dtype not in op.supported_dtypes(device):
+            continue
+        for i, sample in enumerate(samples_for(op, dtype, limit, device)):
+            r = check_sample(op, sample, dtype, modes=modes)
+            if r.status == "skip":
+                continue
+            checked += 1
+            if r.status != "pass" and not expected_failure(r, name, dtype):
+                failures.append(f"{dtype} sample {i}: {r.status}: {r.detail}")
+    return failures, checked
+
+
 def run_sweep(dtypes, limit, ops=None, verbose=False, out=sys.stdout, modes=("jvp",),
               device="cpu", budget_s=None):
     """Check every sample; with ``budget_s``, no new op starts once that many seconds passed."""

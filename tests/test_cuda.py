@@ -362,18 +362,9 @@ _OPS = [op for op in h.forward_ad_ops() if h.op_full_name(op) in _OPINFO_SUBSET]
 
 @pytest.mark.parametrize("op", [pytest.param(op, id=h.op_full_name(op)) for op in _OPS])
 def test_opinfo_subset_on_device(op):
-    failures, checked = [], 0
     name = h.op_full_name(op)
-    for dtype, limit in ((torch.float64, 4), (torch.float32, 2)):
-        if dtype not in op.supported_dtypes(DEVICE):
-            continue
-        for i, sample in enumerate(h.samples_for(op, dtype, limit, DEVICE)):
-            r = h.check_sample(op, sample, dtype, modes=("jvp", "vmap", "transpose"))
-            if r.status == "skip":
-                continue
-            checked += 1
-            if r.status != "pass" and not h.expected_failure(r, name, dtype):
-                failures.append(f"{dtype} sample {i}: {r.status}: {r.detail}")
+    failures, checked = h.check_op(op, ((torch.float64, 4), (torch.float32, 2)),
+                                   ("jvp", "vmap", "transpose"), DEVICE)
     if checked == 0:
         pytest.skip(f"{name}: no sample the reference can run on {DEVICE}")
     assert not failures, "\n".join(failures[:3])

@@ -27,18 +27,8 @@ def test_opinfo_jvp(op, request):
     full = request.config.getoption("--opinfo-full")
     plan = [(torch.float64, None if full else 8), (torch.float32, None if full else 3),
             (torch.complex128, None if full else 3)]
-    failures, checked = [], 0
     name = h.op_full_name(op)
-    for dtype, limit in plan:
-        if dtype not in op.supported_dtypes("cpu"):
-            continue
-        for i, sample in enumerate(h.samples_for(op, dtype, limit)):
-            r = h.check_sample(op, sample, dtype, modes=("jvp", "vmap", "transpose", "each"))
-            if r.status == "skip":
-                continue
-            checked += 1
-            if r.status != "pass" and not h.expected_failure(r, name, dtype):
-                failures.append(f"{dtype} sample {i}: {r.status}: {r.detail}")
+    failures, checked = h.check_op(op, plan, ("jvp", "vmap", "transpose", "each"))
     if checked == 0:
         pytest.skip(f"{name}: no sample the reference can run on CPU")
     assert not failures, "\n".join(failures[:3])
