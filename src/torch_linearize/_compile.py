@@ -173,19 +173,6 @@ class CudaGraphMap:
         self._static_out: Any = None
         self._out_list: list[torch.Tensor] = []
 
-    def _inputs(self, args: tuple) -> Any:
-        """The tangent leaves, validated (shape, dtype, device) as the map validates them."""
-        lm = self._lm
-        if lm._flat_args and len(args) == len(lm._metas):
-            for t, (shape, dtype, device) in zip(args, lm._metas):
-                if type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or \
-                        t.device != device:
-                    break
-            else:
-                return args
-        leaves = lm._flatten(args)  # raises a ValueError naming the leaf on a mismatch
-        return [leaves[i] for i in lm._diff_positions]
-
     def _capture(self, flat: Any) -> None:
         if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in flat):
             raise LinearizeError(
@@ -213,7 +200,7 @@ class CudaGraphMap:
         lm = self._lm
         if lm._run is None:
             raise ReleasedError(f"{lm._api}: this linear map was released; call linearize again.")
-        flat = self._inputs(args)
+        flat = lm._tangents(args)  # validated as the map validates them
         if self._graph is None:
             self._capture(flat)
         if lm._stale_watch:

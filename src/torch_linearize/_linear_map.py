@@ -129,17 +129,7 @@ class LinearMap:
             raise ReleasedError(f"{self._api}: this linear map was released; call linearize again.")
         if self._eager_run is not None and _ft.maybe_current_level() is not None:
             run = self._eager_run
-        if self._flat_args and len(args) == len(self._metas):
-            for t, (shape, dtype, device) in zip(args, self._metas):
-                if type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or \
-                        t.device != device:
-                    flat = [self._flatten(args)[i] for i in self._diff_positions]  # or raises
-                    break
-            else:
-                flat = args
-        else:
-            leaves = self._flatten(args)
-            flat = [leaves[i] for i in self._diff_positions]
+        flat = self._tangents(args)
         if self._stale_watch:
             self._check_stale()
         try:
@@ -159,6 +149,22 @@ class LinearMap:
                 full[pos] = val
             outs = full
         return tree_unflatten(list(outs), self._out_spec)
+
+    def _tangents(self, args: tuple) -> Any:
+        """The differentiable tangent leaves of ``args``, validated against the primals.
+
+        Fast path: top-level positional tensors checked leaf by leaf without pytree;
+        anything else (or a mismatch, to name it) goes through ``_flatten``, which
+        raises a ``ValueError`` naming the leaf."""
+        if self._flat_args and len(args) == len(self._metas):
+            for t, (shape, dtype, device) in zip(args, self._metas):
+                if type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or \
+                        t.device != device:
+                    break
+            else:
+                return args
+        leaves = self._flatten(args)
+        return [leaves[i] for i in self._diff_positions]
 
     def _flatten(self, args: tuple) -> list:
         return flatten_tangents(self._api, args, self._in_spec, self._in_leaves,
