@@ -56,10 +56,20 @@ def _is_zero_residual(prog: Program, r: Res, cache: dict[int, bool]) -> bool:
 _AMINMAX_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
 
+def _distinct(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its broadcast (stride-0) dimensions: the same set of elements, read
+    once each (an expanded 0-d zero is one element, not 260 000)."""
+    stride = t.stride()
+    if 0 not in stride or t.numel() == 0:
+        return t
+    return t.as_strided([1 if s == 0 else n for n, s in zip(t.shape, stride)], stride)
+
+
 def _all_zero(t: torch.Tensor) -> bool:
     """Every element of ``t`` is zero (NaN is not). For real floating tensors one
     ``aminmax`` (about 2x cheaper than ``any`` on CPU): both ends are 0 exactly when
     all elements are, and a NaN propagates into both."""
+    t = _distinct(t)
     if t.dtype in _AMINMAX_DTYPES:
         lo, hi = torch.aminmax(t)
         return lo.item() == 0 and hi.item() == 0
@@ -751,6 +761,7 @@ def _constant_value(c: torch.Tensor):
     """The single value of a tensor whose elements are all equal, else None (one pass)."""
     if c.numel() == 0:
         return None
+    c = _distinct(c)
     if c.is_complex():
         re, im = _constant_value(c.real), _constant_value(c.imag)
         return None if re is None or im is None else complex(re, im)
