@@ -51,6 +51,7 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
     from common import (
         ContentionGuard,
         Samples,
+        count_kernels,
         elementwise_chain,
         fmt_ms,
         fmt_ratio,
@@ -65,6 +66,7 @@ except ImportError:  # pragma: no cover
     from benchmarks.common import (
         ContentionGuard,
         Samples,
+        count_kernels,
         elementwise_chain,
         fmt_ms,
         fmt_ratio,
@@ -374,6 +376,7 @@ class BatchResult:
     rows: dict[str, Row]
     primal: Row
     ops: str = ""  # size of torch_linearize's programs
+    kernels: dict[str, Any] = field(default_factory=dict)  # method -> Counter of aten kernels
 
 
 def run_batch(wl: Workload, cfg: Config, log: Callable[[str], None],
@@ -422,7 +425,9 @@ def run_batch(wl: Workload, cfg: Config, log: Callable[[str], None],
                            warmup=cfg.warmup, faults=True)
     primal = rows.pop("__primal__")
     ops = f"{jvp_fn.num_ops} op(s), transpose {jvp_fn.transpose().num_ops} op(s)"
-    return BatchResult(wl, K, rows, primal, ops)
+    kernels = {FLOOR_B: count_kernels(lambda: wl.floor_batched(s, T)),
+               TL_VMAP: count_kernels(lambda: vmapped(T))}
+    return BatchResult(wl, K, rows, primal, ops, kernels)
 
 
 # --------------------------------------------------------------------------- section 2: Jacobians
@@ -532,6 +537,10 @@ class Config:
     warmup: int = 1  # unrecorded interleaved rounds (besides the correctness-check call)
 
 
+def _kernel_list(counts: Any) -> str:
+    return " + ".join(f"{n}x{name}" if n > 1 else name for name, n in sorted(counts.items()))
+
+
 def _verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -609,6 +618,11 @@ def target_lines(batch: list[BatchResult], trans: list[TransposeResult]) -> list
         line = (f"- {k}: batched vmap(jvp_fn) per tangent <= {TARGET}x batched floor: "
                 f"{fmt_ms(tl.median / res.k)} vs {fmt_ms(fl.median / res.k)} ms = {r:.2f}x "
                 f"-> {_verdict(r <= TARGET)}")
+        if res.kernels:
+            mine, floors = res.kernels[TL_VMAP], res.kernels[FLOOR_B]
+            line += (f"; kernels: vmap(jvp_fn) {_kernel_list(mine)}, floor {_kernel_list(floors)}"
+                     f" ({'the same' if mine == floors else 'different'}; IQR {tl.spread} / "
+                     f"{fl.spread})")
         if res.wl.target_note:
             line += f" ({res.wl.target_note}"
             for name in res.wl.extra_floors:

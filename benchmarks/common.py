@@ -7,6 +7,7 @@ each round) and reporting medians of many individual timings.
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import statistics
@@ -20,6 +21,7 @@ __all__ = [
     "ContentionGuard",
     "Samples",
     "closure_tensor_bytes",
+    "count_kernels",
     "fmt_ms",
     "fmt_ratio",
     "interleave",
@@ -259,6 +261,30 @@ def closure_tensor_bytes(fn: Callable, exclude: Iterable[torch.Tensor] = ()) -> 
     are attributes/parameters.
     """
     return storage_bytes(_tensors_in(fn, set()), exclude)
+
+
+_METADATA_OPS = {"detach", "alias", "is_same_size", "_has_same_storage_numel", "lift_fresh",
+                 "_to_copy_meta"}
+
+
+def count_kernels(fn: Callable[[], Any]) -> collections.Counter:
+    """The aten operations that touch tensor data during one call of ``fn`` (by name;
+    views and metadata queries left out), as the dispatcher sees them below any
+    ``torch.vmap``: what two methods run, compared kernel for kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: collections.Counter = collections.Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not func.is_view and name not in _METADATA_OPS:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return counts
 
 
 def short_reason(e: BaseException, limit: int = 70) -> str:

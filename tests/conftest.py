@@ -3,6 +3,10 @@
 Options:
     --opinfo-full   run every OpInfo sample in float64, float32 and complex128
                     (default: a representative subset, see tests/test_opinfo.py).
+    --shape-only-min-numel N
+                    record pointwise tangent arithmetic without computing it from N
+                    elements on (default: the library's threshold; 0 runs every test
+                    through that path, see torch_linearize._trace._pointwise_shape_only).
 """
 
 import os
@@ -21,6 +25,16 @@ def pytest_addoption(parser):
         default=False,
         help="run every OpInfo sample in float64, float32 and complex128",
     )
+    parser.addoption("--shape-only-min-numel", type=int, default=None,
+                     help="size threshold for shape-only pointwise tangent arithmetic")
+
+
+def pytest_configure(config):
+    n = config.getoption("--shape-only-min-numel")
+    if n is not None:
+        import torch_linearize._trace as trace
+
+        trace._SHAPE_ONLY_MIN_NUMEL = n
 
 
 @pytest.fixture(autouse=True)

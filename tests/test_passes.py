@@ -261,6 +261,65 @@ def test_accuracy_guard_keeps_cancelling_sums_unfolded():
     torch.testing.assert_close(jvp_fn(t), traced, rtol=0, atol=0)
 
 
+def _probe_calls(monkeypatch):
+    from torch_linearize import _passes
+
+    calls = []
+    real = _passes._folding_is_accurate
+
+    def spy(*a):
+        calls.append(real(*a))
+        return calls[-1]
+
+    monkeypatch.setattr(_passes, "_folding_is_accurate", spy)
+    return calls
+
+
+def test_accuracy_guard_keeps_cancelling_tensor_coefficients_unfolded(monkeypatch):
+    # As above with residual coefficients of opposite signs (the probe decides).
+    calls = _probe_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    c = 1e8 + torch.rand(19, dtype=D, generator=gen)
+    x = torch.randn(20, dtype=D, generator=gen)
+
+    def f(x):  # (a view as the base: its coefficients are computed, not traced)
+        return x[1:] * c - x[1:] * (c - 1)
+
+    jvp_fn = _check(f, x)
+    assert calls == [False]
+    t = torch.randn(20, dtype=D, generator=gen)
+    torch.testing.assert_close(jvp_fn(t), t[1:] * c - t[1:] * (c - 1), rtol=0, atol=0)
+
+
+def test_same_sign_coefficients_fold_without_the_probe(monkeypatch):
+    # A stencil minus u^3: the centre's coefficient is -4 - 3u^2 (both parts <= 0), and
+    # the other bases enter with exact unit coefficients: nothing can cancel.
+    calls = _probe_calls(monkeypatch)
+    u = torch.randn(12, 14, dtype=D, generator=torch.Generator().manual_seed(0))
+
+    def f(u):
+        c = u[1:-1, 1:-1]
+        return u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * c - c ** 3
+
+    jvp_fn = _check(f, u)
+    assert calls == []
+    with OpCounter() as counts:
+        jvp_fn(torch.randn_like(u))
+    assert counts.counts["addcmul"] == 1 and counts.counts["mul"] == 0
+
+
+def test_mixed_sign_tensor_coefficients_are_probed(monkeypatch):
+    # sin and cos of one input change sign: the sum of the two paths may cancel.
+    calls = _probe_calls(monkeypatch)
+    x = torch.linspace(-3, 3, 50, dtype=D)
+
+    def f(x):
+        return x[1:] * torch.sin(x[1:].detach()) + x[1:] * torch.cos(x[1:].detach())
+
+    _check(f, x)
+    assert len(calls) == 1
+
+
 def test_passes_preserve_transpose_and_vmap():
     x = torch.randn(6, dtype=D)
     f = lambda x: torch.tanh(x).exp() * 3 - x.sin()

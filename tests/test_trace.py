@@ -134,3 +134,161 @@ def test_matmul_kernels_return_contiguous_results():
                 aten.mv.default(a, torch.randn(k, dtype=D))]
         for o in outs:
             assert o.stride() == torch.empty(o.shape).stride(), (m, k, p, ta, tb, o.shape, o.stride())
+
+
+# ----------------------------------------------------------------------------------
+# Pointwise tangent arithmetic recorded without being computed (_pointwise_shape_only)
+
+
+def _layouts(shape, gen):
+    """Views with the given shape and many layouts: contiguous, sliced (gaps between rows),
+    transposed and permuted, expanded (stride 0), strided steps, channels-last."""
+    n = len(shape)
+    out = {"contiguous": torch.randn(shape, dtype=D, generator=gen)}
+    big = torch.randn([s + 2 for s in shape], dtype=D, generator=gen)
+    out["sliced"] = big[tuple(slice(1, s + 1) for s in shape)]
+    out["stepped"] = torch.randn([2 * s for s in shape], dtype=D, generator=gen)[
+        tuple(slice(None, None, 2) for _ in shape)]
+    if n >= 2:
+        out["transposed"] = torch.randn(shape[::-1], dtype=D, generator=gen).permute(
+            *range(n - 1, -1, -1))
+        out["last_two_swapped"] = torch.randn(
+            (*shape[:-2], shape[-1], shape[-2]), dtype=D, generator=gen).transpose(-1, -2)
+        out["row_expanded"] = torch.randn(shape[-1], dtype=D, generator=gen).expand(shape)
+        out["column_expanded"] = torch.randn(
+            (*shape[:-1], 1), dtype=D, generator=gen).expand(shape)
+    if n == 4:
+        out["channels_last"] = torch.randn(shape, dtype=D, generator=gen).contiguous(
+            memory_format=torch.channels_last)
+    out["zero_expanded"] = torch.zeros((), dtype=D).expand(shape)
+    return out
+
+
+def _operand_sets(gen):
+    """(name, args, kwargs) for the pointwise operators, over layouts and broadcasts."""
+    aten = torch.ops.aten
+    for shape in ((6, 5), (3, 4, 5), (2, 3, 4, 5), (7,), (6, 1), (1, 5), ()):
+        views = _layouts(shape, gen) if shape else {"0-d": torch.randn((), dtype=D, generator=gen)}
+        extra = {"row": torch.randn(shape[-1:], dtype=D, generator=gen)} if shape else {}
+        if len(shape) >= 2:
+            extra["col"] = torch.randn((*shape[:-1], 1), dtype=D, generator=gen)
+            extra["f32"] = torch.randn(shape, dtype=torch.float32, generator=gen)
+        operands = {**views, **extra, "scalar0d": torch.randn((), dtype=D, generator=gen)}
+        names = list(views)
+        for a in names:
+            x = views[a]
+            yield f"neg {shape} {a}", aten.neg.default, (x,), {}
+            yield f"mul.Scalar {shape} {a}", aten.mul.Scalar, (x, 3.0), {}
+            yield f"div.Scalar {shape} {a}", aten.div.Scalar, (x, 4), {}
+            yield f"mul number {shape} {a}", aten.mul.Tensor, (x, 2.5), {}
+            for b, y in operands.items():
+                for fn in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
+                    yield f"{fn} {shape} {a} {b}", fn, (x, y), {}
+                    yield f"{fn} {shape} {b} {a}", fn, (y, x), {}
+                yield f"add alpha {shape} {a} {b}", aten.add.Tensor, (x, y), {"alpha": -2}
+            yield f"add complex alpha {shape} {a}", aten.add.Tensor, (x, x), {"alpha": 1j}
+
+
+def test_pointwise_shape_only_layout_is_the_kernels(monkeypatch):
+    # The premise of recording pointwise tangent arithmetic without computing it: where
+    # _pointwise_shape_only answers, its shape, dtype and strides are the kernel's.
+    from torch_linearize import _trace
+
+    monkeypatch.setattr(_trace, "_SHAPE_ONLY_MIN_NUMEL", 0)
+    gen = torch.Generator().manual_seed(0)
+    taken = declined = 0
+    for name, fn, args, kwargs in _operand_sets(gen):
+        got = _trace._pointwise_shape_only(args, kwargs)
+        if got is None:
+            declined += 1
+            continue
+        taken += 1
+        ref = fn(*args, **kwargs)
+        assert (got.shape, got.dtype, got.device, got.stride()) == \
+            (ref.shape, ref.dtype, ref.device, ref.stride()), name
+    # Both answers occur: row-major operands are common, the rest runs the kernel.
+    assert taken > 500 and declined > 500, (taken, declined)
+
+
+def _stencil(u):
+    lap = u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * u[1:-1, 1:-1]
+    return lap - u[1:-1, 1:-1] ** 3
+
+
+def _mlp(x, w1, b1, w2):
+    h = torch.relu(x @ w1 + b1)
+    return torch.tanh(h @ w2 / 3) * 2 - h.sum(-1, keepdim=True)
+
+
+def _broadcasts(x, w1, b1, w2):
+    y = x.t()[:80, :80] * b1[:80] - x[:80, :80].mean(0) * 0.5
+    return (y / (1 + w1[:80, :80] ** 2) + y.t()).exp()
+
+
+SHAPE_ONLY_CASES = {
+    "stencil": (_stencil, lambda g: (torch.randn(80, 90, dtype=D, generator=g),)),
+    "mlp": (_mlp, lambda g: (torch.randn(64, 96, dtype=D, generator=g),
+                             torch.randn(96, 128, dtype=D, generator=g) / 10,
+                             torch.randn(128, dtype=D, generator=g),
+                             torch.randn(128, 64, dtype=D, generator=g) / 10)),
+    "broadcasts": (_broadcasts, lambda g: (torch.randn(128, 96, dtype=D, generator=g),
+                                           torch.randn(96, 128, dtype=D, generator=g),
+                                           torch.randn(128, dtype=D, generator=g),
+                                           torch.randn(1, dtype=D, generator=g))),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPE_ONLY_CASES))
+def test_pointwise_tangent_arithmetic_is_recorded_without_being_computed(name, monkeypatch):
+    from torch_linearize import _trace
+
+    f, make = SHAPE_ONLY_CASES[name]
+    primals = make(torch.Generator().manual_seed(0))
+    taken = []
+    real = _trace._pointwise_shape_only
+
+    def counting(args, kwargs):
+        out = real(args, kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_trace, "_pointwise_shape_only", counting)
+    y, jvp_fn = tl.linearize(f, *primals)
+    assert sum(taken) >= 2, taken  # the path under test was taken
+    torch.testing.assert_close(y, f(*primals))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        t = tuple(torch.randn(p.shape, dtype=D, generator=gen) for p in primals)
+        torch.testing.assert_close(jvp_fn(*t), torch.func.jvp(f, primals, t)[1])
+    t = tuple(torch.randn(3, *p.shape, dtype=D, generator=gen) for p in primals)
+    got = torch.vmap(jvp_fn)(*t)
+    for k in range(3):
+        torch.testing.assert_close(got[k], torch.func.jvp(f, primals, tuple(a[k] for a in t))[1])
+    ct = torch.randn(y.shape, dtype=D, generator=gen)
+    for got_ct, ref_ct in zip(jvp_fn.transpose()(ct), torch.func.vjp(f, *primals)[1](ct)):
+        torch.testing.assert_close(got_ct, ref_ct)
+
+
+def test_tangents_rooted_at_an_input_are_still_computed_for_folding(monkeypatch):
+    # An elementwise chain from an input: its traced tangent *is* the folded coefficient
+    # (placeholders are ones), so the tracer computes it and folding reuses it.
+    from torch_linearize import _passes
+
+    used = []
+    real = _passes._traced_coefficient
+
+    def spy(*a):
+        out = real(*a)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_passes, "_traced_coefficient", spy)
+    x = torch.randn(128, 64, dtype=D, generator=torch.Generator().manual_seed(0))
+
+    def f(x):
+        return torch.tanh(torch.sin(x) * 2) / 3
+
+    y, jvp_fn = tl.linearize(f, x)
+    assert any(used)
+    t = torch.randn_like(x)
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])

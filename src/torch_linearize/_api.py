@@ -94,21 +94,28 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                     "linearization should not be differentiated."
                 )
 
+    # Primals and their placeholder tangents (ones: a traced value is then a coefficient),
+    # made before the tracer's dispatch mode is on.
+    prepared = []
+    for leaf, ls in zip(flat, leaf_specs):
+        p = leaf.detach()
+        if not ls.differentiable:
+            prepared.append((p, None))
+            continue
+        if torch._debug_has_internal_overlap(p) == 1:
+            p = p.clone()
+        prepared.append((p, torch.ones_like(p, memory_format=torch.preserve_format)))
+
     with shared_dual_level() as level, function_patch():
         tracer = Tracer(level)
         changed: list[int] = []
         try:
             with tracer.activate():
                 duals, layouts = [], []
-                for leaf, ls in zip(flat, leaf_specs):
-                    p = leaf.detach()
-                    if not ls.differentiable:
+                for p, ph in prepared:
+                    if ph is None:
                         duals.append(p)
                         continue
-                    with tracer.paused():
-                        if torch._debug_has_internal_overlap(p) == 1:
-                            p = p.clone()
-                        ph = torch.ones_like(p, memory_format=torch.preserve_format)
                     tracer.add_input(ph)
                     layouts.append((tuple(ph.stride()), ph.storage_offset()))
                     duals.append(fwAD.make_dual(p, ph, level=level))
@@ -134,13 +141,13 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                             f"{type(out).__name__}."
                         )
                     out, aux = out
-                with tracer.paused():
-                    outputs, y_flat, out_spec = _collect_outputs(tracer, out)
-                    if has_aux:
-                        for kp, a in tree_flatten_with_path(aux)[0]:
-                            if isinstance(a, torch.Tensor):
-                                _refuse_tangent_dependent(tracer, a, f"aux{keystr(kp)}")
-                        aux = tree_map(lambda a: _primal(a, level), aux)
+            # (outside the dispatch mode: reading the outputs records nothing)
+            outputs, y_flat, out_spec = _collect_outputs(tracer, out)
+            if has_aux:
+                for kp, a in tree_flatten_with_path(aux)[0]:
+                    if isinstance(a, torch.Tensor):
+                        _refuse_tangent_dependent(tracer, a, f"aux{keystr(kp)}")
+                aux = tree_map(lambda a: _primal(a, level), aux)
         finally:
             changed = tracer.residuals.end_trace()
 
@@ -262,7 +269,8 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
             tan = cast
         if isinstance(tan, Var):
             outputs.append(tan)
-            tracer.trace_values[tan.id] = tangent
+            if tan.id in tracer.valued:  # (other tangents were not computed)
+                tracer.trace_values[tan.id] = tangent
         elif tan is None or tan._is_zerotensor() or not bool(tan.any()):
             outputs.append(ZeroOut(tuple(o.shape), o.dtype, o.device))
         else:

@@ -263,14 +263,19 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
             uses[o.id] = uses.get(o.id, 0) + 1
     memo: dict[int, dict] = {}
     owned: set[int] = set()
+    mixed = _MixedSigns()
     position = {v: k for k, v in enumerate(producer)}  # producer is in program order
     for vid in sorted(external):
         bset, ops, res_elems = info[vid]
         if ops < 2 or ops <= len(bset) - 1:
             continue  # folded, it would still need one operation per further base
         out = producer[vid].outs
-        coeffs = _traced_coefficient(prog, producer, bset, vid) or \
-            _region_coefficients(prog, producer, position, vid, memo, owned, uses)
+        coeffs = _traced_coefficient(prog, producer, bset, vid)
+        # Without cancellation inside a coefficient the folded sum is as accurate as
+        # the traced one (see _MixedSigns); otherwise probe it.
+        exact_terms = coeffs is None
+        if coeffs is None:
+            coeffs = _region_coefficients(prog, producer, position, vid, memo, owned, uses, mixed)
         if coeffs is not None:
             terms = [(bases[bid], coeffs.get(bid, 0), bset[bid]) for bid in sorted(bset)]
             plan = _plan_terms(terms, out)
@@ -278,8 +283,9 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
             n_ops = sum(1 for _, kind, _ in plan if kind != "first") + sum(
                 1 for (_, par), _, _ in plan if par)
             stored = sum(c.numel() for _, kind, c in plan if isinstance(c, torch.Tensor))
-            if (n_ops < ops and stored <= max(res_elems, 1)
-                    and _folding_is_accurate(prog, producer, bases, bset, vid, terms)):
+            if (n_ops < ops and stored <= max(res_elems, 1) and (
+                    (exact_terms and vid not in mixed.vars and len(terms) <= _FEW_TERMS)
+                    or _folding_is_accurate(prog, producer, bases, bset, vid, terms))):
                 emitted = _emit_terms(prog, plan, out)
                 if _keeps_layout(prog, emitted, out):
                     rewrites[vid] = emitted
@@ -456,7 +462,7 @@ def _traced_coefficient(prog, producer, bset, vid) -> dict | None:
     return {bid: value.detach()}
 
 
-def _region_coefficients(prog, producer, position, vid, memo, owned, uses):
+def _region_coefficients(prog, producer, position, vid, memo, owned, uses, mixed=None):
     """Coefficients ``{base id: C_b}`` of region value ``vid`` (value = sum_b C_b * b).
 
     One pass over the region in program order. A coefficient is a Python number
@@ -485,7 +491,7 @@ def _region_coefficients(prog, producer, position, vid, memo, owned, uses):
                 e = producer[v]
                 arg_coeffs = [None if not isinstance(a, Var) else
                               memo.get(a.id, {a.id: 1}) for a in e.args]
-                memo[v] = _eqn_coefficients(prog, e, arg_coeffs, owned, uses)
+                memo[v] = _eqn_coefficients(prog, e, arg_coeffs, owned, uses, mixed)
     except RuntimeError:  # an op that does not broadcast a 0-d coefficient
         return None
     return memo[vid]
@@ -494,8 +500,70 @@ def _region_coefficients(prog, producer, position, vid, memo, owned, uses):
 _NUMBER_TYPES = frozenset({int, float, complex})  # exactly (subclasses take the general path)
 
 
-def _eqn_coefficients(prog, e: Eqn, arg_coeffs: list, owned: set[int], uses: dict) -> dict:
+def _is_real_number(x) -> bool:
+    return type(x) in (int, float)
+
+
+_FEW_TERMS = 16  # more terms than this: the probe also checks their summation order
+
+
+class _MixedSigns:
+    """Which region values may have lost accuracy in their coefficients.
+
+    Folding rewrites ``b*c1 + b*c2`` (two paths from one base ``b``) as
+    ``b*(c1 + c2)``. Where ``c1`` and ``c2`` have one sign everywhere that is exact up
+    to a rounding of the result's own size; where they may have opposite signs the
+    sum can cancel, and the traced and folded values differ by roundings of the
+    (larger) parts, so :func:`_folding_is_accurate` probes such regions. Products,
+    quotients and sums of *different* bases never cancel inside a coefficient.
+    ``vars``: ids of values with such a combination at or upstream of them.
+    """
+
+    def __init__(self):
+        self.vars: set[int] = set()
+        self._signs: dict[int, tuple] = {}  # id(tensor) -> (tensor, version, sign)
+
+    def sign(self, c) -> int | None:
+        """+1: every element >= 0; -1: every element <= 0; 0: all zero; None: mixed,
+        NaN, complex or unknown."""
+        if isinstance(c, (bool, complex)):
+            return None
+        if isinstance(c, (int, float)):
+            return None if c != c else (c > 0) - (c < 0)
+        if not isinstance(c, torch.Tensor) or c.is_complex() or c.numel() == 0:
+            return None
+        hit = self._signs.get(id(c))
+        if hit is not None and hit[0] is c and hit[1] == c._version:
+            return hit[2]
+        d = _distinct(c)
+        if d.dtype in _AMINMAX_DTYPES:
+            lo, hi = (float(v) for v in torch.aminmax(d))
+        else:
+            lo, hi = float(d.min()), float(d.max())
+        sign = 0 if lo == hi == 0 else 1 if lo >= 0 else -1 if hi <= 0 else None
+        self._signs[id(c)] = (c, c._version, sign)
+        return sign
+
+    def same_direction(self, x, y, flip: bool) -> bool:
+        """Whether ``x`` and ``(-1 if flip else 1) * y`` never have opposite signs."""
+        sx = self.sign(x)
+        if sx == 0:
+            return True
+        sy = self.sign(y)
+        if sy == 0:
+            return True
+        if sx is None or sy is None:
+            return False
+        return sx == (-sy if flip else sy)
+
+
+def _eqn_coefficients(prog, e: Eqn, arg_coeffs: list, owned: set[int], uses: dict,
+                      mixed: _MixedSigns | None = None) -> dict:
     var_pos = [i for i, c in enumerate(arg_coeffs) if c is not None]
+    if mixed is not None and any(
+            isinstance(a, Var) and a.id in mixed.vars for a in e.args):
+        mixed.vars.add(e.outs.id)
+        mixed = None  # (already marked)
     bids: dict[int, None] = {}
     for i in var_pos:
         bids.update(dict.fromkeys(arg_coeffs[i]))
@@ -511,6 +579,11 @@ def _eqn_coefficients(prog, e: Eqn, arg_coeffs: list, owned: set[int], uses: dic
         if add_sub:
             x = c0.get(bid, 0) if c0 is not None else 0
             y = c1.get(bid, 0) if c1 is not None else 0
+            if mixed is not None and c0 is not None and c1 is not None and bid in c0 and \
+                    bid in c1 and (not _is_real_number(alpha) or not mixed.same_direction(
+                        x, y, (not add) != (alpha < 0))):
+                mixed.vars.add(e.outs.id)
+                mixed = None
             if type(x) in _NUMBER_TYPES and type(y) in _NUMBER_TYPES:
                 try:
                     out[bid] = x + alpha * y if add else x - alpha * y

@@ -361,10 +361,20 @@ def _callable_for(fn: Callable) -> Callable:
 _code_cache: dict[str, Any] = {}  # program source -> code object (re-linearizing reuses it)
 
 
+_offset_ops: dict[int, tuple[Any, bool]] = {}  # id(fn) -> (fn, answer)
+
+
 def _takes_storage_offset(fn: Any) -> bool:
     """Whether ``fn`` reads an absolute storage offset (``as_strided``, ``set_``...)."""
+    hit = _offset_ops.get(id(fn))
+    if hit is not None and hit[0] is fn:
+        return hit[1]
     schema = getattr(fn, "_schema", None)
-    return schema is not None and any(a.name == "storage_offset" for a in schema.arguments)
+    answer = schema is not None and any(a.name == "storage_offset" for a in schema.arguments)
+    if len(_offset_ops) > 4096:
+        _offset_ops.clear()
+    _offset_ops[id(fn)] = (fn, answer)  # (holding fn keeps its id from being reused)
+    return answer
 
 
 def offset_sensitive(prog: Program) -> bool:

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import NoForwardADError, NonLinearTangentError
+from ._passes import _POINTWISE_LINEAR_BY_ID
 from ._program import Eqn, Res, Var
 from ._residuals import ResidualTable, storage_key
 
@@ -237,6 +238,77 @@ def _shape_only_result(func, args, kwargs):
     return torch.zeros(_SHAPE_ONLY[func](args), dtype=like.dtype, device=like.device)
 
 
+# Pointwise tangent arithmetic is recorded without being computed too, except where its
+# value may be read: a tangent's trace-time value is read only by folding, and only for
+# a pointwise-linear region that starts at a program input (its traced value there is
+# the region's coefficient, the input placeholders being ones). The tracer keeps the
+# set of such *valued* Vars (inputs, and pointwise-linear results of valued Vars); every
+# other pointwise result above a size threshold is zeros (a memset, not the kernel's
+# reads) laid out as the TensorIterator kernel would lay it out, where that layout is
+# certain (row-major operands; tests/test_trace.py checks it against the kernels).
+_POINTWISE_SHAPE_ONLY_IDS = frozenset(id(f) for f in (
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar,
+    aten.div.Scalar, aten.neg.default))
+_SHAPE_ONLY_MIN_NUMEL = 4096  # below it, running the kernel costs less than deciding
+_NUMBER = (int, float)
+
+
+def _pointwise_shape_only(args, kwargs) -> torch.Tensor | None:
+    """Zeros with the shape, dtype, device and strides of a pointwise
+    ``func(*args, **kwargs)`` (one of ``_POINTWISE_SHAPE_ONLY_IDS``), or None where that
+    is not certain (then the kernel runs).
+
+    Certain here: operands of one real floating dtype and device (Python ints and floats
+    beside them), a broadcast shape with no size-1 dimension, and every operand *row-major*
+    (its non-zero strides, broadcast dimensions counting as 0, strictly decrease from the
+    outermost dimension in). TensorIterator then keeps the dimension order and allocates
+    a contiguous output (its stride-sorting never swaps a pair of dimensions), and none of
+    its fast paths (all contiguous, all channels-last, all dense with equal strides)
+    gives anything else for such operands.
+    """
+    if kwargs and (len(kwargs) != 1 or type(kwargs.get("alpha")) not in _NUMBER):
+        return None
+    like = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if like is None:
+                like = a
+            elif a.dtype != like.dtype or a.device != like.device:
+                return None
+        elif type(a) not in _NUMBER:
+            return None
+    if like is None or not like.is_floating_point():
+        return None
+    shape = like.shape
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.layout != torch.strided or a.is_neg() or a._is_zerotensor() or \
+                    torch._C._functorch.is_functorch_wrapped_tensor(a):
+                return None
+            if a.shape != shape:
+                try:
+                    shape = torch.broadcast_shapes(shape, a.shape)
+                except RuntimeError:
+                    return None
+    numel = 1
+    for n in shape:
+        if n == 1:
+            return None
+        numel *= n
+    if numel < _SHAPE_ONLY_MIN_NUMEL:
+        return None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            prev = None
+            for n, st in zip(a.shape, a.stride()):
+                if n == 1 or st == 0:
+                    continue  # broadcast (stride 0 in TensorIterator): never decides an order
+                if prev is not None and st >= prev:
+                    return None
+                prev = st
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
 def _zero_operand(a) -> bool:
     """A literal zero or a marked zero product."""
     if isinstance(a, torch.Tensor):
@@ -349,6 +421,7 @@ class Tracer(TorchDispatchMode):
         self.suspect_residuals: set[int] = set()
         self.paused_depth = 0
         self.zero_products = False  # a result was marked _ZERO_PRODUCT_ATTR
+        self.valued: set[int] = set()  # Var ids whose trace-time value is exact (see above)
 
     # ------------------------------------------------------------------ activation
     @contextmanager
@@ -392,6 +465,7 @@ class Tracer(TorchDispatchMode):
     def add_input(self, placeholder: torch.Tensor) -> Var:
         v = self.new_var(placeholder)
         self.inputs.append(v)
+        self.valued.add(v.id)
         k = storage_key(placeholder)
         if k is not None:
             self.input_storage[k] = (placeholder.untyped_storage(), len(self.inputs) - 1)
@@ -744,13 +818,23 @@ class Tracer(TorchDispatchMode):
                        for a in args])
         skwargs = {k: sym(v, func) for k, v in kwargs.items()} if kwargs else {}
         out = None
-        if func in _SHAPE_ONLY and poison is None and not written:
-            out = _shape_only_result(func, args, kwargs)
+        valued = False
+        if poison is None and not written:
+            if id(func) in _POINTWISE_LINEAR_BY_ID and all(
+                    a.id in self.valued for a in sargs if isinstance(a, Var)):
+                valued = True  # (see _POINTWISE_SHAPE_ONLY_IDS)
+            elif id(func) in _POINTWISE_SHAPE_ONLY_IDS:
+                out = _pointwise_shape_only(args, kwargs)
+            elif func in _SHAPE_ONLY:
+                out = _shape_only_result(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
             # Fast path: one floating output.
-            eqn = Eqn(func, sargs, skwargs, self.new_var(out),
+            v = self.new_var(out)
+            if valued:
+                self.valued.add(v.id)
+            eqn = Eqn(func, sargs, skwargs, v,
                       mutates=tuple(v for v in written_vars if v is not None) if written else ())
             if poison is not None:
                 self._poison(eqn, poison)
