@@ -371,9 +371,11 @@ def _takes_storage_offset(fn: Any) -> bool:
         return hit[1]
     schema = getattr(fn, "_schema", None)
     answer = schema is not None and any(a.name == "storage_offset" for a in schema.arguments)
+    if not isinstance(fn, torch._ops.OpOverload):
+        return answer  # (opaque nodes hold a ctx: never cached)
     if len(_offset_ops) > 4096:
         _offset_ops.clear()
-    _offset_ops[id(fn)] = (fn, answer)  # (holding fn keeps its id from being reused)
+    _offset_ops[id(fn)] = (fn, answer)  # (holding the operator keeps its id its own)
     return answer
 
 
