@@ -436,7 +436,14 @@ def main(argv=None):
                     help="skip the ops listed before this OpInfo name (resume a budgeted sweep)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new ops after this many seconds (partial sweep)")
+    ap.add_argument("--shape-only-min-numel", type=int, default=None,
+                    help="size from which pointwise tangent arithmetic is recorded without "
+                         "being computed (0: every sample takes that path)")
     args = ap.parse_args(argv)
+    if args.shape_only_min_numel is not None:
+        import torch_linearize._trace as trace
+
+        trace._SHAPE_ONLY_MIN_NUMEL = args.shape_only_min_numel
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     ops = forward_ad_ops()
     if args.ops:
