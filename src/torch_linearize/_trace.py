@@ -204,8 +204,8 @@ _ADDITIVE = {  # additive operators -> positions whose zero-product operand is d
 # trace time (the placeholder tangents are ones) are never read -- the program is
 # applied later to real tangents, and folding only reuses traced values of pointwise
 # regions that start at an input -- and they cost as much as the primal's own
-# products. Their results are contiguous zeros of the right shape (these structured
-# kernels always return contiguous outputs; tests/test_trace.py checks it).
+# products. Their results are uninitialised contiguous tensors of the right shape (these
+# structured kernels always return contiguous outputs; tests/test_trace.py checks it).
 def _mm_shape(args):
     return (args[0].shape[0], args[1].shape[1])
 
@@ -220,7 +220,8 @@ _SHAPE_ONLY = {
 
 
 def _shape_only_result(func, args, kwargs):
-    """Contiguous zeros shaped like ``func(*args)``, or None where that is not certain."""
+    """An uninitialised contiguous tensor shaped like ``func(*args)``, or None where that is
+    not certain."""
     if kwargs and any(k not in ("beta", "alpha") for k in kwargs):
         return None
     like = None
@@ -235,7 +236,7 @@ def _shape_only_result(func, args, kwargs):
                 return None
     if like is None:
         return None
-    return torch.zeros(_SHAPE_ONLY[func](args), dtype=like.dtype, device=like.device)
+    return torch.empty(_SHAPE_ONLY[func](args), dtype=like.dtype, device=like.device)
 
 
 # Pointwise tangent arithmetic is recorded without being computed too, except where its
@@ -243,9 +244,10 @@ def _shape_only_result(func, args, kwargs):
 # a pointwise-linear region that starts at a program input (its traced value there is
 # the region's coefficient, the input placeholders being ones). The tracer keeps the
 # set of such *valued* Vars (inputs, and pointwise-linear results of valued Vars); every
-# other pointwise result above a size threshold is zeros (a memset, not the kernel's
-# reads) laid out as the TensorIterator kernel would lay it out, where that layout is
-# certain (row-major operands; tests/test_trace.py checks it against the kernels).
+# other pointwise result above a size threshold is an uninitialised tensor laid out as
+# the TensorIterator kernel would lay it out, where that layout is certain (row-major
+# operands; tests/test_trace.py checks it against the kernels). Uninitialised, not
+# zeros: its memory is never touched (no page faults for fresh memory, no memset).
 _POINTWISE_SHAPE_ONLY_IDS = frozenset(id(f) for f in (
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar,
     aten.div.Scalar, aten.neg.default))
@@ -254,7 +256,7 @@ _NUMBER = (int, float)
 
 
 def _pointwise_shape_only(args, kwargs) -> torch.Tensor | None:
-    """Zeros with the shape, dtype, device and strides of a pointwise
+    """An uninitialised tensor with the shape, dtype, device and strides of a pointwise
     ``func(*args, **kwargs)`` (one of ``_POINTWISE_SHAPE_ONLY_IDS``), or None where that
     is not certain (then the kernel runs).
 
@@ -306,7 +308,7 @@ def _pointwise_shape_only(args, kwargs) -> torch.Tensor | None:
                 if prev is not None and st >= prev:
                     return None
                 prev = st
-    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _zero_operand(a) -> bool:
