@@ -21,7 +21,7 @@ PDE residual, custom ``autograd.Function`` with an expensive forward), in one ru
    one-time cost of ``jvp_fn.transpose()``. Target: per call <= 1.2x the call of
    ``torch.func.vjp``'s ``vjp_fn``.
 
-Methods are interleaved round-robin (order rotated every round) with
+Methods are interleaved, in a shuffled order each round, with
 ``common.interleave``; every figure is a median of individually timed calls,
 float32, ``torch.set_num_threads(2)`` by default, with ``common.ContentionGuard``
 holding rounds back while other processes keep the CPUs busy.
@@ -695,7 +695,7 @@ def render(batch: list[BatchResult], jac: list[JacResult], trans: list[Transpose
         f"1-minute load average {args.load[0]:.2f} before the run, {args.load[1]:.2f} after it "
         f"(this process included); {args.guard_summary}. Allocator: {args.malloc_desc}.",
         "",
-        "All times in ms, medians of individually timed calls; methods interleaved round-robin "
+        "All times in ms, medians of individually timed calls; methods interleaved, in a shuffled order each round "
         "(`common.interleave`); `IQR`: interquartile range relative to the median (the noise).",
         "",
     ]

@@ -23,7 +23,7 @@ custom ``autograd.Function`` with an expensive forward) it compares, in one run:
   *batched* floor (the floor's formula on the ``(64, ...)`` batch; definitions
   imported from ``bench_batch_transpose.py``).
 
-Methods are interleaved round-robin (order rotated every round) and every
+Methods are interleaved, in a shuffled order each round, and every
 figure is a median of individually timed calls, float32, on
 ``torch.set_num_threads(2)`` by default. Totals for K tangents are computed from
 the medians (setup + K x apply), not measured. Results go to a markdown file and
@@ -58,6 +58,7 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
         ContentionGuard,
         Samples,
         closure_tensor_bytes,
+        count_kernels,
         elementwise_chain,
         fmt_ms,
         fmt_ratio,
@@ -74,6 +75,7 @@ except ImportError:  # pragma: no cover
         ContentionGuard,
         Samples,
         closure_tensor_bytes,
+        count_kernels,
         elementwise_chain,
         fmt_ms,
         fmt_ratio,
@@ -357,6 +359,7 @@ class WorkloadResult:
     y_ok: bool | None = None
     compile: CompileResult = field(default_factory=CompileResult)
     batch: BatchResult = field(default_factory=BatchResult)
+    kernels: dict[str, Any] = field(default_factory=dict)  # method -> Counter (one apply)
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -450,13 +453,16 @@ def run_workload(wl: Workload, cfg: Config, log: Callable[[str], None],
     for m in live:
         if m.name in apply_samples:
             results[m.name].apply = apply_samples[m.name]
+    # the kernels one application runs (a noise-free comparison with the floor)
+    kernels = {name: count_kernels(lambda name=name: apply_fns[name](0))
+               for name in (FLOOR, TL) if name in apply_fns}
     states.clear()
 
     if results[TLC].failed is None:
         run_relinearize(wl, cfg, tangents[0], comp, log, guard)
     batch = run_batch(wl.key, cfg, log, guard)
     return WorkloadResult(wl, apply_samples["__primal__"], setup_samples["__one_jvp__"],
-                          results, y_ok, comp, batch)
+                          results, y_ok, comp, batch, kernels)
 
 
 def run_relinearize(wl: Workload, cfg: Config, t: torch.Tensor, comp: CompileResult,
@@ -714,7 +720,8 @@ def targets(results: list[WorkloadResult]) -> tuple[list[str], list[str], int, i
             f"({fmt_ms(tl_r.apply.median)} ms), linearize + compile "
             + (f"{rc:.2f}x ({fmt_ms(tlc.apply.median)} ms)" if rc == rc else
                f"fails ({tlc.failed})")
-            + f", floor {fmt_ms(fa)} ms; best {best:.2f}x ({which})")
+            + f", floor {fmt_ms(fa)} ms; best {best:.2f}x ({which})"
+            + _kernel_note(res.kernels.get(TL), res.kernels.get(FLOOR), tl_r.apply, floor.apply))
         setup, jvp1 = _setup_median(tl_r), res.one_jvp.median
         rs = setup / jvp1
         add(rs <= T_SETUP, f"- {k}: `linearize` setup <= {T_SETUP}x one torch.func.jvp call: "
@@ -740,6 +747,19 @@ def targets(results: list[WorkloadResult]) -> tuple[list[str], list[str], int, i
         add(rs <= T2_SETUP, f"- {k}: setup <= {T2_SETUP:g}x one torch.func.jvp: {rs:.2f}x", True)
         add(rm <= T2_MEM, f"- {k}: residual memory <= {T2_MEM:g}x floor: {rm:.2f}x", True)
     return new, old, met, checked
+
+
+def _kernel_note(mine: Any, floor: Any, my_samples: Samples, floor_samples: Samples) -> str:
+    """`; kernels: ...`: what one application of each runs (views and metadata left out)."""
+    if mine is None or floor is None:
+        return ""
+
+    def names(c: Any) -> str:
+        return " + ".join(f"{n}x{k}" if n > 1 else k for k, n in sorted(c.items())) or "none"
+
+    same = "the same kernels" if mine == floor else "different kernels"
+    return (f"; kernels: linearize {names(mine)}, floor {names(floor)} ({same}; IQR "
+            f"{my_samples.spread:.0%} / {floor_samples.spread:.0%})")
 
 
 def correctness_lines(results: list[WorkloadResult]) -> list[str]:
@@ -880,7 +900,7 @@ def render(results: list[WorkloadResult], cfg: Config, args: argparse.Namespace,
         *(f"- `{res.wl.key}`: {res.wl.title}" for res in results),
         "",
         *figure,
-        "All times in ms, medians of individually timed calls; methods interleaved round-robin.",
+        "All times in ms, medians of individually timed calls; methods interleaved, in a shuffled order each round.",
         "",
         markdown_table(HEADERS, rows),
         "",
@@ -1027,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch.func.linearize's constant folding warns about get_attr nodes; not our concern here
     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
     torch.manual_seed(0)
-    cfg = Config(3, 6, 2, 3, 2) if args.quick else Config(11, 31, 3, 9, 11)
+    cfg = Config(3, 6, 2, 3, 2) if args.quick else Config(31, 31, 3, 9, 11)
     keys = [k for k in args.only.split(",") if k] or list(WORKLOADS)
     for k in keys:
         if k not in WORKLOADS:

@@ -1,8 +1,8 @@
 """Shared helpers for the benchmark scripts: interleaved timing, memory accounting, tables.
 
 The machines these run on are small and shared, so every comparison here is made
-by *interleaving* the methods being compared (round-robin, with the order rotated
-each round) and reporting medians of many individual timings.
+by *interleaving* the methods being compared (each round in a freshly shuffled order,
+seeded) and reporting medians of many individual timings.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import gc
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -148,8 +149,10 @@ def interleave(
 ) -> dict[str, Samples]:
     """Time ``methods`` round-robin and return each one's samples (ms).
 
-    Each round visits every method once, in an order rotated by one each round,
-    and times ``inner`` consecutive calls of it individually; a method is called
+    Each round visits every method once, in a freshly shuffled order (seeded, so
+    runs repeat it; a fixed or rotated order would always give a method the same
+    predecessor, whose cache and allocator footprint it then inherits), and times
+    ``inner`` consecutive calls of it individually; a method is called
     as ``fn(i)`` with a running call index (to pick a tangent, say). The garbage
     collector is run between rounds and disabled while timing. The first
     ``warmup`` rounds are run but not recorded. With a ``guard``, each round starts
@@ -158,6 +161,7 @@ def interleave(
     is dropped from later rounds and reported through ``on_error``.
     """
     names = list(methods)
+    rng = random.Random(0)
     out = {n: Samples() for n in names}
     dead: set[str] = set()
     was_enabled = gc.isenabled()
@@ -169,9 +173,10 @@ def interleave(
         while r < warmup + rounds:
             gc.collect()
             gc.disable()
-            k = r % len(names) if names else 0
+            order = list(names)
+            rng.shuffle(order)
             got: dict[str, list[float]] = {n: [] for n in names}
-            for name in names[k:] + names[:k]:
+            for name in order:
                 if name in dead:
                     continue
                 fn = methods[name]

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -26,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_core
-from common import write_report
+from common import interleave, write_report
 
 import torch_linearize as tl
 import torch_linearize._api as _api
@@ -74,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     lines = [
         f"Setup breakdown: torch {torch.__version__}, {os.cpu_count()} logical CPUs, "
-        f"{args.rounds} interleaved rounds (first 20 dropped), medians in ms.",
+        f"{args.rounds} rounds after 20 warm-up rounds, methods in a shuffled order each round "
+        "(common.interleave: garbage collected between rounds, off while timing), medians in ms.",
         "",
         "| workload | step | ms | / torch.func.jvp |",
         "| --- | --- | ---: | ---: |",
@@ -83,14 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                  bench_core.make_custom):
         w = make()
         methods = _methods(w.f, w.x)
-        times: dict[str, list[float]] = {k: [] for k in methods}
-        for i in range(args.rounds):
-            for k, fn in methods.items():
-                t0 = time.perf_counter()
-                fn()
-                if i >= 20:
-                    times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        samples = interleave({k: (lambda i, fn=fn: fn()) for k, fn in methods.items()},
+                             args.rounds, warmup=20)
+        med = {k: s.median for k, s in samples.items()}
         ref = med["torch.func.jvp"]
         name = make.__name__.removeprefix("make_")
         for k, v in med.items():
