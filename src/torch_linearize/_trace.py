@@ -219,21 +219,29 @@ _SHAPE_ONLY = {
 }
 
 
-def _shape_only_result(func, args, kwargs):
-    """An uninitialised contiguous tensor shaped like ``func(*args)``, or None where that is
-    not certain."""
-    if kwargs and any(k not in ("beta", "alpha") for k in kwargs):
-        return None
+def _plain_operand_like(args) -> torch.Tensor | None:
+    """The first tensor among ``args`` if every tensor there is a plain strided one (no
+    conjugate or negative bit, no efficient zero, no functorch wrapper) of its dtype and
+    device, else None: the operands whose result layout the shape-only paths predict."""
     like = None
     for a in args:
         if isinstance(a, torch.Tensor):
-            if a.layout != torch.strided or a.is_conj() or a.is_neg() or \
-                    torch._C._functorch.is_functorch_wrapped_tensor(a):
+            if a.layout != torch.strided or a.is_conj() or a.is_neg() or a._is_zerotensor() \
+                    or torch._C._functorch.is_functorch_wrapped_tensor(a):
                 return None
             if like is None:
                 like = a
             elif a.dtype != like.dtype or a.device != like.device:
                 return None
+    return like
+
+
+def _shape_only_result(func, args, kwargs):
+    """An uninitialised contiguous tensor shaped like ``func(*args)``, or None where that is
+    not certain."""
+    if kwargs and any(k not in ("beta", "alpha") for k in kwargs):
+        return None
+    like = _plain_operand_like(args)
     if like is None:
         return None
     return torch.empty(_SHAPE_ONLY[func](args), dtype=like.dtype, device=like.device)
@@ -270,28 +278,18 @@ def _pointwise_shape_only(args, kwargs) -> torch.Tensor | None:
     """
     if kwargs and (len(kwargs) != 1 or type(kwargs.get("alpha")) not in _NUMBER):
         return None
-    like = None
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if like is None:
-                like = a
-            elif a.dtype != like.dtype or a.device != like.device:
-                return None
-        elif type(a) not in _NUMBER:
-            return None
+    if any(type(a) not in _NUMBER for a in args if not isinstance(a, torch.Tensor)):
+        return None
+    like = _plain_operand_like(args)
     if like is None or not like.is_floating_point():
         return None
     shape = like.shape
     for a in args:
-        if isinstance(a, torch.Tensor):
-            if a.layout != torch.strided or a.is_neg() or a._is_zerotensor() or \
-                    torch._C._functorch.is_functorch_wrapped_tensor(a):
+        if isinstance(a, torch.Tensor) and a.shape != shape:
+            try:
+                shape = torch.broadcast_shapes(shape, a.shape)
+            except RuntimeError:
                 return None
-            if a.shape != shape:
-                try:
-                    shape = torch.broadcast_shapes(shape, a.shape)
-                except RuntimeError:
-                    return None
     numel = 1
     for n in shape:
         if n == 1:
@@ -833,10 +831,10 @@ class Tracer(TorchDispatchMode):
             out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
             # Fast path: one floating output.
-            v = self.new_var(out)
+            var = self.new_var(out)
             if valued:
-                self.valued.add(v.id)
-            eqn = Eqn(func, sargs, skwargs, v,
+                self.valued.add(var.id)
+            eqn = Eqn(func, sargs, skwargs, var,
                       mutates=tuple(v for v in written_vars if v is not None) if written else ())
             if poison is not None:
                 self._poison(eqn, poison)
