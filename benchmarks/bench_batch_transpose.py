@@ -56,6 +56,7 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
         fmt_ms,
         fmt_ratio,
         interleave,
+        kernel_list,
         markdown_table,
         pin_malloc,
         short_reason,
@@ -71,6 +72,7 @@ except ImportError:  # pragma: no cover
         fmt_ms,
         fmt_ratio,
         interleave,
+        kernel_list,
         markdown_table,
         pin_malloc,
         short_reason,
@@ -537,10 +539,6 @@ class Config:
     warmup: int = 1  # unrecorded interleaved rounds (besides the correctness-check call)
 
 
-def _kernel_list(counts: Any) -> str:
-    return " + ".join(f"{n}x{name}" if n > 1 else name for name, n in sorted(counts.items()))
-
-
 def _verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -620,7 +618,7 @@ def target_lines(batch: list[BatchResult], trans: list[TransposeResult]) -> list
                 f"-> {_verdict(r <= TARGET)}")
         if res.kernels:
             mine, floors = res.kernels[TL_VMAP], res.kernels[FLOOR_B]
-            line += (f"; kernels: vmap(jvp_fn) {_kernel_list(mine)}, floor {_kernel_list(floors)}"
+            line += (f"; kernels: vmap(jvp_fn) {kernel_list(mine)}, floor {kernel_list(floors)}"
                      f" ({'the same' if mine == floors else 'different'}; IQR {tl.spread} / "
                      f"{fl.spread})")
         if res.wl.target_note:

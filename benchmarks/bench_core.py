@@ -63,6 +63,7 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
         fmt_ms,
         fmt_ratio,
         interleave,
+        kernel_list,
         markdown_table,
         pin_malloc,
         short_reason,
@@ -80,6 +81,7 @@ except ImportError:  # pragma: no cover
         fmt_ms,
         fmt_ratio,
         interleave,
+        kernel_list,
         markdown_table,
         pin_malloc,
         short_reason,
@@ -753,12 +755,8 @@ def _kernel_note(mine: Any, floor: Any, my_samples: Samples, floor_samples: Samp
     """`; kernels: ...`: what one application of each runs (views and metadata left out)."""
     if mine is None or floor is None:
         return ""
-
-    def names(c: Any) -> str:
-        return " + ".join(f"{n}x{k}" if n > 1 else k for k, n in sorted(c.items())) or "none"
-
     same = "the same kernels" if mine == floor else "different kernels"
-    return (f"; kernels: linearize {names(mine)}, floor {names(floor)} ({same}; IQR "
+    return (f"; kernels: linearize {kernel_list(mine)}, floor {kernel_list(floor)} ({same}; IQR "
             f"{my_samples.spread:.0%} / {floor_samples.spread:.0%})")
 
 

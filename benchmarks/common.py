@@ -23,6 +23,7 @@ __all__ = [
     "Samples",
     "closure_tensor_bytes",
     "count_kernels",
+    "kernel_list",
     "fmt_ms",
     "fmt_ratio",
     "interleave",
@@ -290,6 +291,12 @@ def count_kernels(fn: Callable[[], Any]) -> collections.Counter:
     with _Count():
         fn()
     return counts
+
+
+def kernel_list(counts: collections.Counter) -> str:
+    """``count_kernels``' result as text: ``3xadd + addcmul`` (``none`` if empty)."""
+    return " + ".join(f"{n}x{name}" if n > 1 else name
+                      for name, n in sorted(counts.items())) or "none"
 
 
 def short_reason(e: BaseException, limit: int = 70) -> str:
