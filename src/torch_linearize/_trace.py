@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import NoForwardADError, NonLinearTangentError
-from ._passes import _POINTWISE_LINEAR_BY_ID
+from ._passes import _POINTWISE_LINEAR_BY_ID, _is_real_number
 from ._program import Eqn, Res, Var
 from ._residuals import ResidualTable, storage_key
 
@@ -260,7 +260,6 @@ _POINTWISE_SHAPE_ONLY_IDS = frozenset(id(f) for f in (
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar,
     aten.div.Scalar, aten.neg.default))
 _SHAPE_ONLY_MIN_NUMEL = 4096  # below it, running the kernel costs less than deciding
-_NUMBER = (int, float)
 
 
 def _pointwise_shape_only(args, kwargs) -> torch.Tensor | None:
@@ -276,9 +275,9 @@ def _pointwise_shape_only(args, kwargs) -> torch.Tensor | None:
     its fast paths (all contiguous, all channels-last, all dense with equal strides)
     gives anything else for such operands.
     """
-    if kwargs and (len(kwargs) != 1 or type(kwargs.get("alpha")) not in _NUMBER):
+    if kwargs and (len(kwargs) != 1 or not _is_real_number(kwargs.get("alpha"))):
         return None
-    if any(type(a) not in _NUMBER for a in args if not isinstance(a, torch.Tensor)):
+    if any(not _is_real_number(a) for a in args if not isinstance(a, torch.Tensor)):
         return None
     like = _plain_operand_like(args)
     if like is None or not like.is_floating_point():
