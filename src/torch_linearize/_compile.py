@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._errors import LinearizeError, ReleasedError
+from ._errors import LinearizeError
 from ._program import Eqn, Program, Res, Var, compile_program, segment_source
 
 __all__ = ["compile_map", "cuda_graph_map"]
@@ -199,7 +199,7 @@ class CudaGraphMap:
     def __call__(self, *args: Any) -> Any:
         lm = self._lm
         if lm._run is None:
-            raise ReleasedError(f"{lm._api}: this linear map was released; call linearize again.")
+            raise lm._released_error()
         flat = lm._tangents(args)  # validated as the map validates them
         if self._graph is None:
             self._capture(flat)

@@ -126,7 +126,7 @@ class LinearMap:
     def __call__(self, *args: Any) -> Any:
         run = self._run
         if run is None:
-            raise ReleasedError(f"{self._api}: this linear map was released; call linearize again.")
+            raise self._released_error()
         if self._eager_run is not None and _ft.maybe_current_level() is not None:
             run = self._eager_run
         flat = self._tangents(args)
@@ -149,6 +149,11 @@ class LinearMap:
                 full[pos] = val
             outs = full
         return tree_unflatten(list(outs), self._out_spec)
+
+    def _released_error(self, method: str = "") -> ReleasedError:
+        """The error every use of a released map raises (``method``: which use)."""
+        return ReleasedError(
+            f"{self._api}{method}: this linear map was released; call linearize again.")
 
     def _tangents(self, args: tuple) -> Any:
         """The differentiable tangent leaves of ``args``, validated against the primals.
@@ -194,7 +199,7 @@ class LinearMap:
         Cost: one application of this map plus one backward pass, once.
         """
         if self._run is None:
-            raise ReleasedError(f"{self._api}.transpose(): this linear map was released.")
+            raise self._released_error(".transpose()")
         with self._lock:
             if self._transposed is None:
                 from ._transpose import transpose_map
@@ -216,7 +221,7 @@ class LinearMap:
         dynamic=False``; e.g. ``mode="max-autotune"``).
         """
         if self._run is None:
-            raise ReleasedError(f"{self._api}.compile(): this linear map was released.")
+            raise self._released_error(".compile()")
         from ._compile import compile_map
 
         return compile_map(self, **compile_kwargs)
@@ -231,7 +236,7 @@ class LinearMap:
         Functions' ``jvp`` must be capturable (no ``.item()`` or host copies).
         """
         if self._run is None:
-            raise ReleasedError(f"{self._api}.cuda_graph(): this linear map was released.")
+            raise self._released_error(".cuda_graph()")
         from ._compile import cuda_graph_map
 
         return cuda_graph_map(self, clone_outputs)
