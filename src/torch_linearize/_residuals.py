@@ -81,9 +81,6 @@ class ResidualTable:
         self._pin.append(t)
         return idx
 
-    def storage_is_captured(self, skey: int | None) -> bool:
-        return skey is not None and skey in self._by_storage
-
     def copy_on_write(self, skey: int | None) -> list[torch.Tensor]:
         """Snapshot every residual in storage ``skey`` before that storage is written.
 
