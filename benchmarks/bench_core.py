@@ -66,6 +66,7 @@ try:  # run as a script (benchmarks/ on sys.path) or as ``python -m benchmarks.b
         kernel_list,
         markdown_table,
         pin_malloc,
+        ratio_ci,
         short_reason,
         storage_bytes,
         time_ms,
@@ -84,6 +85,7 @@ except ImportError:  # pragma: no cover
         kernel_list,
         markdown_table,
         pin_malloc,
+        ratio_ci,
         short_reason,
         storage_bytes,
         time_ms,
@@ -286,6 +288,7 @@ METHODS: list[Method] = [
 
 # batched rows (K_BATCH tangents in one call)
 B_FLOOR = "floor, batched (hand-written)"
+B_FLOOR_AGAIN = "floor, batched, timed again (null control)"
 B_VMAP = "vmap(jvp_fn)"
 B_VMAP_C = "vmap(jvp_fn.compile())"
 # re-linearization rows
@@ -362,6 +365,10 @@ class WorkloadResult:
     compile: CompileResult = field(default_factory=CompileResult)
     batch: BatchResult = field(default_factory=BatchResult)
     kernels: dict[str, Any] = field(default_factory=dict)  # method -> Counter (one apply)
+    # the floor's apply timed a second time, as a method of its own (same call, same
+    # residuals): what two identical calls measure as, i.e. the resolution of apply/floor
+    null_apply: Samples | None = None
+    null_jvp: Samples | None = None  # torch.func.jvp timed a second time in the setup rounds
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -437,6 +444,7 @@ def run_workload(wl: Workload, cfg: Config, log: Callable[[str], None],
         m.name: (lambda i, m=m: m.setup(wl)) for m in live if m.setup is not None
     }
     setup_fns["__one_jvp__"] = lambda i: torch.func.jvp(f, (x,), (tangents[i % len(tangents)],))
+    setup_fns["__one_jvp_again__"] = setup_fns["__one_jvp__"]  # null control
     log(f"  [{wl.key}] timing setup ({cfg.setup_rounds} rounds)")
     setup_samples = interleave(setup_fns, cfg.setup_rounds, 1, mark_failed, guard=guard)
     for m in live:
@@ -449,6 +457,8 @@ def run_workload(wl: Workload, cfg: Config, log: Callable[[str], None],
         for m in live if results[m.name].failed is None
     }
     apply_fns["__primal__"] = lambda i: f(x)
+    if FLOOR in apply_fns:
+        apply_fns["__floor_again__"] = apply_fns[FLOOR]
     log(f"  [{wl.key}] timing apply ({cfg.apply_rounds} rounds x {cfg.inner} calls)")
     apply_samples = interleave(apply_fns, cfg.apply_rounds, cfg.inner, mark_failed,
                                guard=guard)
@@ -464,7 +474,9 @@ def run_workload(wl: Workload, cfg: Config, log: Callable[[str], None],
         run_relinearize(wl, cfg, tangents[0], comp, log, guard)
     batch = run_batch(wl.key, cfg, log, guard)
     return WorkloadResult(wl, apply_samples["__primal__"], setup_samples["__one_jvp__"],
-                          results, y_ok, comp, batch, kernels)
+                          results, y_ok, comp, batch, kernels,
+                          apply_samples.get("__floor_again__"),
+                          setup_samples.get("__one_jvp_again__"))
 
 
 def run_relinearize(wl: Workload, cfg: Config, t: torch.Tensor, comp: CompileResult,
@@ -527,6 +539,7 @@ def run_batch(key: str, cfg: Config, log: Callable[[str], None],
         return BatchResult(skipped=f"setup failed: {short_reason(e)}")
     fns: dict[str, Callable[[int], Any]] = {
         B_FLOOR: lambda i: bwl.floor_batched(s, T),
+        B_FLOOR_AGAIN: lambda i: bwl.floor_batched(s, T),
         B_VMAP: lambda i: torch.vmap(jvp_fn)(T),
         B_VMAP_C: lambda i: torch.vmap(compiled)(T),
     }
@@ -719,15 +732,17 @@ def targets(results: list[WorkloadResult]) -> tuple[list[str], list[str], int, i
         which = "linearize + compile" if rc == rc and rc < ra else "linearize"
         add(best <= T_APPLY,
             f"- {k}: per-tangent apply <= {T_APPLY:.2f}x floor: linearize {ra:.2f}x "
-            f"({fmt_ms(tl_r.apply.median)} ms), linearize + compile "
-            + (f"{rc:.2f}x ({fmt_ms(tlc.apply.median)} ms)" if rc == rc else
-               f"fails ({tlc.failed})")
+            f"{_ci(tl_r.apply, floor.apply)} ({fmt_ms(tl_r.apply.median)} ms), linearize + compile "
+            + (f"{rc:.2f}x {_ci(tlc.apply, floor.apply)} ({fmt_ms(tlc.apply.median)} ms)"
+               if rc == rc else f"fails ({tlc.failed})")
             + f", floor {fmt_ms(fa)} ms; best {best:.2f}x ({which})"
+            + _null_note("the floor timed again", res.null_apply, floor.apply)
             + _kernel_note(res.kernels.get(TL), res.kernels.get(FLOOR), tl_r.apply, floor.apply))
         setup, jvp1 = _setup_median(tl_r), res.one_jvp.median
         rs = setup / jvp1
         add(rs <= T_SETUP, f"- {k}: `linearize` setup <= {T_SETUP}x one torch.func.jvp call: "
-            f"{rs:.2f}x ({fmt_ms(setup)} vs {fmt_ms(jvp1)} ms)")
+            f"{rs:.2f}x {_ci(tl_r.setup, res.one_jvp)} ({fmt_ms(setup)} vs {fmt_ms(jvp1)} ms)"
+            + _null_note("torch.func.jvp timed again", res.null_jvp, res.one_jvp))
         fb = floor.residual_bytes
         rm = tl_r.residual_bytes / fb if fb else float("nan")
         add(rm <= T_MEM, f"- {k}: residual memory <= {T_MEM}x floor: {rm:.2f}x "
@@ -738,10 +753,15 @@ def targets(results: list[WorkloadResult]) -> tuple[list[str], list[str], int, i
             new.append(f"- {k}: K={K_BATCH} batched <= batched floor: cannot check ({why})")
         else:
             v, bf = b.rows[B_VMAP].median, b.rows[B_FLOOR].median
+            again = b.rows.get(B_FLOOR_AGAIN)
             add(v / bf <= T_BATCH,
                 f"- {k}: K={K_BATCH} batched vmap(jvp_fn) <= batched floor: {v / bf:.2f}x "
+                f"{_ci(b.rows[B_VMAP].samples, b.rows[B_FLOOR].samples)} "
                 f"({fmt_ms(v)} vs {fmt_ms(bf)} ms per batch; "
-                f"{fmt_ms(v / K_BATCH)} vs {fmt_ms(bf / K_BATCH)} ms per tangent)")
+                f"{fmt_ms(v / K_BATCH)} vs {fmt_ms(bf / K_BATCH)} ms per tangent)"
+                + _null_note("the batched floor timed again",
+                             None if again is None or again.failed else again.samples,
+                             b.rows[B_FLOOR].samples))
         if res.wl.target_apply:
             add(ra <= T2_APPLY, f"- {k}: apply <= {T2_APPLY}x floor: {ra:.2f}x", True)
         else:
@@ -749,6 +769,21 @@ def targets(results: list[WorkloadResult]) -> tuple[list[str], list[str], int, i
         add(rs <= T2_SETUP, f"- {k}: setup <= {T2_SETUP:g}x one torch.func.jvp: {rs:.2f}x", True)
         add(rm <= T2_MEM, f"- {k}: residual memory <= {T2_MEM:g}x floor: {rm:.2f}x", True)
     return new, old, met, checked
+
+
+def _ci(num: Samples | None, den: Samples | None) -> str:
+    """`[lo-hi]`: the 95 % bootstrap interval of the ratio of medians (common.ratio_ci)."""
+    if num is None or den is None:
+        return ""
+    lo, hi = ratio_ci(num, den)
+    return "" if lo != lo else f"[95% CI {lo:.2f}-{hi:.2f}]"
+
+
+def _null_note(what: str, again: Samples | None, ref: Samples) -> str:
+    """`; null control: ...`: an identical call timed as a separate method (the resolution)."""
+    if again is None or not len(again):
+        return ""
+    return f"; null control ({what}): {again.median / ref.median:.2f}x {_ci(again, ref)}"
 
 
 def _kernel_note(mine: Any, floor: Any, my_samples: Samples, floor_samples: Samples) -> str:
@@ -979,6 +1014,13 @@ def render(results: list[WorkloadResult], cfg: Config, args: argparse.Namespace,
         "`linearize + compile`):",
         *new_targets,
         "",
+        "Each ratio is a ratio of medians; `[95% CI lo-hi]` is its bootstrap interval (both "
+        "sample sets resampled 2000 times), how far it could move on a re-run. The *null "
+        "control* is the yardstick itself timed a second time as a separate method in the same "
+        "rounds (the floor's apply; one torch.func.jvp call; the batched floor): two identical "
+        "calls, so its distance from 1.00x is this machine's resolution for that comparison. "
+        "The verdicts use the ratio itself, not the interval.",
+        "",
         "Issue-2 targets for torch_linearize.linearize:",
         *old_targets,
         "",
@@ -1045,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch.func.linearize's constant folding warns about get_attr nodes; not our concern here
     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
     torch.manual_seed(0)
-    cfg = Config(3, 6, 2, 3, 2) if args.quick else Config(31, 31, 3, 9, 11)
+    cfg = Config(3, 6, 2, 3, 2) if args.quick else Config(31, 101, 3, 9, 31)
     keys = [k for k in args.only.split(",") if k] or list(WORKLOADS)
     for k in keys:
         if k not in WORKLOADS:

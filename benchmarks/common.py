@@ -28,6 +28,7 @@ __all__ = [
     "fmt_ratio",
     "interleave",
     "markdown_table",
+    "ratio_ci",
     "short_reason",
     "storage_bytes",
     "storage_key",
@@ -59,6 +60,21 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.values)
+
+
+def ratio_ci(num: Samples, den: Samples, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of ``num.median / den.median`` (each sample set resampled
+    independently, ``reps`` times, seeded): how far the ratio could move on a re-run."""
+    import numpy as np
+
+    a, b = np.asarray(num.values, dtype=float), np.asarray(den.values, dtype=float)
+    if len(a) < 4 or len(b) < 4:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    ma = np.median(rng.choice(a, size=(reps, len(a))), axis=1)
+    mb = np.median(rng.choice(b, size=(reps, len(b))), axis=1)
+    lo, hi = np.quantile(ma / mb, [0.025, 0.975])
+    return float(lo), float(hi)
 
 
 def time_ms(fn: Callable[[], Any]) -> tuple[float, Any]:
