@@ -167,6 +167,10 @@ _POINTWISE_LINEAR_BY_ID = {id(f): pos for f, pos in _POINTWISE_LINEAR.items()}
 _CONJUGATING = {aten._conj.default, aten.conj_physical.default}
 # Arguments (by position) that are added to the tangent: they must be zero for linearity.
 _ADDITIVE = {aten.add.Tensor: (0, 1), aten.sub.Tensor: (0, 1)}
+# The same tables by id, for per-equation lookups (an OpOverload hashes in Python; the
+# tables keep the operators alive, so their ids stay theirs).
+_CONJUGATING_IDS = frozenset(id(f) for f in _CONJUGATING)
+_ADDITIVE_BY_ID = {id(f): pos for f, pos in _ADDITIVE.items()}
 
 
 def _is_zero_literal(prog: Program, x, cache: dict[int, bool]) -> bool:
@@ -230,16 +234,18 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
                 if not ok:
                     break
             elif isinstance(a, Res):
-                if i in _ADDITIVE.get(e.fn, ()) and not _is_zero_literal(prog, a, zero_cache):
+                if i in _ADDITIVE_BY_ID.get(id(e.fn), ()) and \
+                        not _is_zero_literal(prog, a, zero_cache):
                     ok = False  # a constant added to a tangent: not linear
                     break
                 res += prog.residuals[a.index].numel()
             elif isinstance(a, (list, tuple)) or (
-                    i in _ADDITIVE.get(e.fn, ()) and not _is_zero_literal(prog, a, zero_cache)):
+                    i in _ADDITIVE_BY_ID.get(id(e.fn), ()) and
+                    not _is_zero_literal(prog, a, zero_cache)):
                 ok = False
                 break
         if ok and bs:
-            if e.fn in _CONJUGATING:
+            if id(e.fn) in _CONJUGATING_IDS:
                 bs = {bid: 1 - par for bid, par in bs.items()}
             info[out.id] = (bs, ops, res)
             producer[out.id] = e
@@ -319,12 +325,13 @@ def _exact_scale(x) -> bool:
 
 _EXACT_ON_SUMS = {aten.neg.default, aten.clone.default, aten.alias.default, aten._conj.default,
                   aten.conj_physical.default}
+_EXACT_ON_SUMS_IDS = frozenset(id(f) for f in _EXACT_ON_SUMS)
 
 
 def _exact_on_sums(e: Eqn, i: int) -> bool:
     """Whether ``e`` applied to argument ``i`` involves no inexact scaling of it."""
     fn = e.fn
-    if fn in _EXACT_ON_SUMS:
+    if id(fn) in _EXACT_ON_SUMS_IDS:
         return True
     if fn in (aten.add.Tensor, aten.sub.Tensor):
         return i == 0 or _exact_scale(e.kwargs.get("alpha", 1))
@@ -627,7 +634,7 @@ def _number_rule(e: Eqn, vals: dict):
         return -x
     if fn in (aten.clone.default, aten.alias.default):
         return x
-    if fn in _CONJUGATING:
+    if id(fn) in _CONJUGATING_IDS:
         return x.conjugate() if isinstance(x, complex) else x
     if fn in (aten.mul.Scalar, aten.mul.Tensor, aten.div.Scalar, aten.div.Tensor):
         other = _literal(e, 1) if 0 in vals else _literal(e, 0)
@@ -801,7 +808,7 @@ def _has_additive(producer, vid) -> bool:
         if e is None or v in seen:
             continue
         seen.add(v)
-        if e.fn in _ADDITIVE:
+        if id(e.fn) in _ADDITIVE_BY_ID:
             return True
         stack.extend(a.id for a in e.args if isinstance(a, Var))
     return False
@@ -978,18 +985,21 @@ def _cse_key(e: Eqn) -> tuple:
     if c is not None and c[0] is e.args and c[1] is e.kwargs:
         return c[2]
     kw = e.kwargs
-    k = (e.fn, _key_of(e.args), _key_of(tuple(sorted(kw.items()))) if kw else ())
+    # (the operator by id: the equation holds it; an OpOverload hashes in Python)
+    k = (id(e.fn), _key_of(e.args), _key_of(tuple(sorted(kw.items()))) if kw else ())
     e.__dict__["_cse_key"] = (e.args, kw, k)
     return k
 
 
-_deterministic: dict = {}  # OpOverload -> not tagged nondeterministic_seeded
+_deterministic: dict = {}  # id(OpOverload) -> (it, not tagged nondeterministic_seeded)
 
 
 def _deterministic_op(fn) -> bool:
-    d = _deterministic.get(fn)
-    if d is None:
-        d = _deterministic[fn] = torch.Tag.nondeterministic_seeded not in fn.tags
+    hit = _deterministic.get(id(fn))
+    if hit is not None and hit[0] is fn:
+        return hit[1]
+    d = torch.Tag.nondeterministic_seeded not in fn.tags
+    _deterministic[id(fn)] = (fn, d)  # (holding the operator keeps its id its own)
     return d
 
 

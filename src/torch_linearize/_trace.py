@@ -105,6 +105,10 @@ class _OpInfo:
     nonlinear: bool = False  # (in-place-stripped) name in _NONLINEAR
     bilinear: tuple | None = None  # _BILINEAR positions
     linear_only_in: tuple | None = None  # _LINEAR_ONLY_IN positions
+    # (operator-keyed tables, answered once here: OpOverload hashes in Python)
+    additive: bool = False  # in _ADDITIVE
+    zero_product: bool = False  # in _ZERO_PRODUCTS
+    shape_only: bool = False  # in _SHAPE_ONLY
 
 
 # id(operator) -> (operator, info); the operator is kept, so its id stays its own.
@@ -137,6 +141,9 @@ def _op_info(func) -> _OpInfo:
         nonlinear=nl_base in _NONLINEAR or nl_base.lstrip("_") in _NONLINEAR,
         bilinear=_BILINEAR.get(nl_base),
         linear_only_in=_LINEAR_ONLY_IN.get(nl_base),
+        additive=func in _ADDITIVE,
+        zero_product=func in _ZERO_PRODUCTS,
+        shape_only=func in _SHAPE_ONLY,
     )
     _op_infos[id(func)] = (func, info)
     return info
@@ -376,6 +383,9 @@ _CONJ_NEG_KEYS = C.DispatchKeySet(C.DispatchKey.Conjugate) | C.DispatchKeySet(C.
 # (Matched by id: the tuple keeps the operators alive, so their ids stay theirs.)
 _SHAPE_QUERIES = (aten.is_same_size.default, aten._has_same_storage_numel.default)
 _SHAPE_QUERY_IDS = frozenset(id(f) for f in _SHAPE_QUERIES)
+_IS_SAME_SIZE = aten.is_same_size.default
+_STRIDED = torch.strided
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def _needs_conj_keys(info: _OpInfo, args, kwargs) -> bool:
     """Complex operands, or a linear-algebra kernel (may make complex temporaries)."""
@@ -630,6 +640,13 @@ class Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if id(func) in _SHAPE_QUERY_IDS:  # (about half of all calls): straight through
+            if func is _IS_SAME_SIZE and len(args) == 2 and not kwargs:
+                # forward AD asks this once per tangent it sets: answered here, it costs a
+                # tenth of the operator call (ATen compares the sizes, as this does)
+                a, b = args
+                if type(a) is torch.Tensor and type(b) is torch.Tensor and a.layout is _STRIDED \
+                        and b.layout is _STRIDED and not (_is_wrapped(a) or _is_wrapped(b)):
+                    return a.shape == b.shape
             return func._op(*args, **kwargs) if kwargs else func._op(*args)
         kwargs = kwargs or {}
         hit = _op_infos.get(id(func))
@@ -657,7 +674,7 @@ class Tracer(TorchDispatchMode):
                     del t.__dict__[_ZERO_ATTR]
                     t.set_(torch.zeros(t.shape, dtype=t.dtype, device=t.device))
         zero, tracked = self._scan(args, kwargs)
-        if tracked and self.zero_products and func in _ADDITIVE:
+        if tracked and self.zero_products and info.additive:
             args, dropped = self._drop_zero_products(func, args)
             zero = zero or dropped
         if zero:
@@ -686,7 +703,7 @@ class Tracer(TorchDispatchMode):
             for t in self._written(args, kwargs, info):
                 self.before_write(t, False, info.name)
         out = func(*args, **kwargs)
-        if func in _ZERO_PRODUCTS and isinstance(out, torch.Tensor) and _is_zero_product(func, args):
+        if info.zero_product and isinstance(out, torch.Tensor) and _is_zero_product(func, args):
             out.__dict__[_ZERO_PRODUCT_ATTR] = True
             self.zero_products = True
         if info.fresh_outputs or func is aten.lift_fresh.default:
@@ -824,7 +841,7 @@ class Tracer(TorchDispatchMode):
                 valued = True  # (see _POINTWISE_SHAPE_ONLY_IDS)
             elif id(func) in _POINTWISE_SHAPE_ONLY_IDS:
                 out = _pointwise_shape_only(args, kwargs)
-            elif func in _SHAPE_ONLY:
+            elif info.shape_only:
                 out = _shape_only_result(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
