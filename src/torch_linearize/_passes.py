@@ -66,13 +66,13 @@ def _distinct(t: torch.Tensor) -> torch.Tensor:
 
 
 def _all_zero(t: torch.Tensor) -> bool:
-    """Every element of ``t`` is zero (NaN is not). For real floating tensors one
-    ``aminmax`` (about 2x cheaper than ``any`` on CPU): both ends are 0 exactly when
-    all elements are, and a NaN propagates into both."""
+    """Every element of ``t`` is zero (NaN is not). For real floating tensors the
+    minimum, then the maximum only if the minimum is 0 (``amin`` runs about twice as
+    fast as ``aminmax`` and 10x as fast as ``any`` on CPU): both ends are 0 exactly
+    when all elements are, and a NaN propagates into them."""
     t = _distinct(t)
     if t.dtype in _AMINMAX_DTYPES:
-        lo, hi = torch.aminmax(t)
-        return lo.item() == 0 and hi.item() == 0
+        return torch.amin(t).item() == 0 and torch.amax(t).item() == 0
     return not bool(t.any())
 
 
@@ -543,11 +543,15 @@ class _MixedSigns:
         if hit is not None and hit[0] is c and hit[1] == c._version:
             return hit[2]
         d = _distinct(c)
-        if d.dtype in _AMINMAX_DTYPES:
-            lo, hi = (float(v) for v in torch.aminmax(d))
+        fast = d.dtype in _AMINMAX_DTYPES
+        lo = float(torch.amin(d) if fast else d.min())
+        if lo != lo:
+            sign = None  # NaN (the minimum propagates it)
+        elif lo > 0:
+            sign = 1  # (one reduction: the common case of a positive coefficient)
         else:
-            lo, hi = float(d.min()), float(d.max())
-        sign = 0 if lo == hi == 0 else 1 if lo >= 0 else -1 if hi <= 0 else None
+            hi = float(torch.amax(d) if fast else d.max())
+            sign = 0 if lo == hi == 0 else 1 if lo >= 0 else -1 if hi <= 0 else None
         self._signs[id(c)] = (c, c._version, sign)
         return sign
 
