@@ -755,13 +755,13 @@ def targets(results: list[WorkloadResult]) -> tuple[list[str], list[str], int, i
             v, bf = b.rows[B_VMAP].median, b.rows[B_FLOOR].median
             again = b.rows.get(B_FLOOR_AGAIN)
             add(v / bf <= T_BATCH,
-                f"- {k}: K={K_BATCH} batched vmap(jvp_fn) <= batched floor: {v / bf:.2f}x "
+                f"- {k}: K={K_BATCH} batched vmap(jvp_fn) <= batched floor: {v / bf:.3f}x "
                 f"{_ci(b.rows[B_VMAP].samples, b.rows[B_FLOOR].samples)} "
                 f"({fmt_ms(v)} vs {fmt_ms(bf)} ms per batch; "
                 f"{fmt_ms(v / K_BATCH)} vs {fmt_ms(bf / K_BATCH)} ms per tangent)"
                 + _null_note("the batched floor timed again",
                              None if again is None or again.failed else again.samples,
-                             b.rows[B_FLOOR].samples))
+                             b.rows[B_FLOOR].samples, digits=3))
         if res.wl.target_apply:
             add(ra <= T2_APPLY, f"- {k}: apply <= {T2_APPLY}x floor: {ra:.2f}x", True)
         else:
@@ -779,11 +779,11 @@ def _ci(num: Samples | None, den: Samples | None) -> str:
     return "" if lo != lo else f"[95% CI {lo:.2f}-{hi:.2f}]"
 
 
-def _null_note(what: str, again: Samples | None, ref: Samples) -> str:
+def _null_note(what: str, again: Samples | None, ref: Samples, digits: int = 2) -> str:
     """`; null control: ...`: an identical call timed as a separate method (the resolution)."""
     if again is None or not len(again):
         return ""
-    return f"; null control ({what}): {again.median / ref.median:.2f}x {_ci(again, ref)}"
+    return f"; null control ({what}): {again.median / ref.median:.{digits}f}x {_ci(again, ref)}"
 
 
 def _kernel_note(mine: Any, floor: Any, my_samples: Samples, floor_samples: Samples) -> str:
