@@ -97,6 +97,8 @@ def test_bad_dict_leaf_names_path_expected_and_got(dict_map, bad, pattern):
     "bad, pattern",
     [
         (torch.randn(4, dtype=D), r"tangents\[0\] has shape \(4,\), but primals\[0\] has shape \(3,\)"),
+        # (would broadcast against the program's residuals: must not reach them)
+        (torch.randn(1, dtype=D), r"tangents\[0\] has shape \(1,\), but primals\[0\] has shape \(3,\)"),
         (torch.randn(3, dtype=torch.float32),
          r"tangents\[0\] has dtype torch.float32, but primals\[0\] has dtype torch.float64"),
         (torch.empty(3, dtype=D, device="meta"), r"tangents\[0\] is on device meta, but primals\[0\] is on cpu"),
@@ -104,7 +106,7 @@ def test_bad_dict_leaf_names_path_expected_and_got(dict_map, bad, pattern):
         (np.zeros(3), r"tangents\[0\] must be a torch.Tensor, got ndarray"),
         (3.0, r"tangents\[0\] must be a torch.Tensor, got float"),
     ],
-    ids=["shape", "dtype", "device", "none", "ndarray", "float"],
+    ids=["shape", "broadcastable-shape", "dtype", "device", "none", "ndarray", "float"],
 )
 def test_bad_single_tangent_fast_path(single_map, bad, pattern):
     jvp_fn, _ = single_map

@@ -222,3 +222,95 @@ def test_builtin_op_without_batching_rule_falls_back_to_a_loop():
     got = torch.vmap(jvp_fn)(ts)
     want = torch.stack([torch.func.jvp(f, (x,), (t,))[1] for t in ts])
     torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- the unbatched call
+def _scaled(jvp_result):
+    """``y = 2 x`` for a 3x4 ``x``; ``jvp`` returns ``jvp_result(2 t)`` and counts its calls."""
+    calls = []
+
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, t):
+            calls.append(1)
+            return jvp_result(t * 2)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    return Scaled, calls
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda o: o,                                # the tensor itself
+    lambda o: (o,),                             # a 1-tuple
+    lambda o: [o],                              # a list
+    lambda o: o.t().contiguous().t(),           # column-major: relaid out as the forward output
+    lambda o: o.expand(2, 3, 4)[0],             # a view with a storage offset... of 0 (same data)
+], ids=["tensor", "tuple", "list", "column-major", "view"])
+def test_unbatched_call_normalizes_the_result_and_calls_jvp_once(wrap):
+    Scaled, calls = _scaled(wrap)
+    x, t = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    _, jvp_fn = tl.linearize(Scaled.apply, x)
+    for k in range(1, 4):
+        out = jvp_fn(t)
+        torch.testing.assert_close(out, 2 * t)
+        assert out.stride() == (4, 1)  # the forward output's layout
+        assert len(calls) == k  # once per application, however the result was shaped
+    (g,) = jvp_fn.transpose()(t)  # the backward path is unaffected
+    torch.testing.assert_close(g, 2 * t)
+
+
+def test_unbatched_call_reports_a_wrong_dtype_naming_the_function():
+    Scaled, calls = _scaled(lambda o: o.float())
+    _, jvp_fn = tl.linearize(Scaled.apply, torch.randn(3, 4, dtype=D))
+    with pytest.raises(tl.LinearizeError, match=r"Scaled.jvp returned f32\[3, 4\] at position 0; "
+                                                r"expected f64\[3, 4\]"):
+        jvp_fn(torch.randn(3, 4, dtype=D))
+    assert len(calls) == 1
+
+
+def test_unbatched_call_under_autograd_and_forward_ad_takes_the_general_path():
+    Scaled, calls = _scaled(lambda o: o)
+    x = torch.randn(3, 4, dtype=D)
+    _, jvp_fn = tl.linearize(Scaled.apply, x)
+    t = torch.randn(3, 4, dtype=D, requires_grad=True)
+    out = jvp_fn(t)  # reverse mode through the map: its transpose
+    (g,) = torch.autograd.grad(out, t, torch.ones_like(out))
+    torch.testing.assert_close(g, torch.full_like(g, 2.0))
+    with torch.autograd.forward_ad.dual_level():  # a tangent of the tangent: forward AD off
+        dual = torch.autograd.forward_ad.make_dual(t.detach(), torch.ones_like(t))
+        res = jvp_fn(dual)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(res).primal, 2 * t.detach())
+
+
+def test_an_error_in_jvp_surfaces_once():
+    calls = []
+
+    class Fails(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, t):
+            calls.append(1)
+            raise RuntimeError("user kernel failed")
+
+    _, jvp_fn = tl.linearize(Fails.apply, torch.randn(3, dtype=D))
+    with pytest.raises(RuntimeError, match="user kernel failed"):
+        jvp_fn(torch.randn(3, dtype=D))
+    assert len(calls) == 1  # not retried

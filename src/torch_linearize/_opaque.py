@@ -54,6 +54,15 @@ def _user_backward(cls: type):
     return cls.vjp if cls.vjp is not _Function.vjp else cls.backward
 
 
+def _requires_grad(args) -> bool:
+    # (a loop, not any() over a generator: this runs once per application, often with cold
+    # caches, where the generator's frame costs more than the test)
+    for a in args:  # noqa: SIM110
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
+
+
 def _needs_autograd_wrapper(args) -> bool:
     if torch._C._are_functorch_transforms_active():
         return True
@@ -88,11 +97,40 @@ class _OpaqueNode:
         self._zeros: dict[int, torch.Tensor] = {}
         self._zero_versions: dict[int, int] = {}
         self._transposed: _OpaqueNode | None = None
+        # The lean unbatched call (see __call__): the user function, the positions whose
+        # None tangent must be materialized, the one result's (shape, dtype, stride).
+        self._lean = None
+        if not dirty and len(out_meta) == 1 and out_meta[0] is not None:
+            shape, dtype, stride, _ = out_meta[0]
+            self._lean = (
+                [i for i, m in enumerate(in_meta) if m is not None],
+                tuple(shape), dtype, None if stride is None else tuple(stride),
+            )
 
     # ---------------------------------------------------------------- entry point
     def __call__(self, *args):
-        if self.ctx is None:
+        ctx = self.ctx
+        if ctx is None:
             raise ReleasedError(f"{self.display_name}: the linear map was released.")
+        lean = self._lean
+        if lean is not None and fwAD._current_level < 0 and not self.shape_only and \
+                not torch._C._are_functorch_transforms_active() and \
+                not (torch.is_grad_enabled() and _requires_grad(args)):
+            # The per-tangent call with plain tensors, in as few steps as possible (a call
+            # between other heavy work pays every step in cache misses): what run(0, args)
+            # does when every tensor tangent is given and the one result is as expected.
+            for i in lean[0]:
+                if args[i] is None:
+                    break
+            else:
+                ctx._tl_phase = self.phase
+                self.calls += 1
+                o = self.user_fn()(ctx, *args)
+                if type(o) is torch.Tensor and o.dtype is lean[2] and o.shape == lean[1] and \
+                        (lean[3] is None or o.stride() == lean[3]):
+                    return (o,)
+                args = list(args)  # anything else: normalized and checked as run() does
+                return tuple(self._check(j, r, args, ()) for j, r in enumerate(self._as_tuple(o)))
         if _needs_autograd_wrapper(args):
             out = self._run_under_one_vmap(args)
             if out is not None:
