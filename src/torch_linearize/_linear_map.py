@@ -45,6 +45,16 @@ def _loop_over_vmap_batch(run: Callable[..., tuple], flat: list) -> tuple | None
                  for j in range(len(per[0])))
 
 
+def _after_failure(e: RuntimeError, run: Callable[..., tuple], flat: list) -> tuple:
+    """The program's outputs after ``run(*flat)`` raised ``e``: under vmap, an operation
+    without a batching rule is run element by element; anything else re-raises ``e``."""
+    if not isinstance(e, LinearizeError):
+        outs = _loop_over_vmap_batch(run, flat)
+        if outs is not None:
+            return outs
+    raise e
+
+
 class LinearMap:
     """A linear function of tensors recorded by :func:`torch_linearize.linearize`.
 
@@ -142,15 +152,8 @@ class LinearMap:
                     t.device == fast[3]:
                 try:
                     return fast[0](t)[0]
-                except LinearizeError:
-                    raise
-                except RuntimeError:
-                    # Under vmap, an operation without a batching rule: element by element
-                    # (as the general path does).
-                    outs = _loop_over_vmap_batch(fast[0], [t])
-                    if outs is None:
-                        raise
-                    return outs[0]
+                except RuntimeError as e:
+                    return _after_failure(e, fast[0], [t])[0]
         return self._call(args)
 
     def _call(self, args: tuple) -> Any:
@@ -164,13 +167,8 @@ class LinearMap:
             self._check_stale()
         try:
             outs = run(*flat)
-        except LinearizeError:
-            raise
-        except RuntimeError:
-            # Under vmap, an operation without a batching rule: run element by element.
-            outs = _loop_over_vmap_batch(run, flat)
-            if outs is None:
-                raise
+        except RuntimeError as e:
+            outs = _after_failure(e, run, flat)
         if self._single_out:
             return outs[0]
         if len(self._out_positions) != self._n_out:

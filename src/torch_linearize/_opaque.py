@@ -66,9 +66,7 @@ def _requires_grad(args) -> bool:
 def _needs_autograd_wrapper(args) -> bool:
     if torch._C._are_functorch_transforms_active():
         return True
-    if not torch.is_grad_enabled():
-        return False
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return torch.is_grad_enabled() and _requires_grad(args)
 
 
 class _OpaqueNode:
@@ -112,10 +110,9 @@ class _OpaqueNode:
         ctx = self.ctx
         if ctx is None:
             raise ReleasedError(f"{self.display_name}: the linear map was released.")
+        wrap = _needs_autograd_wrapper(args)
         lean = self._lean
-        if lean is not None and fwAD._current_level < 0 and not self.shape_only and \
-                not torch._C._are_functorch_transforms_active() and \
-                not (torch.is_grad_enabled() and _requires_grad(args)):
+        if lean is not None and not wrap and fwAD._current_level < 0 and not self.shape_only:
             # The per-tangent call with plain tensors, in as few steps as possible (a call
             # between other heavy work pays every step in cache misses): what run(0, args)
             # does when every tensor tangent is given and the one result is as expected.
@@ -131,7 +128,7 @@ class _OpaqueNode:
                     return (o,)
                 args = list(args)  # anything else: normalized and checked as run() does
                 return tuple(self._check(j, r, args, ()) for j, r in enumerate(self._as_tuple(o)))
-        if _needs_autograd_wrapper(args):
+        if wrap:
             out = self._run_under_one_vmap(args)
             if out is not None:
                 return out
@@ -202,7 +199,7 @@ class _OpaqueNode:
     def _invoke(self, args: list) -> tuple:
         """Call the user function once on unbatched arguments; normalized tuple result."""
         ctx = self.ctx
-        ctx._tl_phase = "jvp" if self.phase == "jvp" else "backward"
+        ctx._tl_phase = self.phase
         self.calls += 1
         if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
             return self._as_tuple(self.user_fn()(ctx, *args))
@@ -289,7 +286,7 @@ class _OpaqueNode:
                 flat.append(a)
         batched_fn = getattr(self.cls, self.batched_name, None)
         if batched_fn is not None:
-            self.ctx._tl_phase = "jvp" if self.phase == "jvp" else "backward"
+            self.ctx._tl_phase = self.phase
             self.calls += 1
             with fwAD._set_fwd_grad_enabled(False):
                 out = self._as_tuple(batched_fn(self.ctx, *flat))
