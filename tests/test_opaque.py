@@ -294,23 +294,11 @@ def test_unbatched_call_under_autograd_and_forward_ad_takes_the_general_path():
 
 
 def test_an_error_in_jvp_surfaces_once():
-    calls = []
+    def fail(_):
+        raise RuntimeError("user kernel failed")
 
-    class Fails(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x * 2
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def jvp(ctx, t):
-            calls.append(1)
-            raise RuntimeError("user kernel failed")
-
-    _, jvp_fn = tl.linearize(Fails.apply, torch.randn(3, dtype=D))
+    Scaled, calls = _scaled(fail)
+    _, jvp_fn = tl.linearize(Scaled.apply, torch.randn(3, 4, dtype=D))
     with pytest.raises(RuntimeError, match="user kernel failed"):
-        jvp_fn(torch.randn(3, dtype=D))
+        jvp_fn(torch.randn(3, 4, dtype=D))
     assert len(calls) == 1  # not retried
