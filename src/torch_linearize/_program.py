@@ -353,9 +353,35 @@ class _Namer:
         return self.glob(x)
 
 
-def _callable_for(fn: Callable) -> Callable:
+_aten = torch.ops.aten
+# The hottest operators of linear programs, by id, with their Python bindings: the same
+# overload on the same arguments (positional tensors or numbers; these kwargs only), but
+# called unboxed, through the argument parser every eager `torch.mul` uses: 0.85 against
+# 1.3 us warm, and ~5 us less when the call finds the caches cold. (The dict keeps the
+# operators alive, so their ids stay theirs.)
+_UNBOXED: dict[int, tuple[Any, Callable, frozenset]] = {
+    id(op): (op, fn, frozenset(kw)) for op, fn, kw in (
+        (_aten.mul.Tensor, torch.mul, ()),
+        (_aten.add.Tensor, torch.add, ("alpha",)),
+        (_aten.sub.Tensor, torch.sub, ("alpha",)),
+        (_aten.div.Tensor, torch.div, ()),
+        (_aten.neg.default, torch.neg, ()),
+        (_aten.addcmul.default, torch.addcmul, ("value",)),
+        (_aten.mm.default, torch.mm, ()),
+    )
+}
+
+
+def _callable_for(fn: Callable, args: tuple = (), kwargs: dict | None = None) -> Callable:
+    """What the generated code calls for an equation ``fn(*args, **kwargs)``."""
+    if not isinstance(fn, torch._ops.OpOverload):
+        return fn
+    hit = _UNBOXED.get(id(fn))
+    if hit is not None and hit[0] is fn and args and isinstance(args[0], (Var, Res)) and \
+            (not kwargs or kwargs.keys() <= hit[2]):
+        return hit[1]  # (the first argument is a tensor: the binding picks this overload)
     # OpOverload.__call__ is a thin Python wrapper around the bound C++ operator.
-    return getattr(fn, "_op", fn) if isinstance(fn, torch._ops.OpOverload) else fn
+    return getattr(fn, "_op", fn)
 
 
 _code_cache: dict[str, Any] = {}  # program source -> code object (re-linearizing reuses it)
@@ -421,7 +447,7 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
         elif k in prog.mutated_inputs:
             body.append(f"{name} = {name}.clone()")
     for e in prog.eqns:
-        f = nm.glob(_callable_for(e.fn), "f")
+        f = nm.glob(_callable_for(e.fn, e.args, e.kwargs), "f")
         args = [nm.lit(a) for a in e.args] + [f"{k}={nm.lit(v)}" for k, v in e.kwargs.items()]
         call = f"{f}({', '.join(args)})"
         outs = e.outs

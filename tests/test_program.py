@@ -1,0 +1,45 @@
+"""Tests for ``torch_linearize/_program.py``: what the generated code calls."""
+
+import pytest
+import torch
+
+import torch_linearize as tl
+from torch_linearize._program import Res, Var, _callable_for
+
+aten = torch.ops.aten
+D = torch.float64
+
+
+def test_hot_operators_on_a_tensor_call_their_python_binding():
+    v = Var((3,), D)
+    assert _callable_for(aten.mul.Tensor, (v, Res(0))) is torch.mul
+    assert _callable_for(aten.add.Tensor, (v, v), {"alpha": 2}) is torch.add
+    assert _callable_for(aten.addcmul.default, (Res(0), v, v), {"value": 0.5}) is torch.addcmul
+    # a number first (the binding would resolve another way), an unknown keyword, another
+    # overload, or an operator outside the table: the operator itself
+    assert _callable_for(aten.mul.Tensor, (2.0, v)) is aten.mul.Tensor._op
+    assert _callable_for(aten.add.Tensor, (v, v), {"out": None}) is aten.add.Tensor._op
+    assert _callable_for(aten.div.Tensor_mode, (v, v), {"rounding_mode": "floor"}) \
+        is aten.div.Tensor_mode._op
+    assert _callable_for(aten.sin.default, (v,)) is aten.sin.default._op
+    assert _callable_for(len) is len
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex128])
+def test_programs_of_hot_operators_match_func_jvp(dtype):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, dtype=dtype, generator=g)
+    x = torch.randn(4, 4, dtype=dtype, generator=g)
+
+    def f(x):  # mm, mul by tensors and numbers, add/sub with alpha, div, neg, addcmul
+        y = (x @ A) * x.sin() - 3 * x
+        y = torch.add(y, x.exp(), alpha=0.5) / (2 + x.cos())
+        return torch.addcmul(-y, x, x.tanh(), value=0.25)
+
+    t = torch.randn(4, 4, dtype=dtype, generator=g)
+    _, jvp_fn = tl.linearize(f, x)
+    called = list(jvp_fn._run.__globals__.values())
+    assert any(c is torch.mm for c in called) and any(c is torch.addcmul for c in called)
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
+    torch.testing.assert_close(torch.vmap(jvp_fn)(torch.stack([t, 2 * t])),
+                               torch.stack([jvp_fn(t), jvp_fn(2 * t)]))
