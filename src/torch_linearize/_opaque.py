@@ -95,8 +95,9 @@ class _OpaqueNode:
         self._zeros: dict[int, torch.Tensor] = {}
         self._zero_versions: dict[int, int] = {}
         self._transposed: _OpaqueNode | None = None
-        # The lean unbatched call (see __call__): the user function, the positions whose
-        # None tangent must be materialized, the one result's (shape, dtype, stride).
+        # The lean unbatched call (see __call__): the positions whose None tangent must be
+        # materialized (such a call takes the general path), and the one result's shape,
+        # dtype and stride.
         self._lean = None
         if not dirty and len(out_meta) == 1 and out_meta[0] is not None:
             shape, dtype, stride, _ = out_meta[0]
