@@ -87,6 +87,39 @@ def test_ctypes_kernel_on_raw_data_pointers():
     assert cf.CALLS["CtypesScale.forward"] == 1 and cf.CALLS["CtypesScale.jvp"] == 1
 
 
+def test_saved_tensors_follow_the_phase_across_interleaved_jvp_and_vjp():
+    # jvp sees what save_for_forward received, backward what save_for_backward received,
+    # however the two alternate (the ctx caches the tuple per phase)
+    class TwoSaves(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.exp()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_forward(output)  # d/dx exp(x) = exp(x)
+            ctx.save_for_backward(2 * output)  # a wrong factor, to tell the two apart
+
+        @staticmethod
+        def jvp(ctx, t):
+            (s,) = ctx.saved_tensors
+            return t * s
+
+        @staticmethod
+        def backward(ctx, g):
+            (s,) = ctx.saved_tensors
+            return g * s
+
+    x = torch.randn(4, dtype=D)
+    t = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(TwoSaves.apply, x)
+    vjp_fn = jvp_fn.transpose()
+    for _ in range(2):
+        torch.testing.assert_close(jvp_fn(t), t * x.exp())
+        torch.testing.assert_close(vjp_fn(t)[0], t * 2 * x.exp())
+        torch.testing.assert_close(torch.vmap(jvp_fn)(torch.stack([t, t])), (t * x.exp()).expand(2, 4))
+
+
 def test_multiple_outputs_non_tensor_and_non_differentiable_outputs():
     x = torch.randn(4, dtype=D)
 

@@ -43,3 +43,41 @@ def test_programs_of_hot_operators_match_func_jvp(dtype):
     torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
     torch.testing.assert_close(torch.vmap(jvp_fn)(torch.stack([t, 2 * t])),
                                torch.stack([jvp_fn(t), jvp_fn(2 * t)]))
+
+
+@pytest.mark.parametrize("n_ops", [3, 200])  # run1 generated in one frame / a wrapper of run
+def test_one_tensor_entry_matches_run_and_defers_other_tangents(n_ops):
+    from torch_linearize._program import _ENTRY1_MAX_EQNS
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, dtype=D, generator=g)
+
+    def f(x):
+        for k in range(n_ops):
+            x = x.sin() if k % 2 else x * 1.5
+        return x
+
+    _, jvp_fn = tl.linearize(f, x)
+    run1 = jvp_fn._run.entry1
+    assert (jvp_fn.num_ops <= _ENTRY1_MAX_EQNS) == ("def run1" in jvp_fn.source)
+    t = torch.randn(5, 3, dtype=D, generator=g)
+    ref = torch.func.jvp(f, (x,), (t,))[1]
+    torch.testing.assert_close(run1(t), ref)
+    torch.testing.assert_close(jvp_fn(t), ref)
+    torch.testing.assert_close(jvp_fn(t.t().contiguous().t()), ref)  # relayout in run1
+    # whatever the general checks must see: run1 declines, and jvp_fn names the problem
+    for bad, what in [(t.float(), "float32"), (t[:4], r"\(4, 3\)"), (t.tolist(), "pytree structure"),
+                      (t.to("meta"), "meta")]:
+        assert run1(bad) is NotImplemented
+        with pytest.raises((TypeError, ValueError), match=what):
+            jvp_fn(bad)
+
+
+def test_one_tensor_entry_keeps_autograd_and_vmap():
+    x = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: x.exp() * 3, x)
+    t = torch.randn(4, dtype=D, requires_grad=True)
+    (g,) = torch.autograd.grad(jvp_fn(t).sum(), t)
+    torch.testing.assert_close(g, 3 * x.exp())
+    T = torch.randn(6, 4, dtype=D)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(T), 3 * x.exp() * T)

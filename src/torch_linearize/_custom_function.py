@@ -25,6 +25,7 @@ differentiate through them.
 
 from __future__ import annotations
 
+import operator
 import threading
 from typing import Any
 
@@ -179,14 +180,28 @@ class LinearizeCtx(FunctionCtx):
         self.metadata: dict = {}
         self._forward_cls = function
         self._tl_phase = "forward"
+        self._tl_saved: tuple = ()
 
-    @property
-    def saved_tensors(self) -> tuple:
-        if self._tl_phase == "jvp":
-            saved = self.__dict__.get("saved_for_forward")
-        else:
-            saved = self.__dict__.get("to_save")
-        return tuple(saved) if saved is not None else ()
+    def _tl_enter(self, phase: str) -> None:
+        """Switch to ``phase`` ("forward", "jvp" or "backward"): what saved_tensors returns."""
+        self._tl_phase = phase
+        key = "saved_for_forward" if phase == "jvp" else "to_save"
+        saved = self.__dict__.get(key)
+        self._tl_saved = tuple(saved) if saved is not None else ()
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        super().save_for_backward(*tensors)
+        self._tl_enter(self._tl_phase)
+
+    def save_for_forward(self, *tensors: torch.Tensor) -> None:
+        super().save_for_forward(*tensors)
+        self._tl_enter(self._tl_phase)
+
+    # A C-level getter (no Python frame): jvp reads this once per application, often with
+    # cold caches. _tl_enter keeps it current.
+    saved_tensors = property(
+        operator.attrgetter("_tl_saved"),
+        doc="What save_for_forward received inside jvp; save_for_backward's otherwise.")
 
     @property
     def saved_variables(self) -> tuple:  # deprecated alias kept by PyTorch
@@ -260,7 +275,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
             cls.setup_context(ctx, tuple(primals), out)
         else:
             out = cls.forward(ctx, *primals)
-    ctx._tl_phase = "backward"
+    ctx._tl_enter("backward")
 
     single = not isinstance(out, tuple)
     outs = (out,) if single else out

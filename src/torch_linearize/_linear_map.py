@@ -45,6 +45,15 @@ def _loop_over_vmap_batch(run: Callable[..., tuple], flat: list) -> tuple | None
                  for j in range(len(per[0])))
 
 
+def _same_meta(program: Any, meta: tuple) -> bool:
+    """Whether ``program``'s one input is described by ``meta`` (shape, dtype, device)."""
+    inputs = getattr(program, "inputs", None)
+    if not inputs or len(inputs) != 1:
+        return False
+    v = inputs[0]
+    return (tuple(v.shape), v.dtype, v.device) == (tuple(meta[0]), meta[1], meta[2])
+
+
 def _after_failure(e: RuntimeError, run: Callable[..., tuple], flat: list) -> tuple:
     """The program's outputs after ``run(*flat)`` raised ``e``: under vmap, an operation
     without a batching rule is run element by element; anything else re-raises ``e``."""
@@ -130,14 +139,17 @@ class LinearMap:
         self._single_out = out_spec.num_leaves == 1 and out_spec.is_leaf() and \
             len(self._out_positions) == 1
         # The leanest path, for the commonest map (one tensor in, one tensor out, eager,
-        # nothing to watch): (run, shape, dtype, device) of the input, else None. A call
-        # made between other heavy work finds the interpreter's caches cold, and then every
-        # attribute and frame of the general path costs ~0.1-1 us instead of ~20 ns
-        # (measured: 8-20 us per call on the CPU benchmarks' 1e6-element maps).
+        # nothing to watch): the program's generated one-tensor entry (see
+        # compile_program's run1), else None. A call made between other heavy work finds
+        # the interpreter's caches cold, and then every attribute and frame of the general
+        # path costs ~0.1-1 us instead of ~20 ns (measured: 8-20 us per call on the CPU
+        # benchmarks' 1e6-element maps).
+        run1 = getattr(run, "entry1", None)
         self._fast1 = (
-            (run, *self._metas[0])
-            if self._flat_args and len(self._metas) == 1 and self._single_out
-            and eager_run is None and not stale_watch else None
+            run1
+            if run1 is not None and self._flat_args and len(self._metas) == 1
+            and self._single_out and eager_run is None and not stale_watch
+            and _same_meta(program, self._metas[0]) else None
         )
         self._released = False
         self._transposed: LinearMap | None = None
@@ -147,13 +159,12 @@ class LinearMap:
     def __call__(self, *args: Any) -> Any:
         fast = self._fast1
         if fast is not None and len(args) == 1:
-            t = args[0]
-            if type(t) is _Tensor and t.shape == fast[1] and t.dtype is fast[2] and \
-                    t.device == fast[3]:
-                try:
-                    return fast[0](t)[0]
-                except RuntimeError as e:
-                    return _after_failure(e, fast[0], [t])[0]
+            try:
+                out = fast(args[0])  # NotImplemented: the tangent needs the general checks
+            except RuntimeError as e:
+                return _after_failure(e, self._run, [args[0]])[0]
+            if out is not NotImplemented:
+                return out
         return self._call(args)
 
     def _call(self, args: tuple) -> Any:

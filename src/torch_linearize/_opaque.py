@@ -63,10 +63,14 @@ def _requires_grad(args) -> bool:
     return False
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
+
+
 def _needs_autograd_wrapper(args) -> bool:
-    if torch._C._are_functorch_transforms_active():
+    if _functorch_active():
         return True
-    return torch.is_grad_enabled() and _requires_grad(args)
+    return _grad_enabled() and _requires_grad(args)
 
 
 class _OpaqueNode:
@@ -96,13 +100,13 @@ class _OpaqueNode:
         self._zero_versions: dict[int, int] = {}
         self._transposed: _OpaqueNode | None = None
         # The lean unbatched call (see __call__): the positions whose None tangent must be
-        # materialized (such a call takes the general path), and the one result's shape,
-        # dtype and stride.
+        # materialized (such a call takes the general path), the user function, and the
+        # one result's shape, dtype and stride.
         self._lean = None
         if not dirty and len(out_meta) == 1 and out_meta[0] is not None:
             shape, dtype, stride, _ = out_meta[0]
             self._lean = (
-                [i for i, m in enumerate(in_meta) if m is not None],
+                [i for i, m in enumerate(in_meta) if m is not None], self.user_fn(),
                 tuple(shape), dtype, None if stride is None else tuple(stride),
             )
 
@@ -111,24 +115,29 @@ class _OpaqueNode:
         ctx = self.ctx
         if ctx is None:
             raise ReleasedError(f"{self.display_name}: the linear map was released.")
-        wrap = _needs_autograd_wrapper(args)
         lean = self._lean
-        if lean is not None and not wrap and fwAD._current_level < 0 and not self.shape_only:
-            # The per-tangent call with plain tensors, in as few steps as possible (a call
-            # between other heavy work pays every step in cache misses): what run(0, args)
-            # does when every tensor tangent is given and the one result is as expected.
+        if lean is not None and not _functorch_active() and fwAD._current_level < 0 and \
+                not self.shape_only:
+            # The per-tangent call with plain tensors, in as few steps (frames, lookups) as
+            # possible, since a call between other heavy work pays each in cache misses:
+            # what run(0, args) does when no transform or autograd is involved, every
+            # tensor tangent is given and the one result is as expected.
+            grad = _grad_enabled()
             for i in lean[0]:
-                if args[i] is None:
+                a = args[i]
+                if a is None or (grad and a.requires_grad):
                     break
             else:
-                ctx._tl_phase = self.phase
+                if ctx._tl_phase is not self.phase:
+                    ctx._tl_enter(self.phase)
                 self.calls += 1
-                o = self.user_fn()(ctx, *args)
-                if type(o) is torch.Tensor and o.dtype is lean[2] and o.shape == lean[1] and \
-                        (lean[3] is None or o.stride() == lean[3]):
+                o = lean[1](ctx, *args)
+                if type(o) is torch.Tensor and o.dtype is lean[3] and o.shape == lean[2] and \
+                        (lean[4] is None or o.stride() == lean[4]):
                     return (o,)
                 args = list(args)  # anything else: normalized and checked as run() does
                 return tuple(self._check(j, r, args, ()) for j, r in enumerate(self._as_tuple(o)))
+        wrap = _needs_autograd_wrapper(args)
         if wrap:
             out = self._run_under_one_vmap(args)
             if out is not None:
@@ -200,7 +209,7 @@ class _OpaqueNode:
     def _invoke(self, args: list) -> tuple:
         """Call the user function once on unbatched arguments; normalized tuple result."""
         ctx = self.ctx
-        ctx._tl_phase = self.phase
+        ctx._tl_enter(self.phase)
         self.calls += 1
         if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
             return self._as_tuple(self.user_fn()(ctx, *args))
@@ -287,7 +296,7 @@ class _OpaqueNode:
                 flat.append(a)
         batched_fn = getattr(self.cls, self.batched_name, None)
         if batched_fn is not None:
-            self.ctx._tl_phase = self.phase
+            self.ctx._tl_enter(self.phase)
             self.calls += 1
             with fwAD._set_fwd_grad_enabled(False):
                 out = self._as_tuple(batched_fn(self.ctx, *flat))
