@@ -81,3 +81,19 @@ def test_one_tensor_entry_keeps_autograd_and_vmap():
     torch.testing.assert_close(g, 3 * x.exp())
     T = torch.randn(6, 4, dtype=D)
     torch.testing.assert_close(torch.vmap(jvp_fn)(T), 3 * x.exp() * T)
+
+
+def test_one_tensor_entry_checks_the_device_off_cpu():
+    # (the generated check compares devices when the program's input is not on the CPU;
+    # meta tensors exercise that branch on any machine)
+    from torch_linearize._program import Eqn, Program, compile_program
+
+    v, out = Var((4,), D, (1,), device=torch.device("meta")), Var((4,), D, (1,))
+    prog = Program(inputs=[v], eqns=[Eqn(aten.mul.Tensor, (v, Res(0)), {}, out)],
+                   outputs=[out], residuals=[torch.empty(4, dtype=D, device="meta")],
+                   input_layouts=[((1,), 0)])
+    run1 = compile_program(prog).entry1
+    assert "device !=" in compile_program(prog).__torch_linearize_source__
+    r = run1(torch.empty(4, dtype=D, device="meta"))
+    assert r.device.type == "meta" and r.shape == (4,)
+    assert run1(torch.empty(4, dtype=D)) is NotImplemented
