@@ -11,7 +11,11 @@ the workload's primal ``f(x)`` (which evicts them), and each row is the median o
 of the *paired* difference ``time(row) - time(floor)`` within one round, in microseconds:
 the cost of the layers around the kernels, which on these 1e6-element workloads are the
 floor's own. Rows for the custom Function peel the layers: the user's ``jvp`` called
-directly on the saved ctx, the opaque node, the map.
+directly on the saved ctx, the opaque node, the map. With ``--anatomy``, more custom rows
+replicate the lean path's steps one group at a time on top of a bare call of the user's
+``jvp`` (two frames, as the map has): the tangent's checks, the transform/autograd
+checks, the result's checks. They show what each group costs cold; the map runs all
+three.
 """
 
 from __future__ import annotations
@@ -36,7 +40,46 @@ from common import markdown_table, pin_malloc, write_report
 import torch_linearize as tl
 
 
-def _methods(name: str) -> tuple[Callable[[], object], dict[str, Callable], torch.Size]:
+def _anatomy(jvp_fn: Callable, node: object, jvp: Callable, ctx: object) -> dict[str, Callable]:
+    """Replicas of the lean path's check groups (see the module docstring)."""
+    import torch.autograd.forward_ad as fwAD
+
+    tensor, functorch, grad = torch.Tensor, torch._C._are_functorch_transforms_active, \
+        torch.is_grad_enabled
+    shape, dtype, stride = node._lean[2], node._lean[3], node._lean[4]
+
+    def bare(t):
+        return jvp(ctx, t, None)
+
+    def tangent_checks(t):
+        if type(t) is not tensor or t.shape != shape or t.dtype is not dtype or not t.is_cpu \
+                or t.stride() != stride:
+            raise AssertionError
+        return jvp(ctx, t, None)
+
+    def mode_checks(t):
+        if functorch() or fwAD._current_level >= 0 or node.shape_only or \
+                (grad() and t.requires_grad):
+            raise AssertionError
+        return jvp(ctx, t, None)
+
+    def result_checks(t):
+        o = jvp(ctx, t, None)
+        if type(o) is not tensor or o.dtype is not dtype or o.shape != shape or \
+                o.stride() != stride:
+            raise AssertionError
+        return o
+
+    return {
+        "anatomy: user's jvp, two frames deep": lambda t: bare(t),
+        "anatomy: + the tangent's checks": lambda t: tangent_checks(t),
+        "anatomy: + transform/autograd checks": lambda t: mode_checks(t),
+        "anatomy: + the result's checks": lambda t: result_checks(t),
+    }
+
+
+def _methods(name: str, anatomy: bool = False
+             ) -> tuple[Callable[[], object], dict[str, Callable], torch.Size]:
     w = bench_core.WORKLOADS[name]()
     _, jvp_fn = tl.linearize(w.f, w.x)
     r = w.floor_setup()
@@ -49,12 +92,14 @@ def _methods(name: str) -> tuple[Callable[[], object], dict[str, Callable], torc
         ctx, jvp = node.ctx, bench_core.NewtonCubic.jvp
         methods["the user's jvp on the saved ctx"] = lambda t: jvp(ctx, t, None)
         methods["the opaque node"] = lambda t: node(t, None)
+        if anatomy:
+            methods.update(_anatomy(jvp_fn, node, jvp, ctx))
     methods["jvp_fn(t)"] = jvp_fn
     return (lambda: w.f(w.x)), methods, w.x.shape
 
 
-def measure(name: str, rounds: int) -> list[list[str]]:
-    primal, methods, shape = _methods(name)
+def measure(name: str, rounds: int, anatomy: bool = False) -> list[list[str]]:
+    primal, methods, shape = _methods(name, anatomy)
     g = torch.Generator().manual_seed(0)
     tangents = [torch.randn(shape, generator=g) for _ in range(4)]
     diffs: dict[str, list[float]] = {k: [] for k in methods}
@@ -97,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="custom,elementwise",
                     help="comma-separated bench_core workloads")
+    ap.add_argument("--anatomy", action="store_true",
+                    help="custom: also time replicas of the lean path's check groups")
     ap.add_argument("--out", default="", help="also write the report to this file")
     args = ap.parse_args(argv)
     malloc = pin_malloc()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.only.split(","):
-        rows += measure(name, args.rounds)
+        rows += measure(name, args.rounds, args.anatomy)
     text = "\n".join([
         f"Cold-call overhead: torch {torch.__version__}, {platform.machine()} with "
         f"{os.cpu_count()} logical CPUs, torch.set_num_threads({args.threads}), {args.rounds} "
