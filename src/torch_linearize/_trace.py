@@ -109,6 +109,9 @@ class _OpInfo:
     additive: bool = False  # in _ADDITIVE
     zero_product: bool = False  # in _ZERO_PRODUCTS
     shape_only: bool = False  # in _SHAPE_ONLY
+    # what runs the operator: its C++ handle (OpOverload.__call__ is a Python frame that
+    # calls it), or the operator itself for anything else a mode may receive
+    call: Any = None
 
 
 # id(operator) -> (operator, info); the operator is kept, so its id stays its own.
@@ -144,6 +147,7 @@ def _op_info(func) -> _OpInfo:
         additive=func in _ADDITIVE,
         zero_product=func in _ZERO_PRODUCTS,
         shape_only=func in _SHAPE_ONLY,
+        call=func._op if isinstance(func, torch._ops.OpOverload) else func,
     )
     _op_infos[id(func)] = (func, info)
     return info
@@ -663,9 +667,9 @@ class Tracer(TorchDispatchMode):
 
     def _dispatch(self, func, args, kwargs, info: _OpInfo):
         if self.paused_depth:
-            return func(*args, **kwargs)
+            return info.call(*args, **kwargs)
         if info.passthrough:
-            return func(*args, **kwargs)  # metadata query: no tensor data is read
+            return info.call(*args, **kwargs)  # metadata query: no tensor data is read
         if func is _EFFICIENT_ZERO:
             return _structural_zero(*args, **kwargs)
         if info.write_args:
@@ -684,7 +688,7 @@ class Tracer(TorchDispatchMode):
             args = tuple(_plain_zero(a) for a in args)
             tracked = self._any_tracked(args, kwargs)
         if info.value_independent:
-            out = func(*args, **kwargs)
+            out = info.call(*args, **kwargs)
             self.note_created(out)
             if info.uninitialized:
                 k = storage_key(out)
@@ -702,7 +706,7 @@ class Tracer(TorchDispatchMode):
         if info.write_args:
             for t in self._written(args, kwargs, info):
                 self.before_write(t, False, info.name)
-        out = func(*args, **kwargs)
+        out = info.call(*args, **kwargs)
         if info.zero_product and isinstance(out, torch.Tensor) and _is_zero_product(func, args):
             out.__dict__[_ZERO_PRODUCT_ATTR] = True
             self.zero_products = True
@@ -844,7 +848,7 @@ class Tracer(TorchDispatchMode):
             elif info.shape_only:
                 out = _shape_only_result(func, args, kwargs)
         if out is None:
-            out = func(*args, **kwargs)
+            out = info.call(*args, **kwargs)
         if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
             # Fast path: one floating output.
             var = self.new_var(out)
