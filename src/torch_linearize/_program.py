@@ -416,9 +416,9 @@ def offset_sensitive(prog: Program) -> bool:
     return any(_takes_storage_offset(e.fn) for e in prog.eqns)
 
 
-# run1 (see compile_program) is generated for programs up to this long; longer ones get a
-# wrapper (their own run time dwarfs a frame, and generating the body twice costs compile
-# time at every linearize that misses the code cache).
+# run1 (see compile_program) repeats the body for programs up to this long; longer ones
+# call run (their own run time dwarfs a frame, and compiling the body twice costs time at
+# every linearize that misses the code cache).
 _ENTRY1_MAX_EQNS = 64
 _CPU = torch.device("cpu")
 
@@ -488,8 +488,7 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
             rets.append(f"torch.zeros({shape}, dtype={nm.glob(o.dtype)}, device={nm.glob(o.device)})")
     lines.extend("        " + b for b in body)
     lines.append("        return (" + "".join(r + ", " for r in rets) + ")")
-    one = len(prog.inputs) == 1 and len(rets) == 1 and len(prog.eqns) <= _ENTRY1_MAX_EQNS
-    if one:
+    if len(prog.inputs) == 1 and len(rets) == 1:
         # run1(t): the one-tensor call in one frame, for LinearMap's commonest call. It
         # checks what LinearMap checks (type, shape, dtype, device; NotImplemented when
         # any differs), then runs the same body and returns the one output itself. (A call
@@ -500,8 +499,11 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
         lines.append(f"    def run1({name}):")
         lines.append(f"        if type({name}) is not _Tensor or {name}.shape != {nm.lit(v.shape)} or "
                      f"{name}.dtype is not {nm.glob(v.dtype)} or {dev}: return NotImplemented")
-        lines.extend("        " + b for b in body)
-        lines.append(f"        return {rets[0]}")
+        if len(prog.eqns) <= _ENTRY1_MAX_EQNS:
+            lines.extend("        " + b for b in body)
+            lines.append(f"        return {rets[0]}")
+        else:
+            lines.append(f"        return run({name})[0]")
         lines.append("    return run, run1")
     else:
         lines.append("    return run, None")
@@ -516,23 +518,8 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     exec(code, glb)
     run, run1 = glb["_make"](*prog.residuals)
     run.__torch_linearize_source__ = src  # type: ignore[attr-defined]
-    if run1 is None:
-        run1 = _entry1(run, prog.inputs[0]) if len(prog.inputs) == 1 and len(rets) == 1 else None
     run.entry1 = run1  # type: ignore[attr-defined]
     return run
-
-
-def _entry1(run: Callable[..., tuple], v: Var) -> Callable[[Any], Any]:
-    """``run1`` for a program too long to generate twice: the same checks, then ``run``."""
-    shape, dtype, device = v.shape, v.dtype, v.device
-
-    def run1(t):
-        if type(t) is not torch.Tensor or t.shape != shape or t.dtype is not dtype or \
-                t.device != device:
-            return NotImplemented
-        return run(t)[0]
-
-    return run1
 
 
 
