@@ -114,6 +114,9 @@ class LinearMap:
         # jacobian), which torch.compile'd code cannot run inside.
         self._eager_run = eager_run
         self._api = api
+        # A name, as functions have: torch.vmap names its function in error messages it
+        # formats on every call, and falls back to repr(), which prints the whole program.
+        self.__name__ = api.split("(", 1)[0]
         self._arg_name = arg_name
         self._ref_name = ref_name
         self._in_spec = in_spec
