@@ -298,8 +298,11 @@ class _OpaqueNode:
         if batched_fn is not None:
             self.ctx._tl_enter(self.phase)
             self.calls += 1
-            with fwAD._set_fwd_grad_enabled(False):
+            if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
                 out = self._as_tuple(batched_fn(self.ctx, *flat))
+            else:
+                with fwAD._set_fwd_grad_enabled(False):
+                    out = self._as_tuple(batched_fn(self.ctx, *flat))
         else:
             out = None
             if getattr(self.cls, "generate_vmap_rule", False) and not self.dirty:
