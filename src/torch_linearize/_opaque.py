@@ -95,7 +95,6 @@ class _OpaqueNode:
         self.single_output = single_output
         self.recorder = None  # set while _transpose records this node's transpose
         self.shape_only = False  # set while _transpose builds the autograd graph
-        self.calls = 0
         self._zeros: dict[int, torch.Tensor] = {}
         self._zero_versions: dict[int, int] = {}
         self._transposed: _OpaqueNode | None = None
@@ -130,7 +129,6 @@ class _OpaqueNode:
             else:
                 if ctx._tl_phase is not self.phase:
                     ctx._tl_enter(self.phase)
-                self.calls += 1
                 o = lean[1](ctx, *args)
                 if type(o) is torch.Tensor and o.dtype is lean[3] and o.shape == lean[2] and \
                         (lean[4] is None or o.stride() == lean[4]):
@@ -210,7 +208,6 @@ class _OpaqueNode:
         """Call the user function once on unbatched arguments; normalized tuple result."""
         ctx = self.ctx
         ctx._tl_enter(self.phase)
-        self.calls += 1
         if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
             return self._as_tuple(self.user_fn()(ctx, *args))
         with fwAD._set_fwd_grad_enabled(False):
@@ -297,7 +294,6 @@ class _OpaqueNode:
         batched_fn = getattr(self.cls, self.batched_name, None)
         if batched_fn is not None:
             self.ctx._tl_enter(self.phase)
-            self.calls += 1
             if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
                 out = self._as_tuple(batched_fn(self.ctx, *flat))
             else:
