@@ -111,31 +111,31 @@ def flatten_tangents(api: str, tangents: tuple, spec: TreeSpec, leaf_specs: list
             f"{_structure_difference(tangents, spec, arg, ref)}"
         )
     for t, ls in zip(leaves, leaf_specs):
-        if t is None:
-            if ls.differentiable:
-                raise ValueError(_leaf_error(api, arg, ref, ls, t))
-            continue
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != ls.shape or \
-                (ls.differentiable and t.dtype != ls.dtype) or t.device != ls.device:
-            raise ValueError(_leaf_error(api, arg, ref, ls, t))
+        problem = _leaf_problem(api, arg, ref, ls, t)
+        if problem is not None:
+            raise ValueError(problem)
     return leaves
 
 
-def _leaf_error(api: str, arg: str, ref: str, ls: LeafSpec, t: Any) -> str:
-    """What is wrong with tangent leaf ``t`` against ``ls`` (formatted only on failure:
-    a map is applied many times, often to pytrees of many leaves)."""
-    name, want = f"{arg}{ls.path}", f"{ref}{ls.path}"
+def _leaf_problem(api: str, arg: str, ref: str, ls: LeafSpec, t: Any) -> str | None:
+    """What is wrong with tangent leaf ``t`` against ``ls``, or None. Names are formatted
+    only on failure: a map is applied many times, often to pytrees of many leaves."""
     if t is None:
-        return (f"{api}: {name} is None, but {want} is a differentiable {ls.dtype} tensor; "
-                "pass a tensor (use torch.zeros_like for a zero tangent).")
+        if not ls.differentiable:
+            return None
+        return (f"{api}: {arg}{ls.path} is None, but {ref}{ls.path} is a differentiable "
+                f"{ls.dtype} tensor; pass a tensor (use torch.zeros_like for a zero tangent).")
     if not isinstance(t, torch.Tensor):
-        return f"{api}: {name} must be a torch.Tensor, got {type(t).__name__}."
+        return f"{api}: {arg}{ls.path} must be a torch.Tensor, got {type(t).__name__}."
     if tuple(t.shape) != ls.shape:
-        return f"{api}: {name} has shape {tuple(t.shape)}, but {want} has shape {ls.shape}."
+        return (f"{api}: {arg}{ls.path} has shape {tuple(t.shape)}, but {ref}{ls.path} has "
+                f"shape {ls.shape}.")
     if ls.differentiable and t.dtype != ls.dtype:
-        return (f"{api}: {name} has dtype {t.dtype}, but {want} has dtype {ls.dtype}; "
-                f"{arg} must have the same dtype.")
-    return f"{api}: {name} is on device {t.device}, but {want} is on {ls.device}."
+        return (f"{api}: {arg}{ls.path} has dtype {t.dtype}, but {ref}{ls.path} has dtype "
+                f"{ls.dtype}; {arg} must have the same dtype.")
+    if t.device != ls.device:
+        return f"{api}: {arg}{ls.path} is on device {t.device}, but {ref}{ls.path} is on {ls.device}."
+    return None
 
 
 def _children(spec: TreeSpec) -> list:
