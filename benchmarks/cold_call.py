@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from common import markdown_table, pin_malloc, write_report
 import torch_linearize as tl
 
 
-def _anatomy(jvp_fn: Callable, node: object, jvp: Callable, ctx: object) -> dict[str, Callable]:
+def _anatomy(node: Any, jvp: Callable, ctx: object) -> dict[str, Callable]:
     """Replicas of the lean path's check groups (see the module docstring)."""
     import torch.autograd.forward_ad as fwAD
 
@@ -93,7 +94,7 @@ def _methods(name: str, anatomy: bool = False
         methods["the user's jvp on the saved ctx"] = lambda t: jvp(ctx, t, None)
         methods["the opaque node"] = lambda t: node(t, None)
         if anatomy:
-            methods.update(_anatomy(jvp_fn, node, jvp, ctx))
+            methods.update(_anatomy(node, jvp, ctx))
     methods["jvp_fn(t)"] = jvp_fn
     return (lambda: w.f(w.x)), methods, w.x.shape
 
