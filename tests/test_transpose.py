@@ -62,6 +62,74 @@ def test_views_in_place_and_indexing():
     assert_transpose_matches(f, x)
 
 
+@pytest.mark.parametrize("write", [
+    lambda x, y: x.copy_(x * 3.0),
+    lambda x, y: x.mul_(1.5),
+    lambda x, y: x[1:].add_(y[1:]),
+    lambda x, y: x.t().sin_(),
+], ids=["copy_", "mul_", "slice_add_", "transposed_sin_"])
+def test_function_that_writes_its_input(write):
+    # The tangent program writes its input in place; the transposition runs it on a
+    # copy of its (leaf) placeholder, as jvp_fn runs on a copy of the caller's tangent.
+    def f(x, y):
+        write(x, y)
+        return x * 2, y
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
+    out, jvp_fn = tl.linearize(f, x.clone(), y.clone())
+    assert jvp_fn._program.mutated_inputs == {0}
+    ref = lambda a, b: f(a.clone(), b.clone())  # (torch.func.vjp makes its primals leaves)
+    u = rand_like_tree(out, gen)
+    torch.testing.assert_close(jvp_fn.transpose()(u), torch.func.vjp(ref, x, y)[1](u))
+    t = rand_like_tree((x, y), gen)
+    t0 = tuple(v.clone() for v in t)
+    torch.testing.assert_close(jvp_fn(*t), torch.func.jvp(ref, (x, y), t)[1])
+    assert all(torch.equal(a, b) for a, b in zip(t, t0))
+
+
+_ACTIVATIONS = {
+    "softplus": F.softplus, "elu": F.elu, "selu": F.selu, "celu": F.celu, "mish": F.mish,
+    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    "logsigmoid": F.logsigmoid, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "hardswish": F.hardswish, "softshrink": F.softshrink, "leaky_relu": F.leaky_relu,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(_ACTIVATIONS))
+def test_activation_helpers_transpose_without_overflow(name, dtype):
+    # After a matmul the activation's forward-AD helper (softplus_backward, elu_backward,
+    # ...) stays in the program unfolded. PyTorch's decompositions of softplus/elu compute
+    # exp(x) in the branch their `where` masks off; transposing them leaked 0 * inf = NaN
+    # into the cotangent at large pre-activations. Each helper is g * c(x) elementwise,
+    # hence its own transpose, and is transposed as itself.
+    act = _ACTIVATIONS[name]
+    x = torch.tensor([[-1000.0, -30.0, -1.0, 0.5, 30.0, 95.0, 800.0]], dtype=dtype)
+    w = torch.eye(7, dtype=dtype) + 0.01
+    f = lambda x: act(x @ w)
+    _, jvp_fn = tl.linearize(f, x)
+    u = torch.randn(1, 7, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    got = jvp_fn.transpose()(u)[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, torch.func.vjp(f, x)[1](u)[0])
+
+
+def test_self_adjoint_helper_sums_over_broadcast_dimensions():
+    from torch_linearize._transpose import differentiable_impl
+
+    aten = torch.ops.aten
+    gen = torch.Generator().manual_seed(0)
+    y = torch.rand(3, 4, dtype=D, generator=gen)
+    for op in (aten.tanh_backward.default, aten.sigmoid_backward.default):
+        g = torch.randn(4, dtype=D, generator=gen, requires_grad=True)
+        u = torch.randn(3, 4, dtype=D, generator=gen)
+        out = differentiable_impl(op)(g, y)
+        torch.testing.assert_close(out, op(g.detach(), y))
+        (got,) = torch.autograd.grad(out, g, u)
+        torch.testing.assert_close(got, (u * op(torch.ones(3, 4, dtype=D), y)).sum(0))
+
+
 def test_complex_function():
     x = torch.randn(4, dtype=torch.complex128)
     assert_transpose_matches(lambda x: (x.exp() * x.conj(), x.abs()), x)

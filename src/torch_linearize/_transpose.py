@@ -21,6 +21,8 @@ The result is an ordinary :class:`LinearMap`, so it can be applied, batched with
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils._pytree import tree_structure
 
@@ -54,6 +56,53 @@ def _glu_jvp(glu, x, dx, dim):
 
 # Forward-AD helper operations without a backward formula, and their differentiable forms.
 _LOCAL_DECOMPOSITIONS = {aten.glu_jvp.default: _glu_jvp}
+
+# Pointwise helpers that forward-AD formulas apply to the incoming tangent (their first
+# argument; every other tensor argument is a residual): each is ``g * c(x)`` elementwise,
+# a diagonal Jacobian, so for real dtypes the operator is its own transpose. (Transposing
+# PyTorch's decompositions instead differentiates through their ``where``: the branch
+# masked off computes exp(x) for softplus or elu at large x, and 0 * inf = NaN leaks
+# into the cotangent.)
+_SELF_ADJOINT = frozenset({
+    aten.tanh_backward.default, aten.sigmoid_backward.default,
+    aten.leaky_relu_backward.default, aten.gelu_backward.default, aten.silu_backward.default,
+    aten.softplus_backward.default, aten.mish_backward.default, aten.elu_backward.default,
+    aten.hardswish_backward.default, aten.hardsigmoid_backward.default,
+    aten.hardtanh_backward.default, aten.threshold_backward.default,
+    aten.softshrink_backward.default, aten.hardshrink_backward.default,
+    aten.log_sigmoid_backward.default, aten.logit_backward.default,
+    aten.rrelu_with_noise_backward.default,
+})
+
+
+class _SelfAdjoint(torch.autograd.Function):
+    """``fn(g, *rest)`` whose vector-Jacobian product in ``g`` is ``fn(u, *rest)`` (summed
+    over the dimensions ``g`` was broadcast along)."""
+
+    @staticmethod
+    def forward(fn, g, *rest):
+        return fn(g, *rest)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn, ctx.rest, ctx.g_shape = inputs[0], inputs[2:], inputs[1].shape
+
+    @staticmethod
+    def backward(ctx, u):
+        gi = ctx.fn(u, *ctx.rest)
+        if gi.shape != ctx.g_shape:
+            gi = gi.sum_to_size(ctx.g_shape)
+        return (None, gi, *([None] * len(ctx.rest)))
+
+
+def _self_adjoint(fn, fallback):
+    def impl(g, *rest, **kwargs):
+        if not isinstance(g, torch.Tensor) or g.is_complex() or any(
+                isinstance(r, torch.Tensor) and (r.requires_grad or r.is_complex()) for r in rest):
+            return fallback(g, *rest, **kwargs)
+        return _SelfAdjoint.apply(functools.partial(fn, **kwargs) if kwargs else fn, g, *rest)
+
+    return impl
 
 
 def _nan_to_zero(t: torch.Tensor) -> torch.Tensor:
@@ -146,7 +195,8 @@ def differentiable_impl(fn):
         if name.endswith(("_backward", "_backward_data", "_jvp")):
             from torch._decomp import decomposition_table
 
-            return decomposition_table.get(fn, fn)
+            decomposed = decomposition_table.get(fn, fn)
+            return _self_adjoint(fn, decomposed) if fn in _SELF_ADJOINT else decomposed
     return fn
 
 
@@ -171,7 +221,10 @@ def transpose_map(lm: LinearMap) -> LinearMap:
         n.shape_only = True
     try:
         with torch.enable_grad():
-            outs = interpret(prog, ins, impl)
+            # inputs the program writes in place run on copies (as compile_program's
+            # run does): autograd refuses in-place writes into a leaf
+            outs = interpret(prog, [x.clone() if k in prog.mutated_inputs else x
+                                    for k, x in enumerate(ins)], impl)
     finally:
         for n in nodes:
             n.shape_only = False
