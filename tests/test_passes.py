@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torch_linearize as tl
-from helpers import OpCounter
+from helpers import OpCounter, check_random_program, mutating_programs
 
 D = torch.float64
 
@@ -387,6 +387,17 @@ def test_random_programs_match_func_jvp_vjp_and_vmap(f, seed):
     batch = torch.randn(3, 4, 4, dtype=D, generator=gen)
     torch.testing.assert_close(torch.vmap(jvp_fn, in_dims=(0, None))(batch, ty),
                                torch.stack([jvp_fn(b, ty) for b in batch]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutating_programs(_UNARY), st.integers(0, 2**31 - 1))
+def test_random_programs_with_views_and_inplace_writes(f, seed):
+    # Views and in-place writes: every value may alias another, and a write through one
+    # view changes its base and every other view of it (eager semantics, which linearize
+    # and torch.func both follow). This drives the tracer's mutation rules (copy-on-write
+    # of residuals, promotion of buffers, input protection) and the passes' handling of
+    # mutated groups together.
+    check_random_program(f, seed, reference="func")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
