@@ -186,6 +186,17 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     for n in tracer.opaque_nodes:
         if id(n) not in live_nodes:
             n.release()
+    # What a live custom Function's ctx holds is read at application time, like a residual:
+    # writes the tracer saw were copied-on-write; any other write makes it stale.
+    ctx_read = [(n, t) for n in opaque for t in ctx_tensors(n.ctx, readable_only=True)]
+    for n, t in ctx_read:
+        hit = tracer.ctx_versions.get(id(t))
+        if hit is not None and hit[0] is t and t._version != hit[1]:
+            raise StaleResidualError(
+                f"{_API}: {_describe_ctx_tensor(n)} was modified in place later during f by code "
+                "linearize cannot see (e.g. through numpy or a raw data pointer). Clone it before "
+                "modifying it."
+            )
 
     kept = list(prog.residuals) + [t for n in opaque for t in ctx_tensors(n.ctx)]
     created = tracer.created
@@ -207,6 +218,10 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         k = storage_key(r)
         if k is not None and (k not in created or k in reachable):
             watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs)))
+    for n, t in ctx_read:
+        k = storage_key(t)
+        if k is not None and (k not in created or k in reachable) and t.device.type != "meta":
+            watch.append((t, t._version, _describe_ctx_tensor(n)))
 
     run = compile_program(prog)
     if suspect:
@@ -219,6 +234,11 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         external_bytes=external_bytes, opaque_nodes=opaque, created=set(created),
     )
     return (y, jvp_fn, aux) if has_aux else (y, jvp_fn)
+
+
+def _describe_ctx_tensor(node: Any) -> str:
+    return (f"a tensor that custom Function {node.cls.__qualname__} keeps on its ctx (read by "
+            "its jvp and backward)")
 
 
 def _primal(a: Any, level: int) -> Any:

@@ -314,6 +314,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     node = OpaqueJvp(cls, ctx, in_meta, metas, dirty, single, fwd_out_tensors,
                      [s is not None for s in tangent_syms])
     tracer.opaque_nodes.append(node)
+    tracer.protect_ctx(node)
 
     results: list[Any] = list(outs)
     diff_idx = [j for j, m in enumerate(metas) if m is not None and j not in dirty]

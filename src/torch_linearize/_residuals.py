@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "ResidualTable", "ctx_tensors", "distinct_storage_bytes", "storage_key", "storage_nbytes",
+    "ResidualTable", "ctx_tensors", "distinct_storage_bytes", "snapshot_ctx", "storage_key",
+    "storage_nbytes",
 ]
 
 
@@ -146,14 +147,55 @@ def distinct_storage_bytes(tensors: Iterable[torch.Tensor], only: set[int] | Non
     return total
 
 
-def ctx_tensors(ctx: Any) -> list[torch.Tensor]:
-    """Tensors a custom-Function ctx keeps alive (saved tensors and attributes, one level deep)."""
+def ctx_tensors(ctx: Any, readable_only: bool = False) -> list[torch.Tensor]:
+    """Tensors a custom-Function ctx keeps alive (saved tensors and attributes, one level deep).
+
+    ``readable_only``: only those its ``jvp``/``backward`` can read (not PyTorch's own
+    bookkeeping of ``mark_dirty``/``mark_non_differentiable``, read once at linearize).
+    """
     from torch.utils._pytree import tree_flatten
 
     found: list[torch.Tensor] = []
     if ctx is None:
         return found
-    for v in ctx.__dict__.values():
+    for name, v in ctx.__dict__.items():
+        if readable_only and name in _CTX_BOOKKEEPING:
+            continue
         leaves = tree_flatten(v)[0] if isinstance(v, (list, tuple, dict)) else [v]
         found.extend(x for x in leaves if isinstance(x, torch.Tensor))
     return found
+
+
+# ctx attributes a Function's jvp/backward does not read: PyTorch's mark_dirty and
+# mark_non_differentiable records, and LinearizeCtx's own view of the saved tensors
+# (rebuilt from saved_for_forward / to_save).
+_CTX_BOOKKEEPING = frozenset({"dirty_tensors", "non_differentiable", "_tl_saved"})
+
+
+def snapshot_ctx(ctx: Any, skey: int) -> list[torch.Tensor]:
+    """Copy-on-write for a custom-Function ctx: replace every tensor it can read in storage
+    ``skey`` (attributes and saved tensors, one level deep) by a copy, before that storage
+    is written in place. Returns the copies."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    snaps: list[torch.Tensor] = []
+
+    def swap(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and storage_key(x) == skey:
+            x = x.clone()
+            snaps.append(x)
+        return x
+
+    for name, v in list(ctx.__dict__.items()):
+        if name in _CTX_BOOKKEEPING:
+            continue
+        if isinstance(v, (list, tuple, dict)):
+            leaves, spec = tree_flatten(v)
+            new = [swap(x) for x in leaves]
+            if any(a is not b for a, b in zip(new, leaves)):
+                ctx.__dict__[name] = tree_unflatten(new, spec)
+        elif isinstance(v, torch.Tensor):
+            ctx.__dict__[name] = swap(v)
+    if snaps and hasattr(ctx, "_tl_enter"):
+        ctx._tl_enter(ctx._tl_phase)  # saved_tensors reads the new copies
+    return snaps

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._errors import NoForwardADError, NonLinearTangentError
 from ._passes import _POINTWISE_LINEAR_BY_ID, _is_real_number
 from ._program import Eqn, Res, Var
-from ._residuals import ResidualTable, storage_key
+from ._residuals import ResidualTable, ctx_tensors, snapshot_ctx, storage_key
 
 aten = torch.ops.aten
 C = torch._C
@@ -428,6 +428,10 @@ class Tracer(TorchDispatchMode):
         self.promoted: dict[int, tuple[Any, Var]] = {}
         self.created: set[int] = set()  # storages allocated by operations during the trace
         self.opaque_nodes: list[Any] = []
+        # Custom-Function ctx tensors, protected like residuals: storage -> nodes whose ctx
+        # reads it (copy-on-write), and id -> (tensor, version) at recording (stale check).
+        self.ctx_storages: dict[int, list[Any]] = {}
+        self.ctx_versions: dict[int, tuple[torch.Tensor, int]] = {}
         self.poisoned: dict[int, str] = {}  # Var id -> why its value is not linear
         self.suspect_storages: set[int] = set()  # constants made from tracked metadata
         self.uninitialized: dict[int, Any] = {}  # storages from empty factories, never written
@@ -505,6 +509,16 @@ class Tracer(TorchDispatchMode):
         if k is not None:
             self.created.add(k)
 
+    def protect_ctx(self, node: Any) -> None:
+        """Guard what a custom Function's ctx holds as residuals are guarded: copy-on-write
+        before f writes into it later (jvp reads it only at application time, eager forward
+        AD right away), and a version record for the stale check at the end of the trace."""
+        for t in ctx_tensors(node.ctx, readable_only=True):
+            k = storage_key(t)
+            if k is not None:
+                self.ctx_storages.setdefault(k, []).append(node)
+                self.ctx_versions[id(t)] = (t, t._version)
+
     # ------------------------------------------------------------------ mutation safety
     def before_write(self, t: torch.Tensor, tracked_write: bool, opname: Any,
                      like: Var | None = None) -> None:
@@ -512,6 +526,10 @@ class Tracer(TorchDispatchMode):
         k = storage_key(t)
         for snap in self.residuals.copy_on_write(k):
             self.note_created(snap)
+        if self.ctx_storages and k in self.ctx_storages:
+            for node in dict.fromkeys(self.ctx_storages.pop(k)):
+                for snap in snapshot_ctx(node.ctx, k):
+                    self.note_created(snap)
         if not tracked_write:
             self.uninitialized.pop(k, None)
             return
