@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ._checks import LeafSpec, flatten_tangents
@@ -40,7 +42,12 @@ def _loop_over_vmap_batch(run: Callable[..., tuple], flat: list) -> tuple | None
             unwrapped.append((t, True))
         else:
             unwrapped.append((x, False))
-    per = [run(*[t[b] if batched else t for t, batched in unwrapped]) for b in range(size)]
+    # Run at the level below this vmap, so that what runs per element (custom Function
+    # nodes batch their arguments themselves under a vmap) sees plain tensors.
+    interp = retrieve_current_functorch_interpreter()
+    lower = interp.lower() if interp is not None and interp.level() == level else nullcontext()
+    with lower:
+        per = [run(*[t[b] if batched else t for t, batched in unwrapped]) for b in range(size)]
     return tuple(_ft._add_batch_dim(torch.stack([p[j] for p in per]), 0, level)
                  for j in range(len(per[0])))
 

@@ -266,9 +266,11 @@ class _OpaqueNode:
         """Apply the node; the leading ``nbatch`` dimensions of tensor arguments are batch dims."""
         args = list(args)
         if self.shape_only:  # building an autograd graph: values are irrelevant (linear map)
+            # (an argument written in place is returned itself, as _OpaqueApply marks it dirty)
             batch = _batch_shape(args, nbatch)
-            return tuple(None if m is None else torch.zeros((*batch, *m[0]), dtype=m[1], device=m[3])
-                         for m in self.out_meta)
+            return tuple(args[self.dirty[j]] if j in self.dirty else None if m is None else
+                         torch.zeros((*batch, *m[0]), dtype=m[1], device=m[3])
+                         for j, m in enumerate(self.out_meta))
         materialize = self._materialize()
         if nbatch == 0:
             if materialize:
