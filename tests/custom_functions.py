@@ -99,7 +99,7 @@ class CtypesScale(torch.autograd.Function):
     @staticmethod
     def forward(x, k: float):
         CALLS["CtypesScale.forward"] += 1
-        out = torch.empty_like(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # row-major, like src
         src = (x * k).contiguous()
         _libc.memcpy(ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(src.data_ptr()),
                      ctypes.c_size_t(src.numel() * src.element_size()))
@@ -112,7 +112,7 @@ class CtypesScale(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t, _):
         CALLS["CtypesScale.jvp"] += 1
-        out = torch.empty_like(t)
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # row-major, like src
         src = (t * ctx.k).contiguous()
         _libc.memcpy(ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(src.data_ptr()),
                      ctypes.c_size_t(src.numel() * src.element_size()))

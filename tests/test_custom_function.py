@@ -7,10 +7,13 @@ import weakref
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import custom_functions as cf
 import torch_linearize as tl
-from helpers import eager_jvp
+from helpers import check_random_program, eager_jvp, mutating_programs, rand_like_tree
 
 D = torch.float64
 
@@ -163,6 +166,94 @@ def test_mark_dirty_on_the_primal_input_does_not_mutate_callers_tangent():
     t0 = t.clone()
     torch.testing.assert_close(jvp_fn(t), 2 * t0)
     torch.testing.assert_close(t, t0)
+
+
+def test_ctx_tensor_written_later_in_f_is_copied_first():
+    # WeightedSum saves (x, w) for its jvp. Eager forward AD calls jvp at once; linearize
+    # calls it at every application, after f wrote into w: the ctx keeps w's old contents.
+    x = torch.randn(3, 4, dtype=D)
+
+    def f(x):
+        w = torch.sin(x.detach()) + 2
+        z = cf.WeightedSum.apply(x, w)
+        w.masked_fill_(w > 2.5, 0.0)
+        x.mul_(3)  # (the input, also saved)
+        return z * 1.0, x
+
+    gen = torch.Generator().manual_seed(0)
+    y, jvp_fn = tl.linearize(f, x.clone())
+    for _ in range(2):
+        t = torch.randn(3, 4, dtype=D, generator=gen)
+        # (eager forward AD writes the tangent of an input f writes: give it a copy)
+        torch.testing.assert_close(jvp_fn(t), eager_jvp(f, (x.clone(),), (t.clone(),))[1])
+    u = rand_like_tree(y, gen)
+    (g,) = jvp_fn.transpose()(u)
+    t = torch.randn(3, 4, dtype=D, generator=gen)
+    want = eager_jvp(f, (x.clone(),), (t.clone(),))[1]
+    torch.testing.assert_close((g * t).sum(), sum((a * b).sum() for a, b in zip(u, want)))
+
+
+def test_ctx_tensor_written_where_linearize_cannot_see_raises():
+    x, w = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+
+    def g(x):
+        v = w * 1.0
+        z = cf.WeightedSum.apply(x, v)
+        v.numpy()[...] = 0.0  # a write through numpy: no dispatched operation...
+        torch.autograd.graph.increment_version(v)  # ...that says so, as kernels should
+        return z
+
+    with pytest.raises(tl.StaleResidualError, match="custom Function WeightedSum keeps on its ctx"):
+        tl.linearize(g, x)
+
+
+def test_ctx_tensor_the_user_can_reach_is_watched_after_linearize():
+    x, w = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: cf.WeightedSum.apply(x, w), x)
+    t = torch.randn(3, 4, dtype=D)
+    torch.testing.assert_close(jvp_fn(t), (t * w).sum(-1))
+    w.mul_(2)  # the map would silently follow w: it raises, as for any residual
+    with pytest.raises(tl.StaleResidualError, match="WeightedSum keeps on its ctx"):
+        jvp_fn(t)
+
+
+def test_mark_dirty_function_transposes_and_vmaps():
+    def f(x, y):
+        w = x * y
+        z = cf.ScaleInPlace.apply(w.t(), 0.5)  # in place into a view of w
+        return z * w, cf.ScaleInPlace.apply(y, 1.3)  # and into the input y
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
+    out, jvp_fn = tl.linearize(f, x.clone(), y.clone())
+    # (reverse mode itself refuses f: ScaleInPlace writes w, which `z * w` saves)
+    u, t = rand_like_tree(out, gen), rand_like_tree((x, y), gen)
+    want = eager_jvp(f, (x.clone(), y.clone()), tuple(v.clone() for v in t))[1]
+    torch.testing.assert_close(jvp_fn(*t), want)
+    gx, gy = jvp_fn.transpose()(u)
+    torch.testing.assert_close((gx * t[0]).sum() + (gy * t[1]).sum(),
+                               sum((a * b).sum() for a, b in zip(u, want)))
+    tx, ty = torch.randn(3, 4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
+    got = torch.vmap(jvp_fn, in_dims=(0, None))(tx, ty)
+    for k in range(3):
+        torch.testing.assert_close(tuple(v[k] for v in got), jvp_fn(tx[k], ty))
+
+
+def test_vmap_falls_back_to_a_loop_below_the_vmap_level():
+    # y's tangent is not batched, but the program writes x's (batched) tangent into it:
+    # vmap refuses that in-place write and linearize runs the batch element by element,
+    # with the custom Function node seeing plain tensors there (not re-batched ones).
+    def f(x, y):
+        y.sub_(cf.CtypesScale.apply(x, 1.7), alpha=0.5)
+        return cf.CtypesScale.apply(y, 2.0)
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
+    _, jvp_fn = tl.linearize(f, x.clone(), y.clone())
+    tx, ty = torch.randn(3, 4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
+    got = torch.vmap(jvp_fn, in_dims=(0, None))(tx, ty)
+    for k in range(3):
+        torch.testing.assert_close(got[k], 2.0 * (ty - 0.5 * 1.7 * tx[k]))
 
 
 def test_materialize_grads_false_passes_none_and_needs_input_grad():
@@ -426,3 +517,35 @@ def test_functions_in_other_threads_are_not_intercepted():
         stop.set()
         th.join()
     assert not errors, errors
+
+
+# ----------------------------------------------------------------------------- property test
+def _weighted(a, b, detach):
+    if a.dim() != 2 or a.shape != b.shape:
+        return None
+    return cf.WeightedSum.apply(a, b.detach() if detach else b).unsqueeze(-1) * a
+
+
+_FUNCTIONS = [
+    lambda a, b: cf.NumpyCube.apply(a),
+    lambda a, b: cf.CtypesScale.apply(a, 1.7),
+    lambda a, b: cf.SinCosPair.apply(a)[0],
+    lambda a, b: cf.SinCosPair.apply(a)[1] * b if a.shape == b.shape else None,
+    lambda a, b: cf.ScaleInPlace.apply(a, 1.3) if 0 not in a.stride() else None,  # mark_dirty
+    lambda a, b: cf.ScaleInPlace.apply(a * 1.0, 0.7),
+    lambda a, b: _weighted(a, b, detach=False),
+    lambda a, b: _weighted(a, b, detach=True),  # materialize_grads=False: jvp sees None
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutating_programs([torch.sin, torch.exp, torch.tanh, lambda v: v * 2.5, F.softplus],
+                         _FUNCTIONS), st.integers(0, 2**31 - 1))
+def test_random_programs_with_custom_functions(f, seed):
+    # Custom Functions (numpy, raw pointers, several outputs, mark_dirty, None tangents)
+    # inside random programs with views and in-place writes. Their ctx tensors are read
+    # when the map is applied, not when f runs (as in eager forward AD), so a later write
+    # into one must not reach them; mark_dirty nodes must transpose and vmap. The
+    # reference is eager forward AD (NumpyCube and ScaleInPlace use forward(ctx, ...),
+    # which torch.func does not take).
+    check_random_program(f, seed, reference="eager")
