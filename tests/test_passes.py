@@ -320,6 +320,20 @@ def test_mixed_sign_tensor_coefficients_are_probed(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("f", [
+    lambda x: torch.view_as_real(x.conj().clone()),
+    lambda x: torch.view_as_real(x.conj() + torch.zeros((), dtype=x.dtype)),
+    lambda x: torch.view_as_real(x.conj().clone() * 1.0),
+    lambda x: torch.view_as_real(x.t().conj().t().clone()),
+], ids=["clone", "add_zero", "scaled", "views"])
+def test_copies_of_lazily_conjugated_values_are_not_identities(f):
+    # conj() is a lazy view (conj bit); a clone or sum resolves it, and view_as_real
+    # refuses an unresolved one. Removing such a copy as an identity (or folding it away)
+    # left view_as_real a conjugate view at application time.
+    x = torch.randn(3, 4, dtype=torch.complex128)
+    _check(f, x)
+
+
 def test_passes_preserve_transpose_and_vmap():
     x = torch.randn(6, dtype=D)
     f = lambda x: torch.tanh(x).exp() * 3 - x.sin()

@@ -90,8 +90,11 @@ def _identity_source(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> Var 
             or e.mutates:
         return None
     src = _identity_candidate(prog, e, zero_cache)
-    # The replacement must have the same layout: later views may depend on strides.
-    return src if src is not None and src.stride == out.stride else None
+    # The replacement must have the same layout: later views may depend on strides. And
+    # a copy or sum resolves a lazily conjugated/negated source, a view does not.
+    if src is None or src.stride != out.stride or (src.lazy and not out.lazy):
+        return None
+    return src
 
 
 def _identity_candidate(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> Var | None:
@@ -914,7 +917,7 @@ def _emit_terms(prog: Program, plan, out: Var) -> list[Eqn]:
     acc = None
     for i, ((b, par), kind, coef) in enumerate(plan):
         if par:  # an anti-linear term: conjugate the base first
-            cb = Var(b.shape, b.dtype, b.stride, group=b.group, device=b.device)
+            cb = Var(b.shape, b.dtype, b.stride, group=b.group, device=b.device, lazy=True)
             eqns.append(Eqn(aten._conj.default, (b,), {}, cb))
             b = cb
         last = i == len(plan) - 1

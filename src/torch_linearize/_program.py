@@ -35,15 +35,18 @@ _var_ids = itertools.count()
 class Var:
     """A tangent value: the output of an equation or a program input."""
 
-    __slots__ = ("device", "dtype", "group", "id", "shape", "stride")
+    # lazy: the value is a lazily conjugated or negated view (conj/neg bit set), which
+    # a copy resolves and some consumers (view_as_real) refuse
+    __slots__ = ("device", "dtype", "group", "id", "lazy", "shape", "stride")
 
-    def __init__(self, shape, dtype, stride=None, group=None, device=None):
+    def __init__(self, shape, dtype, stride=None, group=None, device=None, lazy=False):
         self.id = next(_var_ids)
         self.shape = tuple(shape)
         self.dtype = dtype
         self.stride = stride
         self.group = group
         self.device = device
+        self.lazy = lazy
 
     @classmethod
     def like(cls, t: torch.Tensor, group=None) -> Var:
@@ -51,7 +54,7 @@ class Var:
             stride = tuple(t.stride())
         except RuntimeError:  # sparse / nested layouts have no strides
             stride = None
-        return cls(t.shape, t.dtype, stride, group, t.device)
+        return cls(t.shape, t.dtype, stride, group, t.device, t.is_conj() or t.is_neg())
 
     def __repr__(self) -> str:
         return f"v{self.id}"
