@@ -233,6 +233,42 @@ def test_reverse_mode_through_the_linear_map_is_its_transpose():
     torch.testing.assert_close(g, jvp_fn.transpose()(u)[0])
 
 
+def test_reverse_mode_through_a_program_that_overwrites_what_autograd_would_save():
+    # The tangent program reads h's tangent (tanh_backward, whose autograd node saves that
+    # incoming tangent) and then scales it in place. Autograd over the recorded operations
+    # refused this ("modified by an inplace operation"); the map's reverse mode is one
+    # application of its transpose.
+    def f(x):
+        h = x * 1.0
+        y = torch.tanh(h)
+        h.mul_(2.0)
+        return y, h
+
+    x = torch.randn(4, 4, dtype=D)
+    _, jvp_fn = tl.linearize(f, x)
+    t = torch.randn(4, 4, dtype=D, requires_grad=True)
+    out = jvp_fn(t)
+    assert type(out[0].grad_fn).__name__ == "_ThroughTransposeBackward"
+    u = rand_like_tree(out, torch.Generator().manual_seed(0))
+    (g,) = torch.autograd.grad(out, t, u)
+    torch.testing.assert_close(g, jvp_fn.transpose()(u)[0])
+    torch.testing.assert_close(g, torch.func.vjp(f, x.clone())[1](u)[0])
+
+
+def test_double_backward_through_the_linear_map():
+    # d/du <J^T u, s> = J s: the transpose's own reverse mode is the map again.
+    x = torch.randn(5, dtype=D)
+    f = lambda x: torch.sin(x) * x.cumsum(0)
+    _, jvp_fn = tl.linearize(f, x)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(5, dtype=D, generator=gen, requires_grad=True)
+    u = torch.randn(5, dtype=D, generator=gen, requires_grad=True)
+    s = torch.randn(5, dtype=D, generator=gen)
+    (g,) = torch.autograd.grad(jvp_fn(t), t, u, create_graph=True)
+    (h,) = torch.autograd.grad(g, u, s)
+    torch.testing.assert_close(h, torch.func.jvp(f, (x,), (s,))[1])
+
+
 def test_vmap_over_transpose():
     x = torch.randn(3, 4, dtype=D)
     f = lambda x: torch.tanh(x @ x.T).sum(0)

@@ -52,6 +52,49 @@ def _loop_over_vmap_batch(run: Callable[..., tuple], flat: list) -> tuple | None
                  for j in range(len(per[0])))
 
 
+_grad_enabled = torch.is_grad_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _needs_grad(flat) -> bool:
+    """A tangent requires grad, outside functorch transforms (whose own autograd runs the
+    recorded operations)."""
+    for t in flat:
+        if t.requires_grad:
+            return not _functorch_active()
+    return False
+
+
+class _ThroughTranspose(torch.autograd.Function):
+    """Reverse mode through a linear map: one application of its transpose.
+
+    Not autograd's graph of the recorded operations: besides building a graph per call,
+    that graph saves values some operations need for *other* inputs (tanh_backward keeps
+    its incoming tangent), which a later in-place operation of the program may overwrite,
+    making autograd refuse a valid program.
+    """
+
+    @staticmethod
+    def forward(lm, run, *flat):
+        return tuple(run(*flat))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.lm = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        lm = ctx.lm
+        cots = []
+        for g, k in zip(grads, lm._out_positions):
+            ls = lm._out_leaves[k]
+            if ls.differentiable:
+                cots.append(g if g is not None else
+                            torch.zeros(ls.shape, dtype=ls.dtype, device=ls.device))
+        t = lm.transpose()
+        return (None, None, *t._run_flat(cots))
+
+
 def _same_meta(program: Any, meta: tuple) -> bool:
     """Whether ``program``'s one input is described by ``meta`` (shape, dtype, device)."""
     inputs = getattr(program, "inputs", None)
@@ -186,10 +229,14 @@ class LinearMap:
         flat = self._tangents(args)
         if self._stale_watch:
             self._check_stale()
-        try:
-            outs = run(*flat)
-        except RuntimeError as e:
-            outs = _after_failure(e, run, flat)
+        # (the fast path of _tangents returns args itself: no tangent requires grad)
+        if flat is not args and _grad_enabled() and _needs_grad(flat):
+            outs = _ThroughTranspose.apply(self, run, *flat)
+        else:
+            try:
+                outs = run(*flat)
+            except RuntimeError as e:
+                outs = _after_failure(e, run, flat)
         if self._single_out:
             return outs[0]
         if len(self._out_positions) != self._n_out:
@@ -199,6 +246,15 @@ class LinearMap:
             outs = full
         return tree_unflatten(list(outs), self._out_spec)
 
+    def _run_flat(self, flat: list) -> tuple:
+        """The program on validated flat tangents (reverse mode through it: its transpose)."""
+        run = self._run
+        if run is None:
+            raise self._released_error()
+        if _grad_enabled() and _needs_grad(flat):
+            return _ThroughTranspose.apply(self, run, *flat)
+        return run(*flat)
+
     def _released_error(self, method: str = "") -> ReleasedError:
         """The error every use of a released map raises (``method``: which use)."""
         return ReleasedError(
@@ -207,13 +263,14 @@ class LinearMap:
     def _tangents(self, args: tuple) -> Any:
         """The differentiable tangent leaves of ``args``, validated against the primals.
 
-        Fast path: top-level positional tensors checked leaf by leaf without pytree;
-        anything else (or a mismatch, to name it) goes through ``_flatten``, which
-        raises a ``ValueError`` naming the leaf."""
+        Fast path: top-level positional tensors that do not require grad, checked leaf
+        by leaf without pytree (``args`` itself is returned); anything else (or a
+        mismatch, to name it) goes through ``_flatten``, which raises a ``ValueError``
+        naming the leaf."""
         if self._flat_args and len(args) == len(self._metas):
             for t, (shape, dtype, device) in zip(args, self._metas):
                 if type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or \
-                        t.device != device:
+                        t.device != device or t.requires_grad:
                     break
             else:
                 return args

@@ -306,6 +306,7 @@ class _Namer:
             "torch": torch,
             "_relayout": _relayout,
             "_Tensor": torch.Tensor,
+            "_grad_enabled": torch.is_grad_enabled,
             "_inf": math.inf,
             "_nan": math.nan,
         }
@@ -493,15 +494,16 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     lines.append("        return (" + "".join(r + ", " for r in rets) + ")")
     if len(prog.inputs) == 1 and len(rets) == 1:
         # run1(t): the one-tensor call in one frame, for LinearMap's commonest call. It
-        # checks what LinearMap checks (type, shape, dtype, device; NotImplemented when
-        # any differs), then runs the same body and returns the one output itself. (A call
+        # checks what LinearMap checks (type, shape, dtype, device, and that no gradient
+        # is to be recorded; NotImplemented when any differs), then runs the same body and returns the one output itself. (A call
         # made between other heavy work pays every frame and lookup in cache misses.)
         v = prog.inputs[0]
         name = nm.var(v)
         dev = f"not {name}.is_cpu" if v.device == _CPU else f"{name}.device != {nm.glob(v.device)}"
         lines.append(f"    def run1({name}):")
         lines.append(f"        if type({name}) is not _Tensor or {name}.shape != {nm.lit(v.shape)} or "
-                     f"{name}.dtype is not {nm.glob(v.dtype)} or {dev}: return NotImplemented")
+                     f"{name}.dtype is not {nm.glob(v.dtype)} or {dev} or "
+                     f"({name}.requires_grad and _grad_enabled()): return NotImplemented")
         if len(prog.eqns) <= _ENTRY1_MAX_EQNS:
             lines.extend("        " + b for b in body)
             lines.append(f"        return {rets[0]}")
