@@ -255,6 +255,32 @@ def test_reverse_mode_through_a_program_that_overwrites_what_autograd_would_save
     torch.testing.assert_close(g, torch.func.vjp(f, x.clone())[1](u)[0])
 
 
+def test_functorch_reverse_mode_through_the_linear_map():
+    # The same under torch.func: vjp, jacrev, vmap of vjp, and grad of grad (the
+    # transpose is built outside the functorch transforms, in their backward pass).
+    def f(x):
+        h = x * 1.0
+        y = torch.tanh(h)
+        h.mul_(2.0)
+        return y * h
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, dtype=D, generator=gen)
+    _, jvp_fn = tl.linearize(f, x)
+    t, u = torch.randn(3, 3, dtype=D, generator=gen), torch.randn(3, 3, dtype=D, generator=gen)
+    want = torch.func.vjp(f, x.clone())[1](u)[0]
+    torch.testing.assert_close(torch.func.vjp(jvp_fn, t)[1](u)[0], want)
+    torch.testing.assert_close(torch.func.jacrev(jvp_fn)(t), torch.func.jacrev(f)(x.clone()))
+    us = torch.randn(4, 3, 3, dtype=D, generator=gen)
+    got = torch.vmap(torch.func.vjp(jvp_fn, t)[1])(us)[0]
+    for k in range(4):
+        torch.testing.assert_close(got[k], jvp_fn.transpose()(us[k])[0])
+    g = torch.func.grad(lambda a: (jvp_fn(a) * u).sum())
+    torch.testing.assert_close(g(t), want)
+    s = torch.randn(3, 3, dtype=D, generator=gen)
+    torch.testing.assert_close(torch.func.jvp(g, (t,), (s,))[1], torch.zeros_like(s))
+
+
 def test_double_backward_through_the_linear_map():
     # d/du <J^T u, s> = J s: the transpose's own reverse mode is the map again.
     x = torch.randn(5, dtype=D)

@@ -8,7 +8,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+from torch._functorch.pyfunctorch import (
+    retrieve_current_functorch_interpreter,
+    temporarily_clear_interpreter_stack,
+)
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ._checks import LeafSpec, flatten_tangents
@@ -57,12 +60,9 @@ _functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _needs_grad(flat) -> bool:
-    """A tangent requires grad, outside functorch transforms (whose own autograd runs the
-    recorded operations)."""
-    for t in flat:
-        if t.requires_grad:
-            return not _functorch_active()
-    return False
+    """A tangent requires grad (under torch.func.grad/vjp too: functorch marks the
+    tensors it differentiates)."""
+    return any(t.requires_grad for t in flat)
 
 
 class _ThroughTranspose(torch.autograd.Function):
@@ -74,13 +74,23 @@ class _ThroughTranspose(torch.autograd.Function):
     making autograd refuse a valid program.
     """
 
+    generate_vmap_rule = True  # (vmap of grad: forward and backward are programs)
+
     @staticmethod
     def forward(lm, run, *flat):
         return tuple(run(*flat))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.lm = inputs[0]
+        ctx.lm, ctx.run = inputs[0], inputs[1]
+
+    @staticmethod
+    def jvp(ctx, _lm, _run, *tangents):
+        # forward mode through a linear map is the map itself
+        lm = ctx.lm
+        flat = [t if t is not None else torch.zeros(ls.shape, dtype=ls.dtype, device=ls.device)
+                for t, ls in zip(tangents, (lm._in_leaves[i] for i in lm._diff_positions))]
+        return tuple(ctx.run(*flat))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -310,7 +320,10 @@ class LinearMap:
             if self._transposed is None:
                 from ._transpose import transpose_map
 
-                t = transpose_map(self)
+                # (built outside any functorch transform: reverse mode through a map
+                # under torch.func.grad/vjp builds it in the backward pass)
+                with temporarily_clear_interpreter_stack():
+                    t = transpose_map(self)
                 t._transposed = self
                 self._transposed = t
             return self._transposed
