@@ -5,7 +5,9 @@ import collections
 import pytest
 import torch
 
+import custom_functions as cf
 import torch_linearize as tl
+from helpers import eager_jvp, rand_like_tree
 
 D = torch.float64
 CALLS = collections.Counter()
@@ -302,3 +304,46 @@ def test_an_error_in_jvp_surfaces_once():
     with pytest.raises(RuntimeError, match="user kernel failed"):
         jvp_fn(torch.randn(3, 4, dtype=D))
     assert len(calls) == 1  # not retried
+
+
+# ------------------------------------------------- maps with custom nodes inside forward AD
+_WITH_NODES = {
+    "ctypes": lambda x, y: (cf.CtypesScale.apply(x, 1.7), y),
+    "numpy": lambda x, y: (cf.NumpyCube.apply(x), y * 2),
+    "two_outputs": lambda x, y: (cf.SinCosPair.apply(x)[0] * y, y),
+    "materialize_false": lambda x, y: (cf.WeightedSum.apply(x, y), y),
+    "mark_dirty": lambda x, y: (cf.ScaleInPlace.apply(x * 1.0, 2.0), y.exp()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_WITH_NODES))
+def test_linearizing_a_map_with_custom_nodes_gives_the_map(name):
+    # A custom-Function node inside a map is linear, so its JVP is the node itself. It ran
+    # with forward AD switched off, so inside an outer linearize (or eager forward AD) its
+    # output carried no tangent: the outer map silently lost that term.
+    f = _WITH_NODES[name]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
+    _, jvp_fn = tl.linearize(f, x.clone(), y.clone())
+    t = (torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen))
+    s = (torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen))
+    out, jvp2 = tl.linearize(jvp_fn, *t)
+    torch.testing.assert_close(out, jvp_fn(*t))
+    torch.testing.assert_close(jvp2(*s), jvp_fn(*s))
+    u = rand_like_tree(out, gen)
+    torch.testing.assert_close(jvp2.transpose()(u), jvp_fn.transpose()(u))
+    # eager forward AD through the map
+    torch.testing.assert_close(eager_jvp(jvp_fn, t, s)[1], jvp_fn(*s))
+    # a function that applies the map inside: J^T J (Gauss-Newton)
+    gn = lambda a, b: jvp_fn.transpose()(jvp_fn(a, b))
+    _, jgn = tl.linearize(gn, *t)
+    torch.testing.assert_close(jgn(*s), gn(*s))
+
+
+def test_func_jvp_through_a_map_with_a_pytorch_custom_node():
+    f = _WITH_NODES["two_outputs"]
+    x, y = torch.randn(4, 4, dtype=D), torch.randn(4, 4, dtype=D)
+    _, jvp_fn = tl.linearize(f, x, y)
+    t = (torch.randn(4, 4, dtype=D), torch.randn(4, 4, dtype=D))
+    s = (torch.randn(4, 4, dtype=D), torch.randn(4, 4, dtype=D))
+    torch.testing.assert_close(torch.func.jvp(jvp_fn, t, s)[1], jvp_fn(*s))

@@ -67,6 +67,16 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _grad_enabled = torch.is_grad_enabled
 
 
+def _has_forward_grad(args) -> bool:
+    """An argument carries a forward-AD tangent (the map is applied inside eager forward
+    AD, or inside linearize: the node's own JVP is the node, see _OpaqueApply.jvp)."""
+    level = fwAD._current_level
+    for a in args:
+        if isinstance(a, torch.Tensor) and fwAD.unpack_dual(a, level=level).tangent is not None:
+            return True
+    return False
+
+
 def _needs_autograd_wrapper(args) -> bool:
     if _functorch_active():
         return True
@@ -135,7 +145,8 @@ class _OpaqueNode:
                     return (o,)
                 args = list(args)  # anything else: normalized and checked as run() does
                 return tuple(self._check(j, r, args, ()) for j, r in enumerate(self._as_tuple(o)))
-        wrap = _needs_autograd_wrapper(args)
+        wrap = _needs_autograd_wrapper(args) or (
+            fwAD._current_level >= 0 and _has_forward_grad(args))
         if wrap:
             out = self._run_under_one_vmap(args)
             if out is not None:
@@ -434,6 +445,12 @@ class _OpaqueApply(_Function):
         node = inputs[0]
         if node.dirty:
             ctx.mark_dirty(*[inputs[2 + i] for i in node.dirty.values()])
+
+    @staticmethod
+    def jvp(ctx, _node, _nbatch, *tangents):
+        # The node is linear: its JVP at any point is the node applied to the tangents.
+        # (Under an outer linearize, this is what the tracer records, as an opaque node.)
+        return ctx.node.run(ctx.nbatch, tangents)
 
     @staticmethod
     def backward(ctx, *grads):
