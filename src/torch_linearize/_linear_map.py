@@ -421,6 +421,20 @@ class LinearMap:
         """Number of operations in the linear program."""
         return len(self._program.eqns)
 
+    def __copy__(self) -> LinearMap:
+        """Another handle on the same map (the same residuals and program)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        # (also what copy.deepcopy would use: refuse with a message, not a lock's error)
+        raise TypeError(
+            f"{self._api}: a LinearMap cannot be pickled or deep-copied: it holds generated "
+            "code, residual tensors by reference and custom-Function contexts. Call linearize "
+            "again where the map is needed (copy.copy gives another handle on the same map)."
+        )
+
     def __repr__(self) -> str:
         if self._released:
             return "LinearMap(<released>)"
