@@ -284,3 +284,32 @@ def test_random_tangent_tree_helper_is_used_correctly():
     y, jvp_fn = tl.linearize(lambda p: p["a"].sum() * p["b"][0], p)
     _, ref = torch.func.jvp(lambda p: p["a"].sum() * p["b"][0], (p,), (t,))
     torch.testing.assert_close(jvp_fn(t), ref)
+
+
+def test_inference_mode_and_inference_tensors():
+    # Forward AD records nothing in inference mode and cannot give an inference tensor a
+    # tangent: the map was silently zero. torch.func.jvp works there; so does linearize.
+    import custom_functions as cf
+
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    with torch.inference_mode():
+        xi = torch.randn(5, dtype=D)
+        w = torch.randn(5, 5, dtype=D)
+        v = torch.randn(5, dtype=D)
+        _, jvp_fn = tl.linearize(torch.sin, x)  # called inside inference mode
+        torch.testing.assert_close(jvp_fn(t), torch.cos(x) * t)
+    _, jvp_fn = tl.linearize(torch.sin, xi)  # an inference tensor as the primal
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(torch.sin, (xi,), (t,))[1])
+    f = lambda x: torch.sin(x @ w)  # an inference tensor captured as a residual
+    _, jvp_fn = tl.linearize(f, x)
+    want = torch.cos(x @ w) * (t @ w)
+    torch.testing.assert_close(jvp_fn(t), want)
+    with torch.inference_mode():
+        w.mul_(2)  # (no version counter to watch: linearize kept a copy)
+    torch.testing.assert_close(jvp_fn(t), want)
+    xs = torch.randn(3, 5, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: cf.WeightedSum.apply(x, v.expand(3, 5)), xs)  # in a ctx
+    ts = torch.randn(3, 5, dtype=D)
+    torch.testing.assert_close(jvp_fn(ts), (ts * v).sum(-1))
+    y, jvp_fn, aux = tl.linearize(lambda x: (torch.sin(x), w), x, has_aux=True)
+    torch.testing.assert_close(aux, w)

@@ -19,7 +19,7 @@ from torch.utils._pytree import (
 from ._checks import flatten_primals, flatten_with_path, leaf_specs_of
 from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError, StaleResidualError
-from ._forward_ad import shared_dual_level
+from ._forward_ad import shared_dual_level, unpack_dual
 from ._linear_map import LinearMap
 from ._passes import simplify
 from ._program import (
@@ -79,12 +79,17 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     """
     if not callable(func):
         raise TypeError(f"{_API}: f must be callable, got {type(func).__name__}.")
+    if torch.is_inference_mode_enabled():
+        # forward AD records nothing in inference mode (the map would be silently zero);
+        # torch.func.jvp works there, and so does linearize: f runs outside it
+        with torch.inference_mode(False):
+            return linearize(func, *primals, has_aux=has_aux)
     flat, in_spec, leaf_specs = flatten_primals(_API, primals)
     outer = current_tracer()
     if outer is not None and outer.level is not None:
         for leaf, ls in zip(flat, leaf_specs):
             with outer.paused():
-                carries = fwAD.unpack_dual(leaf, level=outer.level).tangent is not None
+                carries = unpack_dual(leaf, level=outer.level).tangent is not None
             if carries:
                 raise LinearizeError(
                     f"{_API}: called inside a function that is itself being linearized, on "
@@ -102,8 +107,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         if not ls.differentiable:
             prepared.append((p, None))
             continue
-        if torch._debug_has_internal_overlap(p) == 1:
-            p = p.clone()
+        if torch._debug_has_internal_overlap(p) == 1 or p.is_inference():
+            p = p.clone()  # (forward AD cannot give an inference tensor a tangent)
         prepared.append((p, torch.ones_like(p, memory_format=torch.preserve_format)))
 
     with shared_dual_level() as level, function_patch():
@@ -243,7 +248,7 @@ def _describe_ctx_tensor(node: Any) -> str:
 
 def _primal(a: Any, level: int) -> Any:
     if isinstance(a, torch.Tensor):
-        return fwAD.unpack_dual(a, level=level).primal.detach()
+        return unpack_dual(a, level=level).primal.detach()
     return a
 
 
@@ -279,7 +284,7 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
                 f"{type(o).__name__}. Return non-tensors through has_aux=True."
             )
         _refuse_tangent_dependent(tracer, o, f"output{keystr(kp)}")
-        primal, tangent = fwAD.unpack_dual(o, level=tracer.level)
+        primal, tangent = unpack_dual(o, level=tracer.level)
         tan = tracer.tangent_of(o, tangent)
         if isinstance(tan, Var) and tan.dtype != o.dtype:
             # Eager forward AD can leave a tangent in a narrower dtype than its output

@@ -35,6 +35,7 @@ from torch.autograd.function import FunctionCtx
 
 from . import _overrides
 from ._errors import LinearizeError, NoForwardADError
+from ._forward_ad import unpack_dual
 from ._opaque import OpaqueJvp
 from ._program import Eqn, Var
 from ._trace import Tracer, current_tracer
@@ -244,7 +245,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     with tracer.paused():
         for a in args:
             if isinstance(a, torch.Tensor):
-                p, t = fwAD.unpack_dual(a, level=tracer.level)
+                p, t = unpack_dual(a, level=tracer.level)
                 sym = None
                 if t is not None and not t._is_zerotensor():
                     sym = tracer.lookup(t)
@@ -341,7 +342,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     mutated = []
     dirty_tangents = {}
     for j, i in dirty.items():
-        tangent = fwAD.unpack_dual(args[i], level=tracer.level).tangent
+        tangent = unpack_dual(args[i], level=tracer.level).tangent
         tracer.before_write(tangent, True, node.display_name)
         v_in = tracer.lookup(tangent)
         mutated.append(v_in)

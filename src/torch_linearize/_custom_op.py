@@ -47,6 +47,8 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch._library import utils as _lib_utils
 from torch._library.custom_ops import CustomOpDef
 
+from ._forward_ad import unpack_dual
+
 __all__ = ["register_jvp"]
 
 _lock = threading.Lock()
@@ -125,7 +127,7 @@ def _any_forward_tangent(args: tuple) -> bool:
     if level < 0 or not _C._is_fwd_grad_enabled():
         return False
     return any(
-        isinstance(a, torch.Tensor) and fwAD.unpack_dual(a, level=level).tangent is not None
+        isinstance(a, torch.Tensor) and unpack_dual(a, level=level).tangent is not None
         for a in args
     )
 

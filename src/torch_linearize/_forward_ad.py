@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 import torch.autograd.forward_ad as fwAD
 
 _lock = threading.Lock()
@@ -45,3 +46,11 @@ def shared_dual_level() -> Iterator[int]:
             if _users == 0:
                 fwAD.exit_dual_level(level=level)
                 _level = None
+
+
+def unpack_dual(t: torch.Tensor, level: int) -> fwAD.UnpackedDualTensor:
+    """``forward_ad.unpack_dual``, also for inference tensors: they cannot carry a tangent,
+    and PyTorch's own unpack_dual fails on them outside inference mode."""
+    if t.is_inference():
+        return fwAD.UnpackedDualTensor(t, None)
+    return fwAD.unpack_dual(t, level=level)

@@ -39,6 +39,7 @@ import torch.autograd.forward_ad as fwAD
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 
 from ._errors import LinearizeError, ReleasedError
+from ._forward_ad import unpack_dual
 from ._program import type_str
 
 __all__ = ["OpaqueJvp", "OpaqueVjp"]
@@ -72,7 +73,7 @@ def _has_forward_grad(args) -> bool:
     AD, or inside linearize: the node's own JVP is the node, see _OpaqueApply.jvp)."""
     level = fwAD._current_level
     for a in args:
-        if isinstance(a, torch.Tensor) and fwAD.unpack_dual(a, level=level).tangent is not None:
+        if isinstance(a, torch.Tensor) and unpack_dual(a, level=level).tangent is not None:
             return True
     return False
 

@@ -14,8 +14,8 @@ Found by the per-argument OpInfo sweep (``tests/opinfo_harness.py``, "each").
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
+from ._forward_ad import unpack_dual
 from ._trace import current_tracer
 
 __all__ = ["install", "uninstall"]
@@ -24,7 +24,7 @@ _originals: dict[str, object] = {}
 
 
 def _has_tangent(t, level) -> bool:
-    return isinstance(t, torch.Tensor) and fwAD.unpack_dual(t, level=level).tangent is not None
+    return isinstance(t, torch.Tensor) and unpack_dual(t, level=level).tangent is not None
 
 
 def _bce_with_logits(input, target, weight=None, pos_weight=None, reduction=1):

@@ -57,6 +57,7 @@ class ResidualTable:
         self._pin: list[torch.Tensor] = []  # keeps ids in _by_id valid during the trace
         self._by_layout: dict[tuple, int] = {}
         self._by_storage: dict[int, list[int]] = {}
+        self.copied: list[torch.Tensor] = []  # copies made by capture (allocated here)
 
     def capture(self, t: torch.Tensor, origin: Any = "") -> int:
         """Return the slot of ``t``, adding it if it is new."""
@@ -72,6 +73,9 @@ class ResidualTable:
             idx = len(self.tensors)
             # The original object is kept until end_trace(), which swaps in a detached
             # alias (detaching below autograd would not share the version counter).
+            if t.is_inference():  # no version counter to guard it by: keep a copy
+                t = t.clone()
+                self.copied.append(t)
             self.tensors.append(t)
             self.versions.append(t._version)
             self.origin.append(origin)  # an op (stringified lazily) or a description

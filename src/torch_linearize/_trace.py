@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import NoForwardADError, NonLinearTangentError
+from ._forward_ad import unpack_dual
 from ._passes import _POINTWISE_LINEAR_BY_ID, _is_real_number
 from ._program import Eqn, Res, Var
 from ._residuals import ResidualTable, ctx_tensors, snapshot_ctx, storage_key
@@ -490,6 +490,8 @@ class Tracer(TorchDispatchMode):
 
     def capture(self, t: torch.Tensor, origin: Any = "") -> Res:
         idx = self.residuals.capture(t, origin)
+        if self.residuals.copied:
+            self.note_created(self.residuals.copied.pop())
         if self.suspect_storages and storage_key(t) in self.suspect_storages:
             self.suspect_residuals.add(idx)
         return Res(idx)
@@ -513,7 +515,13 @@ class Tracer(TorchDispatchMode):
         """Guard what a custom Function's ctx holds as residuals are guarded: copy-on-write
         before f writes into it later (jvp reads it only at application time, eager forward
         AD right away), and a version record for the stale check at the end of the trace."""
-        for t in ctx_tensors(node.ctx, readable_only=True):
+        held = ctx_tensors(node.ctx, readable_only=True)
+        for k in {storage_key(t) for t in held if t.is_inference()}:
+            # (an inference tensor has no version counter to guard it by: keep a copy)
+            for snap in snapshot_ctx(node.ctx, k):
+                self.note_created(snap)
+            held = ctx_tensors(node.ctx, readable_only=True)
+        for t in held:
             k = storage_key(t)
             if k is not None:
                 self.ctx_storages.setdefault(k, []).append(node)
@@ -754,7 +762,7 @@ class Tracer(TorchDispatchMode):
             for a in _tensor_args(args, kwargs):
                 if not (a.is_floating_point() or a.is_complex()):
                     continue
-                t = fwAD.unpack_dual(a, level=self.level).tangent
+                t = unpack_dual(a, level=self.level).tangent
                 if t is not None and not t._is_zerotensor():
                     raise NoForwardADError(
                         f"linearize: custom operator {func} has no forward-mode (JVP) rule, so "
@@ -918,7 +926,7 @@ class Tracer(TorchDispatchMode):
         """The tracked tangent of dual tensor ``t`` (a Var), an untracked tangent tensor, or None
         (``tangent``: its tangent, if the caller unpacked it already)."""
         if tangent is Tracer._UNPACK:
-            tangent = fwAD.unpack_dual(t, level=self.level).tangent
+            tangent = unpack_dual(t, level=self.level).tangent
         if tangent is None:
             return None
         v = self.lookup(tangent)
