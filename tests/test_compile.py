@@ -126,3 +126,17 @@ def test_cuda_graph_replays_on_gpu():
     for _ in range(3):
         t = torch.randn(1000, device="cuda")
         torch.testing.assert_close(graphed(t), jvp_fn(t))
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_linearize_of_a_torch_compiled_function(backend):
+    # Dynamo tried to compile the tracer's dispatch mode and failed inside it; under
+    # linearize, compiled functions (and modules) run eagerly, so their ops are traced.
+    f = lambda x: torch.sin(x) * x.exp()
+    m = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Tanh()).double()
+    x, t = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    for fn, ref in ((torch.compile(f, backend=backend), f), (torch.compile(m, backend=backend), m)):
+        fn(x)  # compiled once, outside
+        y, jvp_fn = tl.linearize(fn, x)
+        torch.testing.assert_close(y, ref(x))
+        torch.testing.assert_close(jvp_fn(t), torch.func.jvp(ref, (x,), (t,))[1])

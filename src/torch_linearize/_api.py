@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -126,7 +128,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                     duals.append(fwAD.make_dual(p, ph, level=level))
                 args = tree_unflatten(duals, in_spec)
                 try:
-                    out = func(*args)
+                    with _eager_stance():
+                        out = func(*args)
                 except (NotImplementedError, RuntimeError) as e:
                     m = _NO_FWAD.search(str(e))
                     if m is None:
@@ -239,6 +242,16 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         external_bytes=external_bytes, opaque_nodes=opaque, created=set(created),
     )
     return (y, jvp_fn, aux) if has_aux else (y, jvp_fn)
+
+
+def _eager_stance() -> Any:
+    """Compiled functions (torch.compile) inside f run eagerly while it is traced, so that
+    the tracer sees their operations (Dynamo would otherwise try to compile the tracer's
+    dispatch mode, and fail). Dynamo is only consulted if it was imported: a compiled
+    function cannot exist before."""
+    if "torch._dynamo" not in sys.modules:
+        return nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def _describe_ctx_tensor(node: Any) -> str:
