@@ -9,6 +9,8 @@ PyTorch. The overrides are installed and removed with the custom-Function
 hooks (see ``_custom_function.function_patch``).
 
 Found by the per-argument OpInfo sweep (``tests/opinfo_harness.py``, "each").
+``scaled_dot_product_attention`` is routed to PyTorch's math implementation when a
+tangent is present: the fused kernels it would select have no forward-AD formula.
 """
 
 from __future__ import annotations
@@ -41,15 +43,40 @@ def _bce_with_logits(input, target, weight=None, pos_weight=None, reduction=1):
     return original(input, target, weight, pos_weight, reduction)
 
 
-_OVERRIDES = {"binary_cross_entropy_with_logits": _bce_with_logits}
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+          enable_gqa=False):
+    original = _originals["scaled_dot_product_attention"]
+    tracer = current_tracer()
+    if tracer is not None and not tracer.paused_depth and any(
+            _has_tangent(a, tracer.level) for a in (query, key, value, attn_mask)):
+        # The fused kernels SDPA selects (flash attention on CPU, flash/efficient on CUDA)
+        # have no forward-AD formula (torch.func.jvp fails on them too); PyTorch's math
+        # implementation is made of differentiable operations.
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            # (as the public operator does before choosing a kernel: False -> -inf)
+            attn_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+                attn_mask.logical_not(), float("-inf"))
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+            enable_gqa=enable_gqa)[0]
+    return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+
+# (namespace, attribute) -> override; the attribute is looked up at call time by callers
+# (torch.nn.functional's own multi_head_attention_forward included)
+_OVERRIDES = {
+    (torch, "binary_cross_entropy_with_logits"): _bce_with_logits,
+    (torch.nn.functional, "scaled_dot_product_attention"): _sdpa,
+}
 
 
 def install() -> None:
-    for name, fn in _OVERRIDES.items():
-        _originals[name] = getattr(torch, name)
-        setattr(torch, name, fn)
+    for (ns, name), fn in _OVERRIDES.items():
+        _originals[name] = getattr(ns, name)
+        setattr(ns, name, fn)
 
 
 def uninstall() -> None:
-    for name in _OVERRIDES:
-        setattr(torch, name, _originals.pop(name))
+    for ns, name in _OVERRIDES:
+        setattr(ns, name, _originals.pop(name))

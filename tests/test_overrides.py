@@ -1,0 +1,78 @@
+"""Tests for ``torch_linearize/_overrides.py``: calls routed to differentiable forms."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torch_linearize as tl
+from helpers import central_difference
+
+D = torch.float64
+
+
+def _masks():
+    keep = torch.ones(5, 5, dtype=torch.bool).tril()
+    row = keep.clone()
+    row[0] = False  # a fully masked row
+    return keep, row
+
+
+@pytest.mark.parametrize("case", ["causal", "float_mask_scale", "bool_mask", "masked_row", "gqa"])
+def test_scaled_dot_product_attention(case):
+    # The kernel SDPA selects on CPU (flash attention) has no forward-AD formula, so eager
+    # forward AD and torch.func.jvp fail on it; while tracing, a call with a tangent runs
+    # PyTorch's math implementation. Checked against finite differences and against
+    # torch.func.vjp for the transpose.
+    keep, row = _masks()
+    fns = {
+        "causal": lambda x: F.scaled_dot_product_attention(x, x.flip(-1), 2 * x, is_causal=True),
+        "float_mask_scale": lambda x: F.scaled_dot_product_attention(
+            x, x.flip(-1), 2 * x, attn_mask=torch.linspace(-1, 1, 25, dtype=D).view(5, 5),
+            scale=0.3),
+        "bool_mask": lambda x: F.scaled_dot_product_attention(x, x, x, attn_mask=keep),
+        "masked_row": lambda x: F.scaled_dot_product_attention(x, 2 * x, x, attn_mask=row),
+        "gqa": lambda x: F.scaled_dot_product_attention(x, x[:, :1], x[:, :1], enable_gqa=True),
+    }
+    f = fns[case]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 5, 8, dtype=D, generator=gen)
+    with pytest.raises(RuntimeError, match="forward AD"):
+        torch.func.jvp(f, (x,), (x,))  # (what PyTorch does)
+    y, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(y, f(x))
+    t = torch.randn(x.shape, dtype=D, generator=gen)
+    torch.testing.assert_close(jvp_fn(t), central_difference(f, (x,), (t,)), rtol=1e-6, atol=1e-7)
+    u = torch.randn(y.shape, dtype=D, generator=gen)
+    torch.testing.assert_close(jvp_fn.transpose()(u)[0], torch.func.vjp(f, x)[1](u)[0])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_transformer_encoder_layer(mode):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
+    getattr(layer, mode)()
+    x = torch.randn(2, 5, 8, dtype=D)
+    y, jvp_fn = tl.linearize(layer, x)
+    torch.testing.assert_close(y, layer(x))
+    t = torch.randn_like(x)
+    torch.testing.assert_close(jvp_fn(t), central_difference(layer, (x,), (t,)), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_sdpa_without_tangents_is_not_rerouted(monkeypatch):
+    calls = []
+    math = torch.ops.aten._scaled_dot_product_attention_math
+
+    class Spy:
+        def __call__(self, *a, **k):
+            calls.append(1)
+            return math(*a, **k)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_attention_math", Spy())
+    q = torch.randn(1, 1, 4, 8, dtype=D)
+    x = torch.randn(3, dtype=D)
+    tl.linearize(lambda x: x * F.scaled_dot_product_attention(q, q, q).sum(), x)  # constant
+    assert calls == []
+    tl.linearize(lambda q: F.scaled_dot_product_attention(q, q, q), q)
+    assert calls == [1]
