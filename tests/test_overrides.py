@@ -76,3 +76,22 @@ def test_sdpa_without_tangents_is_not_rerouted(monkeypatch):
     assert calls == []
     tl.linearize(lambda q: F.scaled_dot_product_attention(q, q, q), q)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_grid_sample(mode, padding_mode, align_corners):
+    # grid_sampler_2d has no forward-AD formula (torch.func.jvp fails on it); with a
+    # tangent on the input or the grid it runs PyTorch's decomposition.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 7, dtype=D, generator=gen)
+    g = torch.rand(2, 4, 5, 2, dtype=D, generator=gen) * 2.2 - 1.1  # (some outside)
+    f = lambda x, g: F.grid_sample(x, g, mode=mode, padding_mode=padding_mode,
+                                   align_corners=align_corners)
+    y, jvp_fn = tl.linearize(f, x, g)
+    torch.testing.assert_close(y, f(x, g))
+    t = (torch.randn(x.shape, dtype=D, generator=gen), torch.randn(g.shape, dtype=D, generator=gen))
+    torch.testing.assert_close(jvp_fn(*t), central_difference(f, (x, g), t), rtol=1e-5, atol=1e-6)
+    u = torch.randn(y.shape, dtype=D, generator=gen)
+    torch.testing.assert_close(jvp_fn.transpose()(u), torch.func.vjp(f, x, g)[1](u))

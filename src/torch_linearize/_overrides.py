@@ -9,8 +9,9 @@ PyTorch. The overrides are installed and removed with the custom-Function
 hooks (see ``_custom_function.function_patch``).
 
 Found by the per-argument OpInfo sweep (``tests/opinfo_harness.py``, "each").
-``scaled_dot_product_attention`` is routed to PyTorch's math implementation when a
-tangent is present: the fused kernels it would select have no forward-AD formula.
+``scaled_dot_product_attention`` (to PyTorch's math implementation) and 2-D
+``grid_sample`` (to PyTorch's decomposition) are routed when a tangent is present: the
+kernels they would run have no forward-AD formula.
 """
 
 from __future__ import annotations
@@ -63,11 +64,26 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
                     enable_gqa=enable_gqa)
 
 
+def _grid_sampler(input, grid, interpolation_mode, padding_mode, align_corners):
+    original = _originals["grid_sampler"]
+    tracer = current_tracer()
+    if tracer is not None and not tracer.paused_depth and input.dim() == 4 and (
+            _has_tangent(input, tracer.level) or _has_tangent(grid, tracer.level)):
+        # grid_sampler_2d has no forward-AD formula; PyTorch's decomposition of it (the
+        # one Inductor uses) is made of differentiable operations.
+        from torch._decomp import decomposition_table
+
+        impl = decomposition_table[torch.ops.aten.grid_sampler_2d.default]
+        return impl(input, grid, interpolation_mode, padding_mode, align_corners)
+    return original(input, grid, interpolation_mode, padding_mode, align_corners)
+
+
 # (namespace, attribute) -> override; the attribute is looked up at call time by callers
 # (torch.nn.functional's own multi_head_attention_forward included)
 _OVERRIDES = {
     (torch, "binary_cross_entropy_with_logits"): _bce_with_logits,
     (torch.nn.functional, "scaled_dot_product_attention"): _sdpa,
+    (torch, "grid_sampler"): _grid_sampler,
 }
 
 
