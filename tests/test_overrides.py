@@ -95,3 +95,31 @@ def test_grid_sample(mode, padding_mode, align_corners):
     torch.testing.assert_close(jvp_fn(*t), central_difference(f, (x, g), t), rtol=1e-5, atol=1e-6)
     u = torch.randn(y.shape, dtype=D, generator=gen)
     torch.testing.assert_close(jvp_fn.transpose()(u), torch.func.vjp(f, x, g)[1](u))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 4])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_embedding_bag(mode, padding_idx, include_last_offset):
+    # _embedding_bag has no forward-AD formula (torch.func.jvp fails on it); with a tangent
+    # on the weight (or per-sample weights) the result is rebuilt from differentiable
+    # operations on the kernel's bags. Bags: 4 entries, an empty one, 2, 3.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 3, dtype=D, generator=gen)
+    idx = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9, 0])
+    offsets = torch.tensor([0, 4, 4, 6, 9] if include_last_offset else [0, 4, 4, 6])
+    kw = dict(mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset)
+    if mode == "sum":
+        f = lambda w, p: F.embedding_bag(idx, w, offsets, per_sample_weights=p, **kw)
+        primals = (w, torch.rand(9, dtype=D, generator=gen))
+    else:
+        f = lambda w: F.embedding_bag(idx, w, offsets, **kw)
+        primals = (w,)
+    with pytest.raises(RuntimeError, match="forward AD"):
+        torch.func.jvp(f, primals, primals)
+    y, jvp_fn = tl.linearize(f, *primals)
+    torch.testing.assert_close(y, f(*primals))
+    t = tuple(torch.randn(p.shape, dtype=D, generator=gen) for p in primals)
+    torch.testing.assert_close(jvp_fn(*t), central_difference(f, primals, t), rtol=1e-6, atol=1e-7)
+    u = torch.randn(y.shape, dtype=D, generator=gen)
+    torch.testing.assert_close(jvp_fn.transpose()(u), torch.func.vjp(f, *primals)[1](u))

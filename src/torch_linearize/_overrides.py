@@ -78,12 +78,46 @@ def _grid_sampler(input, grid, interpolation_mode, padding_mode, align_corners):
     return original(input, grid, interpolation_mode, padding_mode, align_corners)
 
 
+def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                   per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    original = _originals["embedding_bag"]
+    args = (scale_grad_by_freq, mode, sparse)
+    tracer = current_tracer()
+    if tracer is None or tracer.paused_depth or not (
+            _has_tangent(weight, tracer.level) or _has_tangent(per_sample_weights, tracer.level)):
+        return original(weight, indices, offsets, *args, per_sample_weights, include_last_offset,
+                        padding_idx)
+    # _embedding_bag has no forward-AD formula (torch.func.jvp fails on it too). The
+    # kernel, on the primal values, gives the bags; the result is then rebuilt from
+    # differentiable operations: linear in weight and in per_sample_weights.
+    level = tracer.level
+    psw0 = None if per_sample_weights is None else unpack_dual(per_sample_weights, level).primal
+    primal, offset2bag, bag_size, max_indices = original(
+        unpack_dual(weight, level).primal, indices, offsets, *args, psw0, include_last_offset,
+        padding_idx)
+    if mode == 2:  # max: the rows the kernel picked, feature by feature
+        picked = weight.gather(0, max_indices.clamp_min(0))
+        result = torch.where((bag_size > 0).unsqueeze(-1), picked, 0.0)
+    else:
+        rows = weight.index_select(0, indices)
+        if per_sample_weights is not None:
+            rows = rows * per_sample_weights.unsqueeze(-1)
+        if padding_idx is not None:
+            pad = padding_idx + weight.shape[0] if padding_idx < 0 else padding_idx
+            rows = torch.where((indices != pad).unsqueeze(-1), rows, 0.0)
+        result = rows.new_zeros(primal.shape).index_add(0, offset2bag, rows)
+        if mode == 1:
+            result = result / bag_size.clamp_min(1).to(result.dtype).unsqueeze(-1)
+    return result, offset2bag, bag_size, max_indices
+
+
 # (namespace, attribute) -> override; the attribute is looked up at call time by callers
 # (torch.nn.functional's own multi_head_attention_forward included)
 _OVERRIDES = {
     (torch, "binary_cross_entropy_with_logits"): _bce_with_logits,
     (torch.nn.functional, "scaled_dot_product_attention"): _sdpa,
     (torch, "grid_sampler"): _grid_sampler,
+    (torch, "embedding_bag"): _embedding_bag,
 }
 
 
