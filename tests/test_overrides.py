@@ -123,3 +123,40 @@ def test_embedding_bag(mode, padding_idx, include_last_offset):
     torch.testing.assert_close(jvp_fn(*t), central_difference(f, primals, t), rtol=1e-6, atol=1e-7)
     u = torch.randn(y.shape, dtype=D, generator=gen)
     torch.testing.assert_close(jvp_fn.transpose()(u), torch.func.vjp(f, *primals)[1](u))
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, 0.5, float("inf")])
+@pytest.mark.parametrize("compute_mode", ["use_mm_for_euclid_dist_if_necessary",
+                                          "use_mm_for_euclid_dist",
+                                          "donot_use_mm_for_euclid_dist"])
+def test_cdist(p, compute_mode):
+    # _cdist_forward and _euclidean_dist have no forward-AD formula (torch.func.jvp fails
+    # on them); with a tangent the distances come from differentiable operations, by the
+    # kernel's own method. Broadcast batch dimensions; 30 rows takes the product form.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 1, 30, 4, dtype=D, generator=gen)
+    b = torch.randn(3, 6, 4, dtype=D, generator=gen)
+    f = lambda a, b: torch.cdist(a, b, p=p, compute_mode=compute_mode)
+    y, jvp_fn = tl.linearize(f, a, b)
+    torch.testing.assert_close(y, f(a, b))
+    t = (torch.randn(a.shape, dtype=D, generator=gen), torch.randn(b.shape, dtype=D, generator=gen))
+    jt = jvp_fn(*t)
+    if p >= 1:  # (p < 1: |d_i|^(p-1) is too steep near small components for differences)
+        torch.testing.assert_close(jt, central_difference(f, (a, b), t), rtol=1e-5, atol=1e-6)
+    u = torch.randn(y.shape, dtype=D, generator=gen)
+    ga, gb = torch.func.vjp(f, a, b)[1](u)
+    torch.testing.assert_close(jvp_fn.transpose()(u), (ga, gb))
+    # <u, J t> against cdist's own backward
+    torch.testing.assert_close((u * jt).sum(), (ga * t[0]).sum() + (gb * t[1]).sum())
+
+
+@pytest.mark.parametrize("compute_mode", ["use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist"])
+def test_cdist_zero_distances(compute_mode):
+    # cdist(x, x): zero on the diagonal, where the distance has no derivative; cdist's
+    # backward gives 0 there (a plain sqrt would give inf and NaN).
+    x = torch.randn(6, 3, dtype=D)
+    f = lambda x: torch.cdist(x, x, compute_mode=compute_mode)
+    _, jvp_fn = tl.linearize(f, x)
+    assert torch.isfinite(jvp_fn(torch.randn_like(x))).all()
+    u = torch.randn(6, 6, dtype=D)
+    torch.testing.assert_close(jvp_fn.transpose()(u)[0], torch.func.vjp(f, x)[1](u)[0])

@@ -111,6 +111,34 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     return result, offset2bag, bag_size, max_indices
 
 
+def _cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
+    original = _originals["cdist"]
+    tracer = current_tracer()
+    if tracer is None or tracer.paused_depth or not (
+            _has_tangent(x1, tracer.level) or _has_tangent(x2, tracer.level)):
+        return original(x1, x2, p, compute_mode)
+    # _cdist_forward and _euclidean_dist have no forward-AD formula (torch.func.jvp fails
+    # on them too): the same distances from differentiable operations, by the method the
+    # kernel would use (the matrix-product form for p = 2 where it would take it).
+    mm = p == 2 and (compute_mode == "use_mm_for_euclid_dist" or (
+        compute_mode == "use_mm_for_euclid_dist_if_necessary"
+        and (x1.shape[-2] > 25 or x2.shape[-2] > 25)))
+    if not mm:
+        return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+    # the kernel's arithmetic: one product of [-2 x1, |x1|^2, 1] and [x2, 1, |x2|^2]
+    batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    x1 = x1.expand(*batch, *x1.shape[-2:])
+    x2 = x2.expand(*batch, *x2.shape[-2:])
+    n1 = x1.pow(2).sum(-1, keepdim=True)
+    n2 = x2.pow(2).sum(-1, keepdim=True)
+    sq = torch.cat([x1 * -2, n1, torch.ones_like(n1)], -1) @ \
+        torch.cat([x2, torch.ones_like(n2), n2], -1).mT
+    sq = sq.clamp_min(0)
+    # sqrt with a zero derivative at zero distance (as cdist's backward has), not inf
+    positive = sq > 0
+    return torch.where(positive, torch.where(positive, sq, 1).sqrt(), 0.0)
+
+
 # (namespace, attribute) -> override; the attribute is looked up at call time by callers
 # (torch.nn.functional's own multi_head_attention_forward included)
 _OVERRIDES = {
@@ -118,6 +146,7 @@ _OVERRIDES = {
     (torch.nn.functional, "scaled_dot_product_attention"): _sdpa,
     (torch, "grid_sampler"): _grid_sampler,
     (torch, "embedding_bag"): _embedding_bag,
+    (torch, "cdist"): _cdist,
 }
 
 
