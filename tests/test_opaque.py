@@ -224,6 +224,10 @@ def test_builtin_op_without_batching_rule_falls_back_to_a_loop():
     got = torch.vmap(jvp_fn)(ts)
     want = torch.stack([torch.func.jvp(f, (x,), (t,))[1] for t in ts])
     torch.testing.assert_close(got, want)
+    # also under vmap of reverse mode through the map (its forward runs under vmap)
+    u = torch.randn(4, 4, dtype=D)
+    got = torch.vmap(torch.func.grad(lambda t: (jvp_fn(t) * u).sum()))(ts)
+    torch.testing.assert_close(got, jvp_fn.transpose()(u)[0].expand(3, 4, 4))
 
 
 # ----------------------------------------------------------------------------- the unbatched call

@@ -78,7 +78,10 @@ class _ThroughTranspose(torch.autograd.Function):
 
     @staticmethod
     def forward(lm, run, *flat):
-        return tuple(run(*flat))
+        try:
+            return tuple(run(*flat))
+        except RuntimeError as e:  # (under vmap of grad: an op without a batching rule)
+            return _after_failure(e, run, list(flat))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
