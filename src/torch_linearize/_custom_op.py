@@ -47,7 +47,7 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch._library import utils as _lib_utils
 from torch._library.custom_ops import CustomOpDef
 
-from ._forward_ad import unpack_dual
+from ._forward_ad import has_tangent
 
 __all__ = ["register_jvp"]
 
@@ -126,10 +126,7 @@ def _any_forward_tangent(args: tuple) -> bool:
     level = fwAD._current_level
     if level < 0 or not _C._is_fwd_grad_enabled():
         return False
-    return any(
-        isinstance(a, torch.Tensor) and unpack_dual(a, level=level).tangent is not None
-        for a in args
-    )
+    return any(has_tangent(a, level) for a in args)
 
 
 def _make_function(opdef: CustomOpDef, jvp: Callable, jvp_setup: Callable | None) -> type:

@@ -54,3 +54,8 @@ def unpack_dual(t: torch.Tensor, level: int) -> fwAD.UnpackedDualTensor:
     if t.is_inference():
         return fwAD.UnpackedDualTensor(t, None)
     return fwAD.unpack_dual(t, level=level)
+
+
+def has_tangent(t: object, level: int) -> bool:
+    """``t`` is a tensor carrying a forward-AD tangent at ``level``."""
+    return isinstance(t, torch.Tensor) and unpack_dual(t, level=level).tangent is not None

@@ -39,7 +39,7 @@ import torch.autograd.forward_ad as fwAD
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 
 from ._errors import LinearizeError, ReleasedError
-from ._forward_ad import unpack_dual
+from ._forward_ad import has_tangent as _carries_tangent
 from ._program import type_str
 
 __all__ = ["OpaqueJvp", "OpaqueVjp"]
@@ -72,10 +72,7 @@ def _has_forward_grad(args) -> bool:
     """An argument carries a forward-AD tangent (the map is applied inside eager forward
     AD, or inside linearize: the node's own JVP is the node, see _OpaqueApply.jvp)."""
     level = fwAD._current_level
-    for a in args:
-        if isinstance(a, torch.Tensor) and unpack_dual(a, level=level).tangent is not None:
-            return True
-    return False
+    return any(_carries_tangent(a, level) for a in args)
 
 
 def _needs_autograd_wrapper(args) -> bool:

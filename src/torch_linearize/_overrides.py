@@ -9,16 +9,17 @@ PyTorch. The overrides are installed and removed with the custom-Function
 hooks (see ``_custom_function.function_patch``).
 
 Found by the per-argument OpInfo sweep (``tests/opinfo_harness.py``, "each").
-``scaled_dot_product_attention`` (to PyTorch's math implementation) and 2-D
-``grid_sample`` (to PyTorch's decomposition) are routed when a tangent is present: the
-kernels they would run have no forward-AD formula.
+``scaled_dot_product_attention`` (to PyTorch's math implementation), 2-D
+``grid_sample`` (to PyTorch's decomposition), ``embedding_bag`` and ``cdist`` (rebuilt
+from differentiable operations) are routed when a tangent is present: the kernels they
+would run have no forward-AD formula (torch.func.jvp fails on them too).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._forward_ad import unpack_dual
+from ._forward_ad import has_tangent, unpack_dual
 from ._trace import current_tracer
 
 __all__ = ["install", "uninstall"]
@@ -26,16 +27,19 @@ __all__ = ["install", "uninstall"]
 _originals: dict[str, object] = {}
 
 
-def _has_tangent(t, level) -> bool:
-    return isinstance(t, torch.Tensor) and unpack_dual(t, level=level).tangent is not None
+def _tracing_level(*tensors) -> int | None:
+    """The forward-AD level of this thread's trace if one of ``tensors`` carries a tangent
+    in it (the call must be rerouted), else None."""
+    tracer = current_tracer()
+    if tracer is None or tracer.paused_depth:
+        return None
+    level = tracer.level
+    return level if any(has_tangent(t, level) for t in tensors) else None
 
 
 def _bce_with_logits(input, target, weight=None, pos_weight=None, reduction=1):
     original = _originals["binary_cross_entropy_with_logits"]
-    tracer = current_tracer()
-    if tracer is not None and not tracer.paused_depth and (
-        _has_tangent(weight, tracer.level) or _has_tangent(pos_weight, tracer.level)
-    ):
+    if _tracing_level(weight, pos_weight) is not None:
         # Eager forward AD ignores the tangents of weight/pos_weight for this op.
         from torch._decomp import decomposition_table
 
@@ -47,9 +51,7 @@ def _bce_with_logits(input, target, weight=None, pos_weight=None, reduction=1):
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
           enable_gqa=False):
     original = _originals["scaled_dot_product_attention"]
-    tracer = current_tracer()
-    if tracer is not None and not tracer.paused_depth and any(
-            _has_tangent(a, tracer.level) for a in (query, key, value, attn_mask)):
+    if _tracing_level(query, key, value, attn_mask) is not None:
         # The fused kernels SDPA selects (flash attention on CPU, flash/efficient on CUDA)
         # have no forward-AD formula (torch.func.jvp fails on them too); PyTorch's math
         # implementation is made of differentiable operations.
@@ -66,9 +68,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 
 def _grid_sampler(input, grid, interpolation_mode, padding_mode, align_corners):
     original = _originals["grid_sampler"]
-    tracer = current_tracer()
-    if tracer is not None and not tracer.paused_depth and input.dim() == 4 and (
-            _has_tangent(input, tracer.level) or _has_tangent(grid, tracer.level)):
+    if input.dim() == 4 and _tracing_level(input, grid) is not None:
         # grid_sampler_2d has no forward-AD formula; PyTorch's decomposition of it (the
         # one Inductor uses) is made of differentiable operations.
         from torch._decomp import decomposition_table
@@ -82,15 +82,13 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
                    per_sample_weights=None, include_last_offset=False, padding_idx=None):
     original = _originals["embedding_bag"]
     args = (scale_grad_by_freq, mode, sparse)
-    tracer = current_tracer()
-    if tracer is None or tracer.paused_depth or not (
-            _has_tangent(weight, tracer.level) or _has_tangent(per_sample_weights, tracer.level)):
+    level = _tracing_level(weight, per_sample_weights)
+    if level is None:
         return original(weight, indices, offsets, *args, per_sample_weights, include_last_offset,
                         padding_idx)
     # _embedding_bag has no forward-AD formula (torch.func.jvp fails on it too). The
     # kernel, on the primal values, gives the bags; the result is then rebuilt from
     # differentiable operations: linear in weight and in per_sample_weights.
-    level = tracer.level
     psw0 = None if per_sample_weights is None else unpack_dual(per_sample_weights, level).primal
     primal, offset2bag, bag_size, max_indices = original(
         unpack_dual(weight, level).primal, indices, offsets, *args, psw0, include_last_offset,
@@ -113,9 +111,7 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
 
 def _cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
     original = _originals["cdist"]
-    tracer = current_tracer()
-    if tracer is None or tracer.paused_depth or not (
-            _has_tangent(x1, tracer.level) or _has_tangent(x2, tracer.level)):
+    if _tracing_level(x1, x2) is None:
         return original(x1, x2, p, compute_mode)
     # _cdist_forward and _euclidean_dist have no forward-AD formula (torch.func.jvp fails
     # on them too): the same distances from differentiable operations, by the method the
