@@ -495,8 +495,9 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     if len(prog.inputs) == 1 and len(rets) == 1:
         # run1(t): the one-tensor call in one frame, for LinearMap's commonest call. It
         # checks what LinearMap checks (type, shape, dtype, device, and that no gradient
-        # is to be recorded; NotImplemented when any differs), then runs the same body and returns the one output itself. (A call
-        # made between other heavy work pays every frame and lookup in cache misses.)
+        # is to be recorded; NotImplemented when any differs), then runs the same body
+        # and returns the one output itself. (A call made between other heavy work pays
+        # every frame and lookup in cache misses.)
         v = prog.inputs[0]
         name = nm.var(v)
         dev = f"not {name}.is_cpu" if v.device == _CPU else f"{name}.device != {nm.glob(v.device)}"
