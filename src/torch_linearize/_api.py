@@ -18,6 +18,7 @@ from torch.utils._pytree import (
     tree_unflatten,
 )
 
+from . import _structure_cache
 from ._checks import flatten_primals, flatten_with_path, leaf_specs_of
 from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError, StaleResidualError
@@ -29,11 +30,21 @@ from ._program import (
     Program,
     Var,
     ZeroOut,
+    bind_program,
     check_linear_at_zero,
-    compile_program,
     dead_code_elimination,
+    program_factory,
 )
 from ._residuals import ctx_tensors, distinct_storage_bytes, storage_key
+from ._structure_cache import (
+    Recorder,
+    Template,
+    cache_get,
+    cache_put,
+    first_sighting,
+    replay,
+    structure_key,
+)
 from ._trace import Tracer, current_tracer
 
 __all__ = ["linearize"]
@@ -168,27 +179,49 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         mutated_inputs=set(tracer.mutated_inputs),
         residual_names=tracer.residuals.origin,
     )
-    dead_code_elimination(prog)  # raises for live non-linear (poisoned) values
-    used = set(prog.used_residuals())
-    stale = sorted(used & set(changed))
-    if stale:
-        raise StaleResidualError(
-            f"{_API}: {_describe_residual(prog, stale[0], flat, leaf_specs)} was modified in "
-            "place later during f by code linearize cannot see (e.g. through numpy or a raw data "
-            "pointer). Clone it before modifying it."
-        )
-    suspect = bool(used & tracer.suspect_residuals)
-    n_traced = len(prog.residuals)
-    prog.trace_values = tracer.trace_values  # outputs' tangents; inputs' placeholders are ones
-    simplify(prog)
+    # A structure seen before (a Newton loop re-linearizing at a new point) reuses its
+    # simplified program and code if the passes' value-based decisions come out the same
+    # on the new residuals (_structure_cache); otherwise the passes run (and record, from
+    # the structure's second linearization on).
+    keyed = None if tracer.opaque_nodes else structure_key(
+        prog, tracer.trace_values, tracer.suspect_residuals)
+    tpl = cache_get(keyed[0]) if keyed is not None else None
+    final = replay(tpl, prog.residuals, tracer.trace_values, keyed[1]) if tpl is not None else None
+    traced = list(prog.residuals)
+    if final is not None:
+        used = tpl.used
+        _raise_if_stale(prog, used, changed, flat, leaf_specs)
+        raw, prog = prog, tpl.program(final, tracer.residuals.origin)
+        new = [r for k, r in zip(tpl.res_slots, final) if k >= tpl.n_traced]
+        make, src = tpl.make, tpl.src
+        if _structure_cache.VERIFY:
+            _verify_hit(raw, prog, tracer.trace_values)
+    else:
+        dead_code_elimination(prog)  # raises for live non-linear (poisoned) values
+        used = set(prog.used_residuals())
+        _raise_if_stale(prog, used, changed, flat, leaf_specs)
+        n_traced = len(traced)  # (the passes append their coefficients to prog.residuals)
+        prog.trace_values = tracer.trace_values  # outputs' tangents; inputs' placeholders: ones
+        rec = prog.recorder = None if keyed is None or first_sighting(keyed[0]) else Recorder(
+            traced, {v.id: i for i, v in enumerate(keyed[1])})
+        simplify(prog)
+        prog.recorder = None
+        new = prog.residuals[n_traced:]
+        prog.prune_residuals()
+        make, src = program_factory(prog)
+        if rec is not None and rec.ok:
+            slots = [rec.slot_of(r) for r in prog.residuals]
+            if None not in slots:
+                cache_put(keyed[0], Template(prog, rec, n_traced, used, slots, make, src))
     prog.trace_values = tracer.trace_values = {}
+    suspect = bool(used & tracer.suspect_residuals)
     # Coefficients computed by the passes are new storage; a coefficient that *is* a
     # traced residual (x * w folds to coefficients w and x) is not.
-    traced_storages = {storage_key(r) for r in prog.residuals[:n_traced]}
-    for r in prog.residuals[n_traced:]:
-        if storage_key(r) not in traced_storages:
-            tracer.note_created(r)
-    prog.prune_residuals()
+    if new:
+        traced_storages = {storage_key(r) for r in traced}
+        for r in new:
+            if storage_key(r) not in traced_storages:
+                tracer.note_created(r)
     live_nodes = {id(e.fn) for e in prog.eqns}
     opaque = [n for n in tracer.opaque_nodes if id(n) in live_nodes]
     for n in tracer.opaque_nodes:
@@ -231,7 +264,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         if k is not None and (k not in created or k in reachable) and t.device.type != "meta":
             watch.append((t, t._version, _describe_ctx_tensor(n)))
 
-    run = compile_program(prog)
+    run = bind_program(make, src, prog.residuals)
     if suspect:
         check_linear_at_zero(prog, run, opaque, _API)
     y = tree_unflatten(y_flat, out_spec)
@@ -242,6 +275,34 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         external_bytes=external_bytes, opaque_nodes=opaque, created=set(created),
     )
     return (y, jvp_fn, aux) if has_aux else (y, jvp_fn)
+
+
+def _raise_if_stale(prog: Program, used: set[int], changed: list[int], flat: list,
+                    leaf_specs: list) -> None:
+    stale = sorted(used & set(changed))
+    if stale:
+        raise StaleResidualError(
+            f"{_API}: {_describe_residual(prog, stale[0], flat, leaf_specs)} was modified in "
+            "place later during f by code linearize cannot see (e.g. through numpy or a raw data "
+            "pointer). Clone it before modifying it."
+        )
+
+
+def _verify_hit(raw: Program, hit: Program, trace_values: dict) -> None:
+    """The verification mode of the structure cache: the passes run on the same trace
+    must give the program and residuals the cache gave."""
+    dead_code_elimination(raw)
+    raw.trace_values = trace_values
+    simplify(raw)
+    raw.trace_values = {}
+    raw.prune_residuals()
+    want, got = structure_key(raw, {}, set()), structure_key(hit, {}, set())
+    if want is None or got is None or want[0] != got[0]:
+        raise AssertionError("structure cache: the cached program differs from the passes' "
+                             f"result:\n{want and want[0]}\n{got and got[0]}")
+    for a, b in zip(raw.residuals, hit.residuals):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True,
+                                   msg="structure cache: a replayed residual differs")
 
 
 def _eager_stance() -> Any:

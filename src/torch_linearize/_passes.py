@@ -34,23 +34,37 @@ def _mutated_groups(prog: Program) -> set:
     return groups
 
 
+def _op(prog: Program, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``: tensor work on residuals (logged when the program's
+    structure is being recorded for re-linearization, see ``_structure_cache``)."""
+    rec = prog.recorder
+    return fn(*args, **kwargs) if rec is None else rec.op(fn, *args, **kwargs)
+
+
+def _decide(prog: Program, fn, *args):
+    """``fn(*args)``: a decision taken from residual values (logged with its outcome when
+    recording: a re-linearization re-evaluates it before reusing the program)."""
+    rec = prog.recorder
+    return fn(*args) if rec is None else rec.decide(fn, *args)
+
+
 def _is_zero_residual(prog: Program, r: Res, cache: dict[int, bool]) -> bool:
     z = cache.get(r.index)
     if z is None:
-        t = prog.residuals[r.index]
-        if t._is_zerotensor():
-            z = True
-        elif t.device.type == "meta" or t.layout != torch.strided:
-            z = False
-        elif getattr(t, "_torch_linearize_structural_zero", False):
-            z = True
-        elif t.numel() > 64 and t.is_contiguous() and \
-                bool(t.reshape(-1)[:: t.numel() // 64].any()):
-            z = False  # a nonzero among a strided sample: no full pass needed
-        else:
-            z = t.numel() == 0 or _all_zero(t)
-        cache[r.index] = z
+        z = cache[r.index] = _decide(prog, _is_zero_tensor, prog.residuals[r.index])
     return z
+
+
+def _is_zero_tensor(t: torch.Tensor) -> bool:
+    if t._is_zerotensor():
+        return True
+    if t.device.type == "meta" or t.layout != torch.strided:
+        return False
+    if getattr(t, "_torch_linearize_structural_zero", False):
+        return True
+    if t.numel() > 64 and t.is_contiguous() and bool(t.reshape(-1)[:: t.numel() // 64].any()):
+        return False  # a nonzero among a strided sample: no full pass needed
+    return t.numel() == 0 or _all_zero(t)
 
 
 _AMINMAX_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
@@ -272,7 +286,7 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
             uses[o.id] = uses.get(o.id, 0) + 1
     memo: dict[int, dict] = {}
     owned: set[int] = set()
-    mixed = _MixedSigns()
+    mixed = _MixedSigns(prog.recorder)
     position = {v: k for k, v in enumerate(producer)}  # producer is in program order
     for vid in sorted(external):
         bset, ops, res_elems = info[vid]
@@ -287,14 +301,14 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
             coeffs = _region_coefficients(prog, producer, position, vid, memo, owned, uses, mixed)
         if coeffs is not None:
             terms = [(bases[bid], coeffs.get(bid, 0), bset[bid]) for bid in sorted(bset)]
-            plan = _plan_terms(terms, out)
+            plan = _plan_terms(prog, terms, out)
             # one operation per term except an unscaled first one, plus conjugations
             n_ops = sum(1 for _, kind, _ in plan if kind != "first") + sum(
                 1 for (_, par), _, _ in plan if par)
             stored = sum(c.numel() for _, kind, c in plan if isinstance(c, torch.Tensor))
             if (n_ops < ops and stored <= max(res_elems, 1) and (
                     (exact_terms and vid not in mixed.vars and len(terms) <= _FEW_TERMS)
-                    or _folding_is_accurate(prog, producer, bases, bset, vid, terms))):
+                    or _accurate(prog, producer, bases, bset, vid, terms))):
                 emitted = _emit_terms(prog, plan, out)
                 if _keeps_layout(prog, emitted, out):
                     rewrites[vid] = emitted
@@ -469,7 +483,10 @@ def _traced_coefficient(prog, producer, bset, vid) -> dict | None:
                 shape = torch.broadcast_shapes(shape, prog.residuals[a.index].shape)
     if tuple(shape) != tuple(out.shape):
         return None
-    return {bid: value.detach()}
+    value = value.detach()
+    if prog.recorder is not None:
+        prog.recorder.traced(vid, value)
+    return {bid: value}
 
 
 def _region_coefficients(prog, producer, position, vid, memo, owned, uses, mixed=None):
@@ -529,9 +546,10 @@ class _MixedSigns:
     ``vars``: ids of values with such a combination at or upstream of them.
     """
 
-    def __init__(self):
+    def __init__(self, recorder=None):
         self.vars: set[int] = set()
         self._signs: dict[int, tuple] = {}  # id(tensor) -> (tensor, version, sign)
+        self._rec = recorder
 
     def sign(self, c) -> int | None:
         """+1: every element >= 0; -1: every element <= 0; 0: all zero; None: mixed,
@@ -545,16 +563,7 @@ class _MixedSigns:
         hit = self._signs.get(id(c))
         if hit is not None and hit[0] is c and hit[1] == c._version:
             return hit[2]
-        d = _distinct(c)
-        fast = d.dtype in _AMINMAX_DTYPES
-        lo = float(torch.amin(d) if fast else d.min())
-        if lo != lo:
-            sign = None  # NaN (the minimum propagates it)
-        elif lo > 0:
-            sign = 1  # (one reduction: the common case of a positive coefficient)
-        else:
-            hi = float(torch.amax(d) if fast else d.max())
-            sign = 0 if lo == hi == 0 else 1 if lo >= 0 else -1 if hi <= 0 else None
+        sign = _sign_of(c) if self._rec is None else self._rec.decide(_sign_of, c)
         self._signs[id(c)] = (c, c._version, sign)
         return sign
 
@@ -569,6 +578,19 @@ class _MixedSigns:
         if sx is None or sy is None:
             return False
         return sx == (-sy if flip else sy)
+
+
+def _sign_of(c: torch.Tensor) -> int | None:
+    """:meth:`_MixedSigns.sign` of a real, non-empty tensor."""
+    d = _distinct(c)
+    fast = d.dtype in _AMINMAX_DTYPES
+    lo = float(torch.amin(d) if fast else d.min())
+    if lo != lo:
+        return None  # NaN (the minimum propagates it)
+    if lo > 0:
+        return 1  # (one reduction: the common case of a positive coefficient)
+    hi = float(torch.amax(d) if fast else d.max())
+    return 0 if lo == hi == 0 else 1 if lo >= 0 else -1 if hi <= 0 else None
 
 
 def _eqn_coefficients(prog, e: Eqn, arg_coeffs: list, owned: set[int], uses: dict,
@@ -677,7 +699,8 @@ def _tensor_rule(prog, e: Eqn, vals: dict, owned: set[int], uses: dict):
     for i, a in enumerate(e.args):
         if i in vals:
             c = vals[i]
-            args.append(torch.full((), c, dtype=a.dtype, device=a.device) if _is_number(c) else c)
+            args.append(_op(prog, torch.full, (), c, dtype=a.dtype, device=a.device)
+                        if _is_number(c) else c)
         elif isinstance(a, Res):
             args.append(prog.residuals[a.index])
         else:
@@ -693,12 +716,13 @@ def _tensor_rule(prog, e: Eqn, vals: dict, owned: set[int], uses: dict):
             if id(c) in owned and uses.get(e.args[0].id, 0) == 1 and \
                     torch.result_type(c, r) == c.dtype and \
                     torch.broadcast_shapes(c.shape, r.shape) == c.shape:
-                return c.mul_(r) if fn is aten.mul.Tensor else c.div_(r)
+                return _op(prog, torch.Tensor.mul_ if fn is aten.mul.Tensor else torch.Tensor.div_,
+                           c, r)
     elif fn is aten.mul.Tensor and list(vals) == [1] and isinstance(args[0], torch.Tensor) and \
             _is_number(vals[1]) and vals[1] == 1 and args[0].dtype == e.args[1].dtype and \
             args[0].dim() > 0 and not e.kwargs:
         return args[0]
-    result = fn(*args, **e.kwargs)
+    result = _op(prog, fn, *args, **e.kwargs)
     if isinstance(result, torch.Tensor):
         for c in vals.values():  # the result may alias an input (clone/alias are not views,
             if result is c:       # but be safe): then neither may be overwritten
@@ -754,7 +778,42 @@ def _probe_values(xs: torch.Tensor, converted: dict, dtype) -> list:
     return v
 
 
-def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
+def _accurate(prog: Program, producer, bases, bset, vid, terms) -> bool:
+    """:func:`_folding_is_accurate` on the program's residuals; when recording, a decision
+    over a snapshot of the region (later passes replace equations' arguments)."""
+    rec = prog.recorder
+    if rec is None:
+        return _folding_is_accurate(prog.residuals, producer, bases, bset, vid, terms)
+    region = {}
+    stack = [vid]
+    while stack:
+        v = stack.pop()
+        e = producer.get(v)
+        if e is None or v in region:
+            continue
+        region[v] = _FrozenEqn(e.fn, e.args, e.kwargs, e.outs)
+        stack.extend(a.id for a in e.args if isinstance(a, Var))
+    shape = [(b, None if isinstance(c, torch.Tensor) else c, par) for b, c, par in terms]
+    coeffs = [c for _, c, _ in terms if isinstance(c, torch.Tensor)]
+
+    def check(residuals: list, coeffs: list) -> bool:
+        it = iter(coeffs)
+        ts = [(b, next(it) if c is None else c, par) for b, c, par in shape]
+        return _folding_is_accurate(residuals, region, bases, bset, vid, ts)
+
+    return rec.decide(check, list(prog.residuals), coeffs)
+
+
+class _FrozenEqn:
+    """The parts of an equation a region evaluation reads, as they were."""
+
+    __slots__ = ("args", "fn", "kwargs", "outs")
+
+    def __init__(self, fn, args, kwargs, outs):
+        self.fn, self.args, self.kwargs, self.outs = fn, args, kwargs, outs
+
+
+def _folding_is_accurate(residuals: list, producer, bases, bset, vid, terms) -> bool:
     """Reassociating sums can lose precision (cancellation); check on random inputs.
 
     The region is evaluated as traced and as the folded sum of terms on random
@@ -786,7 +845,7 @@ def _folding_is_accurate(prog, producer, bases, bset, vid, terms) -> bool:
         g = r[index]
         return g if g.dim() else g.expand(k)
 
-    traced = _region_eval(prog, producer, vid, vals, gather)
+    traced = _region_eval(residuals, producer, vid, vals, gather)
     if traced is None:
         return False
     # sum(c * v for the terms), without the multiplications by an exact 1 and the
@@ -821,7 +880,7 @@ def _has_additive(producer, vid) -> bool:
     return False
 
 
-def _region_eval(prog, producer, vid, base_values: dict[int, torch.Tensor], gather):
+def _region_eval(residuals: list, producer, vid, base_values: dict[int, torch.Tensor], gather):
     """Evaluate a region on (flat, subsampled) base values; residuals go through ``gather``."""
     cache: dict[int, torch.Tensor] = {}
 
@@ -832,7 +891,7 @@ def _region_eval(prog, producer, vid, base_values: dict[int, torch.Tensor], gath
                 cache[v.id] = base_values[v.id]
             else:
                 args = [value(a) if isinstance(a, Var) else
-                        gather(prog.residuals[a.index]) if isinstance(a, Res) else a
+                        gather(residuals[a.index]) if isinstance(a, Res) else a
                         for a in e.args]
                 cache[v.id] = e.fn(*args, **e.kwargs)
         return cache[v.id]
@@ -869,12 +928,12 @@ def _constant_value(c: torch.Tensor):
     return lo.item()
 
 
-def _plan_terms(terms, out: Var):
+def _plan_terms(prog: Program, terms, out: Var):
     """Order terms (unit coefficients first) and classify each coefficient."""
     plan = []
     for b, c, par in terms:
         b = (b, par)
-        value = c if _is_number(c) else _constant_value(c)
+        value = c if _is_number(c) else _decide(prog, _constant_value, c)
         if value is None:
             kind, coef = "scaled", c
         elif value == 1:
@@ -887,7 +946,7 @@ def _plan_terms(terms, out: Var):
             kind, coef = "scalar", float(value)
         else:
             kind, coef = "scaled", c if isinstance(c, torch.Tensor) else \
-                torch.full((), c, dtype=out.dtype, device=out.device)
+                _op(prog, torch.full, (), c, dtype=out.dtype, device=out.device)
         plan.append((b, kind, coef))
     plan.sort(key=lambda p: p[1] != "unit")
     if plan:
@@ -906,7 +965,7 @@ def _emit_terms(prog: Program, plan, out: Var) -> list[Eqn]:
         for i, r in enumerate(prog.residuals):
             if r is c:  # a traced residual used as is: no new slot
                 return Res(i)
-        prog.residuals.append(c.contiguous())
+        prog.residuals.append(_op(prog, torch.Tensor.contiguous, c))
         if prog.residual_names:
             prog.residual_names.append("folded pointwise coefficient")
         return Res(len(prog.residuals) - 1)

@@ -157,6 +157,9 @@ class Program:
     # tangent placeholders are ones, so the value of a one-input pointwise region is its
     # coefficient, already computed by the trace (see _passes._traced_coefficient).
     trace_values: dict = field(default_factory=dict)
+    # While simplifying a program seen for the first time: the _structure_cache.Recorder
+    # that logs the passes' tensor work and value-based decisions (None: not recorded).
+    recorder: Any = None
 
     def used_residuals(self) -> list[int]:
         seen: dict[int, None] = {}
@@ -436,6 +439,21 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     inputs the program mutates in place are copied so the caller's tensors are
     never written.
     """
+    make, src = program_factory(prog)
+    return bind_program(make, src, prog.residuals)
+
+
+def bind_program(make: Callable, src: str, residuals: list) -> Callable[..., tuple]:
+    """``run`` for residuals ``residuals`` from :func:`program_factory`'s ``make``."""
+    run, run1 = make(*residuals)
+    run.__torch_linearize_source__ = src  # type: ignore[attr-defined]
+    run.entry1 = run1  # type: ignore[attr-defined]
+    return run
+
+
+def program_factory(prog: Program) -> tuple[Callable, str]:
+    """``(make, source)``: ``make(*residuals)`` returns ``(run, run1)`` for ``prog``'s
+    structure (the same for any residuals of the same slots)."""
     nm = _Namer()
     lines: list[str] = []
     nres = len(prog.residuals)
@@ -522,10 +540,7 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
             _code_cache.clear()
         _code_cache[src] = code
     exec(code, glb)
-    run, run1 = glb["_make"](*prog.residuals)
-    run.__torch_linearize_source__ = src  # type: ignore[attr-defined]
-    run.entry1 = run1  # type: ignore[attr-defined]
-    return run
+    return glb["_make"], src
 
 
 

@@ -1,0 +1,352 @@
+"""Re-linearizing a function with the same structure: reuse the simplified program.
+
+A Newton or Gauss-Newton loop linearizes the same function at a new point every
+iteration. The trace must run again (it computes the residuals at the new point),
+but the passes (``_passes.simplify``), residual pruning and code generation depend
+on the traced program's *structure* and on a few facts about residual *values*.
+
+* :func:`structure_key` describes a traced program canonically: every equation's
+  operator, argument structure and literals, every tangent value's shape, dtype,
+  strides, storage group (numbered in order of appearance where the program writes
+  in place; otherwise only whether it is an input's) and conj/neg state,
+  every residual's metadata, and which outputs carry a traced value. Two traces
+  with equal keys are the same program up to residual values.
+* The first time a structure is met, the passes just run (most structures are
+  linearized once). The second time, a :class:`Recorder` logs, in order, every
+  tensor operation they apply to residuals (the folded coefficients are such
+  operations) and every *decision* they take from values (a residual is all zeros,
+  a coefficient has one sign, a folded region is as accurate as the traced one, a
+  coefficient is a constant), with its outcome.
+* On a later trace with the same key, :func:`replay` runs the logged operations on
+  the new residuals and re-evaluates every decision; if each gives the outcome it
+  gave before, the passes would take the same path, so the cached program (and its
+  generated code) is used with the replayed residuals. If any differs, the passes
+  run in full and the entry is replaced.
+
+Programs holding opaque nodes (custom Functions, custom ops) are not cached: each
+node holds its own ctx. A template holds no tensors (only the program's structure,
+operators and literals), so the cache keeps no memory alive.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+import torch
+
+from ._program import Program, Res, Var
+
+__all__ = ["Recorder", "Template", "cache_get", "cache_put", "first_sighting", "replay",
+           "structure_key"]
+
+_PLAIN = frozenset({int, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                    torch.memory_format})
+_MAX_ENTRIES = 128
+# When true (tests: ``pytest --verify-structure-cache``), every cache hit is checked
+# against a full run of the passes on the same trace.
+VERIFY = False
+# Counts since import (or cache_clear): reused programs, structures recorded, and reuses
+# refused because a decision came out differently on the new values.
+stats = {"hits": 0, "recorded": 0, "refused": 0}
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def structure_key(prog: Program, trace_values: dict, suspect: set[int]) -> tuple | None:
+    """A hashable description of ``prog`` up to residual values, and the Vars in canonical
+    order; None for a program that is not cached (opaque nodes, unusual literals)."""
+    vnum: dict[int, int] = {}
+    order: list[Var] = []
+    # Storage groups matter to the passes through in-place writes (which buffers a write
+    # reaches) and, without any, only as "is one of the inputs' buffers": a freed buffer's
+    # address can be reused by a later one, so their full pattern varies between traces.
+    mutating = any(e.mutates for e in prog.eqns)
+    groups: dict[Any, int] = {}
+    if not mutating:
+        groups = {v.group: 0 for v in prog.inputs if v.group is not None}
+
+    def define(v: Var) -> tuple:
+        vnum[v.id] = len(order)
+        order.append(v)
+        g = v.group
+        if g is not None:
+            g = groups.setdefault(g, len(groups)) if mutating else g in groups
+        return (v.shape, v.dtype, v.stride, g, v.device, v.lazy)
+
+    # Encoding: a Var is its canonical number (an int >= 0) where it was seen before and
+    # its metadata (a tuple starting with its shape) where it is defined; a residual slot
+    # is -1 - index; a literal is (type, value), floats by their exact hex form (so 1, 1.0
+    # and True differ, and 0.0 and -0.0).
+    def ref(x) -> Any:
+        t = type(x)
+        if t is Var:
+            n = vget(x.id)
+            return define(x) if n is None else n
+        if t is Res:
+            return -1 - x.index
+        if t is int:
+            return (int, x)
+        if t is tuple or t is list:
+            return (t, *[ref(y) for y in x])
+        if t is float:
+            return (float, x.hex())
+        if t is complex:
+            return (complex, x.real.hex(), x.imag.hex())
+        if t in _PLAIN:
+            return (t, x)
+        raise _Uncacheable
+
+    def outs(o) -> Any:
+        t = type(o)
+        if t is Var:
+            return define(o)
+        if t is tuple or t is list:
+            return (t, *[outs(y) for y in o])
+        return ref(o)
+
+    vget = vnum.get
+    OpOverload = torch._ops.OpOverload
+    try:
+        parts: list = [tuple([define(v) for v in prog.inputs])]
+        for e in prog.eqns:
+            fn = e.fn
+            if type(fn) is not OpOverload:
+                return None
+            a = []
+            for x in e.args:
+                t = type(x)
+                if t is Var:
+                    n = vget(x.id)
+                    a.append(define(x) if n is None else n)
+                elif t is Res:
+                    a.append(-1 - x.index)
+                else:
+                    a.append(ref(x))
+            kw, o = e.kwargs, e.outs
+            parts.append((fn, tuple(a), ref(tuple(kw.items())) if kw else (),
+                          define(o) if type(o) is Var else outs(o),
+                          ref(e.mutates) if e.mutates else (), e.name, e.poison))
+        parts.append(tuple([ref(o) if type(o) is Var else (o.shape, o.dtype, o.device)
+                            for o in prog.outputs]))
+    except _Uncacheable:
+        return None
+    res = []
+    for r in prog.residuals:
+        if r.layout != torch.strided:
+            return None
+        res.append((type(r), r.shape, r.stride(), r.storage_offset(), r.dtype, r.device,
+                    r._is_zerotensor(), r.is_conj(), r.is_neg(), r.requires_grad,
+                    getattr(r, "_torch_linearize_structural_zero", False)))
+    parts.append(tuple(res))
+    tv = []
+    for vid, t in trace_values.items():
+        n = vnum.get(vid)
+        if n is None:
+            return None
+        tv.append((n, t.shape, t.stride(), t.dtype))
+    parts.append(tuple(tv))
+    parts.append(tuple(prog.input_layouts))
+    parts.append(tuple(sorted(prog.mutated_inputs)))
+    parts.append(tuple(sorted(suspect)))
+    return tuple(parts), order
+
+
+class _Slot:
+    """A reference to a value of the log (a residual, or the result of a logged op)."""
+
+    __slots__ = ("k",)
+
+    def __init__(self, k: int):
+        self.k = k
+
+
+_OP, _DECIDE, _TRACED = 0, 1, 2
+
+
+class Recorder:
+    """Logs the passes' tensor operations on residuals and their value-based decisions."""
+
+    def __init__(self, residuals: list[torch.Tensor], var_index: dict[int, int]):
+        self.slots: dict[int, tuple[int, torch.Tensor]] = {
+            id(r): (i, r) for i, r in enumerate(residuals)}
+        self.n = len(residuals)
+        self.log: list[tuple] = []
+        self.ok = True
+        self.var_index = var_index
+
+    def _new(self, t: torch.Tensor) -> int:
+        k = self.n
+        self.n += 1
+        self.slots[id(t)] = (k, t)
+        return k
+
+    def _spec(self, x):
+        if isinstance(x, torch.Tensor):
+            hit = self.slots.get(id(x))
+            if hit is None or hit[1] is not x:
+                self.ok = False  # a tensor of unknown origin: this program is not cached
+                return None
+            return _Slot(hit[0])
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._spec(y) for y in x)
+        if isinstance(x, dict):
+            return {k: self._spec(v) for k, v in x.items()}
+        return x
+
+    def slot_of(self, t: torch.Tensor) -> int | None:
+        hit = self.slots.get(id(t))
+        return hit[0] if hit is not None and hit[1] is t else None
+
+    def op(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, logged."""
+        out = fn(*args, **kwargs)
+        if self.ok:
+            a, kw = self._spec(args), self._spec(kwargs)
+            if isinstance(out, torch.Tensor):
+                self.log.append((_OP, fn, a, kw, torch.is_grad_enabled(), self._new(out)))
+            else:
+                self.ok = False
+        return out
+
+    def decide(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` (a decision taken from tensor values), logged with its outcome."""
+        result = fn(*args)
+        if self.ok:
+            self.log.append((_DECIDE, fn, self._spec(args), result))
+        return result
+
+    def traced(self, vid: int, t: torch.Tensor) -> torch.Tensor:
+        """``t``, the traced tangent value of Var ``vid``, used as a coefficient."""
+        n = self.var_index.get(vid)
+        if n is None:
+            self.ok = False
+        elif self.ok:
+            self.log.append((_TRACED, n, self._new(t)))
+        return t
+
+
+class Template:
+    """What a traced structure simplifies to: the program, its code, and how to get its
+    residuals (slots of the log) from a new trace's."""
+
+    __slots__ = ("eqns", "input_layouts", "inputs", "log", "make", "mutated_inputs", "n_slots",
+                 "n_traced", "outputs", "res_names", "res_slots", "src", "used")
+
+    def __init__(self, prog: Program, rec: Recorder, n_traced: int, used: list[int],
+                 res_slots: list[int], make: Callable, src: str):
+        self.eqns = tuple(prog.eqns)
+        self.inputs = list(prog.inputs)
+        self.outputs = list(prog.outputs)
+        self.input_layouts = list(prog.input_layouts)
+        self.mutated_inputs = frozenset(prog.mutated_inputs)
+        self.res_slots = res_slots
+        self.res_names = list(prog.residual_names)
+        self.log = tuple(rec.log)
+        self.n_slots = rec.n
+        self.n_traced = n_traced
+        self.used = used
+        self.make = make
+        self.src = src
+
+    def program(self, residuals: list[torch.Tensor], names: list[str]) -> Program:
+        """A fresh Program (the equations are shared: nothing mutates them after linearize)."""
+        res_names = [names[k] if k < self.n_traced and k < len(names) else n
+                     for k, n in zip(self.res_slots, self.res_names)] if self.res_names else []
+        return Program(inputs=list(self.inputs), eqns=list(self.eqns), outputs=list(self.outputs),
+                       residuals=residuals, input_layouts=list(self.input_layouts),
+                       mutated_inputs=set(self.mutated_inputs), residual_names=res_names)
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if a == b:
+        return True
+    return a != a and b != b  # (NaN)
+
+
+def replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
+           order: list[Var]) -> list[torch.Tensor] | None:
+    """The template's residuals computed from a new trace's, or None if a decision comes
+    out differently (the passes must run)."""
+    if len(residuals) != tpl.n_traced:
+        return None
+    vals: list = list(residuals) + [None] * (tpl.n_slots - tpl.n_traced)
+
+    def un(x):
+        t = type(x)
+        if t is _Slot:
+            return vals[x.k]
+        if t is tuple or t is list:
+            return t(un(y) for y in x)
+        if t is dict:
+            return {k: un(v) for k, v in x.items()}
+        return x
+
+    try:
+        for entry in tpl.log:
+            kind = entry[0]
+            if kind == _OP:
+                _, fn, a, kw, grad, k = entry
+                with torch.set_grad_enabled(grad):
+                    vals[k] = fn(*un(a), **un(kw))
+            elif kind == _DECIDE:
+                _, fn, a, expected = entry
+                if not _same(fn(*un(a)), expected):
+                    stats["refused"] += 1
+                    return None
+            else:
+                _, n, k = entry
+                t = trace_values.get(order[n].id)
+                if t is None:
+                    return None
+                vals[k] = t.detach()
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        stats["refused"] += 1
+        return None
+    stats["hits"] += 1
+    return [vals[k] for k in tpl.res_slots]
+
+
+_cache: OrderedDict[tuple, Template] = OrderedDict()
+_seen: OrderedDict[tuple, None] = OrderedDict()
+
+
+def first_sighting(key: tuple) -> bool:
+    """True the first time ``key`` is met (the passes then run without recording: most
+    structures are linearized once); False from the second time on."""
+    if key in _seen:
+        return False
+    _seen[key] = None
+    while len(_seen) > 4 * _MAX_ENTRIES:
+        with suppress(KeyError):  # (another thread emptied it)
+            _seen.popitem(last=False)
+    return True
+
+
+def cache_get(key: tuple) -> Template | None:
+    tpl = _cache.get(key)
+    if tpl is not None:
+        with suppress(KeyError):  # (another thread evicted it)
+            _cache.move_to_end(key)
+    return tpl
+
+
+def cache_put(key: tuple, tpl: Template) -> None:
+    stats["recorded"] += 1
+    _cache[key] = tpl
+    while len(_cache) > _MAX_ENTRIES:
+        with suppress(KeyError):
+            _cache.popitem(last=False)
+
+
+def cache_clear() -> None:
+    _cache.clear()
+    _seen.clear()
+    for k in stats:
+        stats[k] = 0

@@ -1,0 +1,233 @@
+"""Tests for ``torch_linearize/_structure_cache.py``: re-linearizing a structure seen before.
+
+A structure's first linearization runs the passes, the second records them, later ones
+reuse the program where the recorded decisions hold. Every reuse is checked against ``torch.func`` at the new point; the property test runs
+in the verification mode (each reuse compared with a full run of the passes on the
+same trace), which ``pytest --verify-structure-cache`` turns on for the whole suite.
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torch_linearize as tl
+import torch_linearize._structure_cache as sc
+from custom_functions import NumpyCube
+from helpers import check_random_program, eager_jvp, mutating_programs
+
+D = torch.float64
+
+
+@pytest.fixture
+def verify(monkeypatch):
+    monkeypatch.setattr(sc, "VERIFY", True)
+
+
+def _pde(u):
+    lap = u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * u[1:-1, 1:-1]
+    return lap - u[1:-1, 1:-1] ** 3
+
+
+def _assert_map(f, primals, jvp_fn, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ts = tuple(torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals)
+    want = torch.func.jvp(f, primals, ts)[1]
+    torch.testing.assert_close(jvp_fn(*ts), want)
+    u = torch.randn(want.shape, dtype=want.dtype, generator=gen)
+    got = jvp_fn.T(u)
+    torch.testing.assert_close(got if isinstance(got, tuple) else (got,),
+                               torch.func.vjp(f, *primals)[1](u))
+
+
+def _twice(f, *primals):
+    """Linearize ``f`` twice: its structure is then recorded."""
+    for _ in range(2):
+        tl.linearize(f, *primals)
+
+
+def test_newton_loop_reuses_the_simplified_program(verify):
+    points = [torch.randn(12, 12, dtype=D) for _ in range(5)]
+    maps = []
+    for u in points:
+        y, jvp_fn = tl.linearize(_pde, u)
+        torch.testing.assert_close(y, _pde(u))
+        _assert_map(_pde, (u,), jvp_fn)
+        maps.append(jvp_fn)
+    # the first runs the passes, the second records them, the others reuse the program
+    assert sc.stats == {"hits": 3, "recorded": 1, "refused": 0}
+    assert len({m.source for m in maps}) == 1
+    assert all(m._program.eqns == maps[1]._program.eqns for m in maps[2:])
+    # every map stays the linearization at its own point
+    for u, m in zip(points, maps):
+        _assert_map(_pde, (u,), m, seed=1)
+
+
+def test_same_structure_different_functions_and_captured_tensors(verify):
+    # The key is the traced structure, not the function: tensors f captures are residuals,
+    # replayed from the new trace.
+    w1, w2 = torch.randn(6, dtype=D), torch.randn(6, dtype=D)
+    x = torch.randn(6, dtype=D)
+    f1 = lambda x: torch.sin(x) * w1
+    f2 = lambda x: torch.sin(x) * w2
+    _twice(f1, x)
+    _, j1 = tl.linearize(f1, torch.randn(6, dtype=D))
+    _, j2 = tl.linearize(f2, x)
+    assert sc.stats["hits"] == 2
+    _assert_map(f2, (x,), j2)
+
+
+def test_literals_shapes_and_dtypes_are_part_of_the_structure():
+    x = torch.randn(5, dtype=D)
+    cases = [lambda x: torch.sin(x) * 2.0, lambda x: torch.sin(x) * 3.0,
+             lambda x: torch.sin(x) * 2]
+    for f in cases:
+        for p in (x, x[:4], x.float()):
+            for _ in range(2):  # (recorded at the second)
+                _, jvp_fn = tl.linearize(f, p)
+                gen = torch.Generator().manual_seed(0)
+                t = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+                torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (p,), (t,))[1])
+    # 2.0 and 2 differ as literals (int vs float); nothing was reused
+    assert sc.stats == {"hits": 0, "recorded": 9, "refused": 0}
+
+
+def test_a_constant_coefficient_is_rechecked():
+    # d/dx (sin(x) * x) = cos(x) x + sin(x): 0 everywhere at x = 0, folded as a scalar 0.
+    f = lambda x: torch.sin(x) * x
+    zero = torch.zeros(8, dtype=D)
+    _twice(f, zero)
+    _, j0 = tl.linearize(f, zero)
+    x = torch.randn(8, dtype=D)
+    _, j1 = tl.linearize(f, x)
+    assert sc.stats == {"hits": 1, "recorded": 2, "refused": 1}
+    _assert_map(f, (zero,), j0)
+    _assert_map(f, (x,), j1)
+    # the scalar coefficient was not reused: it would give 0 here
+    assert j1(torch.ones(8, dtype=D)).abs().max() > 0
+
+
+def test_a_sign_decision_is_rechecked(verify):
+    # b*p + b*q (b = cumsum(t), not an input: its coefficients are computed, not read from
+    # the trace): with p, q of one sign the fold needs no accuracy probe; mixed signs do.
+    def make(p, q):
+        def f(x):
+            b = x.cumsum(0)
+            return b * p + b * q
+        return f
+
+    x = torch.randn(6, dtype=D)
+    p, q = torch.rand(6, dtype=D) + 1, torch.rand(6, dtype=D) + 1
+    _twice(make(p, q), x)
+    _, j0 = tl.linearize(make(p, q), x)
+    q2 = torch.linspace(-1, 1, 6, dtype=D)
+    _, j1 = tl.linearize(make(p, q2), x)
+    assert sc.stats["refused"] == 1
+    _assert_map(make(p, q), (x,), j0)
+    _assert_map(make(p, q2), (x,), j1)
+
+
+def test_an_accuracy_decision_is_rechecked():
+    # At the second point the two paths nearly cancel: folded as t*(c*p + c*q) the result
+    # would carry a rounding error of c*p (1e8 times the result), so the accuracy probe
+    # keeps the traced t*c*p + t*c*q, which is what torch.func computes.
+    def make(p, q):
+        return lambda x: torch.sin(x) * p + torch.sin(x) * q
+
+    x = torch.randn(64, dtype=D)
+    p = torch.linspace(-1, 1, 64, dtype=D)
+    _twice(make(p, 2 * p), x)
+    _, j0 = tl.linearize(make(p, 2 * p), x)
+    f1 = make(1e8 + p, torch.full((64,), -1e8, dtype=D))
+    _, j1 = tl.linearize(f1, x)
+    assert sc.stats["refused"] == 1
+    _assert_map(make(p, 2 * p), (x,), j0)
+    t = torch.randn(64, dtype=D)
+    torch.testing.assert_close(j1(t), torch.func.jvp(f1, (x,), (t,))[1], rtol=1e-12, atol=0)
+    assert j0.num_ops < j1.num_ops
+
+
+def test_the_cache_keeps_no_tensors_alive():
+    x = torch.randn(16, dtype=D)
+    _twice(lambda x: torch.exp(torch.sin(x)), x)
+    _, jvp_fn = tl.linearize(lambda x: torch.exp(torch.sin(x)), x)
+    refs = [weakref.ref(r) for r in jvp_fn._program.residuals]
+    assert refs and sc.stats["recorded"] == 1 and sc.stats["hits"] == 1
+    del jvp_fn
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_programs_with_custom_functions_are_not_cached():
+    # (each custom-Function node holds its own ctx)
+    x = torch.randn(5, dtype=D)
+    f = lambda x: NumpyCube.apply(x).sin()
+    t = torch.randn(5, dtype=D)
+    for _ in range(3):
+        _, jvp_fn = tl.linearize(f, x)
+        torch.testing.assert_close(jvp_fn(t), eager_jvp(f, (x,), (t,))[1])
+    assert sc.stats == {"hits": 0, "recorded": 0, "refused": 0}
+
+
+def test_aux_and_error_messages_on_a_reused_program():
+    def f(x):
+        return torch.exp(x) * x, x.sum()
+
+    for _ in range(3):
+        x = torch.randn(4, dtype=D)
+        y, jvp_fn, aux = tl.linearize(f, x, has_aux=True)
+        torch.testing.assert_close(aux, x.sum())
+        _assert_map(lambda x: f(x)[0], (x,), jvp_fn)
+    assert sc.stats["hits"] == 1
+    # a residual the user can reach is watched on the reused program too, and named
+    w = torch.randn(4, dtype=D)
+    for _ in range(3):
+        _, jvp_fn = tl.linearize(lambda x: x * w, x)
+    assert sc.stats["hits"] == 2
+    w.mul_(2)
+    with pytest.raises(tl.StaleResidualError, match="residual"):
+        jvp_fn(x)
+
+
+def test_a_write_the_tracer_cannot_see_is_caught_on_a_reused_program():
+    # numpy writes a residual during f (bumping its version as PyTorch asks): the same
+    # structure as before, so the program would be reused, but the residual is stale.
+    write = [False]
+    w = torch.randn(3, dtype=D)
+
+    def f(x):
+        y = x * w
+        if write[0]:
+            w.numpy()[:] = 0
+            torch.autograd.graph.increment_version(w)
+        return y
+
+    x = torch.randn(3, dtype=D)
+    _twice(f, x)
+    write[0] = True
+    with pytest.raises(tl.StaleResidualError, match="modified in place later during f"):
+        tl.linearize(f, x)
+    assert sc.stats["hits"] == 1
+
+
+_UNARY = [torch.sin, torch.exp, torch.tanh, torch.relu, torch.abs, lambda v: v * 2.5,
+          lambda v: v.clamp(-0.5, 0.5), torch.atan, lambda v: torch.where(v > 0, v, 0.1 * v)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutating_programs(_UNARY), st.integers(0, 2**31 - 1))
+def test_random_programs_relinearized_at_new_points(f, seed):
+    # The same random program (views, in-place writes, aliasing) at four points: the
+    # third and fourth reuse the second's program wherever its decisions hold, and each
+    # reuse is compared with a full run of the passes (verification mode).
+    sc.cache_clear()
+    old = sc.VERIFY
+    sc.VERIFY = True
+    try:
+        for k in range(4):
+            check_random_program(f, seed + k)
+    finally:
+        sc.VERIFY = old
