@@ -20,6 +20,7 @@ import math
 import torch
 
 from ._program import Eqn, Program, Res, Var
+from ._residuals import STRUCTURAL_ZERO
 
 aten = torch.ops.aten
 
@@ -60,7 +61,7 @@ def _is_zero_tensor(t: torch.Tensor) -> bool:
         return True
     if t.device.type == "meta" or t.layout != torch.strided:
         return False
-    if getattr(t, "_torch_linearize_structural_zero", False):
+    if STRUCTURAL_ZERO in t.__dict__:
         return True
     if t.numel() > 64 and t.is_contiguous() and bool(t.reshape(-1)[:: t.numel() // 64].any()):
         return False  # a nonzero among a strided sample: no full pass needed

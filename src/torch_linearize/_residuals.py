@@ -14,9 +14,12 @@ from typing import Any
 import torch
 
 __all__ = [
-    "ResidualTable", "ctx_tensors", "distinct_storage_bytes", "snapshot_ctx", "storage_key",
-    "storage_nbytes",
+    "STRUCTURAL_ZERO", "ResidualTable", "ctx_tensors", "distinct_storage_bytes", "snapshot_ctx",
+    "storage_key", "storage_nbytes",
 ]
+
+# The attribute marking the tracer's structural zeros (see _trace._structural_zero).
+STRUCTURAL_ZERO = "_torch_linearize_structural_zero"
 
 
 def storage_key(t: torch.Tensor) -> int | None:
@@ -117,13 +120,22 @@ class ResidualTable:
         versions, for stale checks at application time.
         """
         changed = [i for i, (t, v) in enumerate(zip(self.tensors, self.versions)) if t._version != v]
-        self.tensors = [t.detach() for t in self.tensors]
+        self.tensors = [_detach(t) for t in self.tensors]
         self.versions = [t._version for t in self.tensors]
         self._pin.clear()
         self._by_id.clear()
         self._by_layout.clear()
         self._by_storage.clear()
         return changed
+
+
+def _detach(t: torch.Tensor) -> torch.Tensor:
+    """``t.detach()``, still marked if ``t`` is one of the tracer's structural zeros (an
+    expanded 0-d zero; the passes then know it is zero without reading it)."""
+    d = t.detach()
+    if STRUCTURAL_ZERO in t.__dict__:
+        d.__dict__[STRUCTURAL_ZERO] = True
+    return d
 
 
 def distinct_storage_bytes(tensors: Iterable[torch.Tensor], only: set[int] | None = None,

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ._program import Program, Res, Var
+from ._residuals import STRUCTURAL_ZERO
 
 __all__ = ["Recorder", "Template", "cache_get", "cache_put", "first_sighting", "replay",
            "structure_key"]
@@ -141,7 +142,7 @@ def structure_key(prog: Program, trace_values: dict, suspect: set[int]) -> tuple
             return None
         res.append((type(r), r.shape, r.stride(), r.storage_offset(), r.dtype, r.device,
                     r._is_zerotensor(), r.is_conj(), r.is_neg(), r.requires_grad,
-                    getattr(r, "_torch_linearize_structural_zero", False)))
+                    STRUCTURAL_ZERO in r.__dict__))
     parts.append(tuple(res))
     tv = []
     for vid, t in trace_values.items():

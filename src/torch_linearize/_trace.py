@@ -32,7 +32,7 @@ from ._errors import NoForwardADError, NonLinearTangentError
 from ._forward_ad import unpack_dual
 from ._passes import _POINTWISE_LINEAR_BY_ID, _is_real_number
 from ._program import Eqn, Res, Var
-from ._residuals import ResidualTable, ctx_tensors, snapshot_ctx, storage_key
+from ._residuals import STRUCTURAL_ZERO, ResidualTable, ctx_tensors, snapshot_ctx, storage_key
 
 aten = torch.ops.aten
 C = torch._C
@@ -185,7 +185,7 @@ def _tensor_args(args, kwargs):
             yield from (b for b in a if isinstance(b, torch.Tensor))
 
 
-_ZERO_ATTR = "_torch_linearize_structural_zero"
+_ZERO_ATTR = STRUCTURAL_ZERO
 
 
 def _structural_zero(size, dtype=None, layout=None, device=None, pin_memory=None):
