@@ -5,8 +5,10 @@
 For each bench_core workload, interleaved rounds time: the primal ``f(x)``; one
 ``torch.func.jvp``; eager forward AD (make_dual + f + unpack_dual); the same under a
 pass-through ``TorchDispatchMode`` (the price of any Python dispatch mode); ``linearize``
-with the simplification passes switched off; and ``linearize``. The differences
-between consecutive rows are: the dispatch-mode price, our tracing, our passes.
+with the simplification passes switched off; ``linearize`` as its structure's first
+linearization (passes and code generation run); and ``linearize`` of a structure seen
+before (the simplified program reused: ``_structure_cache``). The differences between
+consecutive rows are: the dispatch-mode price, our tracing, our passes, what reuse saves.
 Medians in ms.
 """
 
@@ -28,6 +30,7 @@ from common import interleave, write_report
 
 import torch_linearize as tl
 import torch_linearize._api as _api
+from torch_linearize._structure_cache import as_new_structure
 
 
 class _PassThrough(TorchDispatchMode):
@@ -50,9 +53,14 @@ def _methods(f: Callable, x: torch.Tensor) -> dict[str, Callable[[], object]]:
         simplify = _api.simplify
         _api.simplify = lambda prog: None
         try:
-            tl.linearize(f, x)
+            with as_new_structure():  # (neither reuses nor records a program)
+                tl.linearize(f, x)
         finally:
             _api.simplify = simplify
+
+    def new_structure() -> None:
+        with as_new_structure():
+            tl.linearize(f, x)
 
     return {
         "primal f(x)": lambda: f(x),
@@ -60,7 +68,8 @@ def _methods(f: Callable, x: torch.Tensor) -> dict[str, Callable[[], object]]:
         "eager forward AD": eager,
         "eager forward AD + pass-through dispatch mode": eager_mode,
         "linearize without simplification passes": no_passes,
-        "linearize": lambda: tl.linearize(f, x),
+        "linearize, new structure": new_structure,
+        "linearize, structure reused": lambda: tl.linearize(f, x),
     }
 
 

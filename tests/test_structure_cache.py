@@ -231,3 +231,38 @@ def test_random_programs_relinearized_at_new_points(f, seed):
             check_random_program(f, seed + k)
     finally:
         sc.VERIFY = old
+
+
+def test_threads_relinearizing_one_structure(verify):
+    # Several threads linearize the same structure at their own points at once: the
+    # cache is shared, the recorded program and the replayed residuals are not. (The
+    # references are computed first: torch.func.jvp and forward AD share PyTorch's one
+    # global forward-AD level, which linearize holds while tracing.)
+    import threading
+
+    gen = torch.Generator().manual_seed(0)
+    work_items = []
+    for _ in range(4):
+        items = []
+        for _ in range(6):
+            u, t = torch.randn(10, 10, dtype=D, generator=gen), torch.randn(10, 10, dtype=D,
+                                                                            generator=gen)
+            items.append((u, t, torch.func.jvp(_pde, (u,), (t,))[1]))
+        work_items.append(items)
+    errors: list = []
+
+    def work(items) -> None:
+        try:
+            for u, t, want in items:
+                _, jvp_fn = tl.linearize(_pde, u)
+                torch.testing.assert_close(jvp_fn(t), want)
+        except Exception as e:  # (re-raised in the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(items,)) for items in work_items]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    assert sc.stats["hits"] >= 12

@@ -30,9 +30,10 @@ operators and literals), so the cache keeps no memory alive.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -40,8 +41,8 @@ import torch
 from ._program import Program, Res, Var
 from ._residuals import STRUCTURAL_ZERO
 
-__all__ = ["Recorder", "Template", "cache_get", "cache_put", "first_sighting", "replay",
-           "structure_key"]
+__all__ = ["Recorder", "Template", "as_new_structure", "cache_get", "cache_put",
+           "first_sighting", "replay", "structure_key"]
 
 _PLAIN = frozenset({int, bool, str, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format})
@@ -316,11 +317,25 @@ def replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
 
 _cache: OrderedDict[tuple, Template] = OrderedDict()
 _seen: OrderedDict[tuple, None] = OrderedDict()
+_local = threading.local()
+
+
+@contextmanager
+def as_new_structure() -> Iterator[None]:
+    """While active (in this thread), every structure is treated as met for the first
+    time, and the cache is left as it is: what a first linearization costs (benchmarks)."""
+    _local.new = True
+    try:
+        yield
+    finally:
+        _local.new = False
 
 
 def first_sighting(key: tuple) -> bool:
     """True the first time ``key`` is met (the passes then run without recording: most
     structures are linearized once); False from the second time on."""
+    if getattr(_local, "new", False):
+        return True
     if key in _seen:
         return False
     _seen[key] = None
@@ -331,6 +346,8 @@ def first_sighting(key: tuple) -> bool:
 
 
 def cache_get(key: tuple) -> Template | None:
+    if getattr(_local, "new", False):
+        return None
     tpl = _cache.get(key)
     if tpl is not None:
         with suppress(KeyError):  # (another thread evicted it)
