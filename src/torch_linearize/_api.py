@@ -82,7 +82,10 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
 
     Cost: one evaluation of ``func`` with forward-mode AD (about one
     ``torch.func.jvp`` call) plus tracing overhead; each application costs only
-    the tangent operations.
+    the tangent operations. Linearizing a structure seen before (the same ``func``
+    with the same shapes and dtypes at a new point, as in a Newton loop) reuses its
+    simplified program and generated code, after re-checking on the new values the
+    facts its simplification relied on.
 
     Example:
         >>> x = torch.randn(3)
