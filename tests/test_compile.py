@@ -39,10 +39,11 @@ def test_compiled_map_matches_and_reuses_compiled_code_across_points():
 
 
 def test_point_dependent_scalar_coefficients_do_not_recompile():
-    # Folding turns sum(sin(x)) into a Python-number coefficient; the compiled segment
-    # must take it as an argument, not a literal, or each point compiles a new graph.
+    # Folding turns the constant coefficient sum(sin(x)) * ones into a Python number; the
+    # compiled segment must take it as an argument, not a literal, or each point compiles
+    # a new graph.
     def f(x):
-        return torch.sin(x).sum() * x
+        return torch.sin(x).sum() * torch.ones_like(x) * x
 
     t = torch.randn(100, dtype=D)
     graphs = []

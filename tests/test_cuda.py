@@ -73,6 +73,23 @@ def test_workloads_match_torch_func_jvp_on_device(name):
         torch.testing.assert_close(out, torch.func.jvp(f, (x,), (t,))[1], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["mlp", "elementwise", "pde"])
+def test_relinearizing_reuses_the_program_on_device(name, monkeypatch):
+    # A structure's third and later linearizations replay the recorded passes on device
+    # (verification mode: each reuse is compared with a full run of the passes).
+    import torch_linearize._structure_cache as sc
+
+    monkeypatch.setattr(sc, "VERIFY", True)
+    sc.cache_clear()
+    f, x = _workloads()[name]
+    for k in range(4):
+        xk = x * (1 + 0.1 * k)
+        t = _randn(*x.shape, seed=20 + k)
+        _, jvp_fn = tl.linearize(f, xk)
+        torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (xk,), (t,))[1])
+    assert sc.stats["hits"] == 2
+
+
 def test_apply_runs_no_primal_kernel_on_device():
     from helpers import OpCounter
 

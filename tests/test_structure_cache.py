@@ -66,6 +66,37 @@ def test_newton_loop_reuses_the_simplified_program(verify):
         _assert_map(_pde, (u,), m, seed=1)
 
 
+def test_a_scalar_newton_loop_reuses_at_every_point(verify):
+    # The forum's quadratic on four 0-d tensors at random points: one-element coefficients
+    # stay tensors (not baked-in constants) and their cancellation is judged by the probe
+    # (not by signs, which change from point to point), so every point reuses the program.
+    def quad(x, a, b, c):
+        return a * x**2 + b * x + c
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        p = tuple(torch.randn((), dtype=D, generator=gen) for _ in range(4))
+        _, jvp_fn = tl.linearize(quad, *p)
+        _assert_map(quad, p, jvp_fn)
+    assert sc.stats == {"hits": 10, "recorded": 1, "refused": 0}
+
+
+def test_an_expanded_scalar_coefficient_is_stored_once_and_reused(verify):
+    # x * s.expand(n) with s = sum(sin(x)): the coefficient of t is one value broadcast;
+    # it stays one stored element (not a full-size copy, not a baked-in number).
+    def f(x):
+        return x * torch.sin(x).sum().expand(x.shape[0])
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(1000, dtype=D, generator=gen)
+        _, jvp_fn = tl.linearize(f, x)
+        _assert_map(f, (x,), jvp_fn)
+        # cos(x) and the one-element coefficient (x itself is external)
+        assert jvp_fn.residual_bytes == 8 * 1000 + 8
+    assert sc.stats == {"hits": 2, "recorded": 1, "refused": 0}
+
+
 def test_same_structure_different_functions_and_captured_tensors(verify):
     # The key is the traced structure, not the function: tensors f captures are residuals,
     # replayed from the new trace.

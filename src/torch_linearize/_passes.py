@@ -80,6 +80,15 @@ def _distinct(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided([1 if s == 0 else n for n, s in zip(t.shape, stride)], stride)
 
 
+def _distinct_numel(t: torch.Tensor) -> int:
+    """The number of elements of :func:`_distinct` ``(t)``."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n
+
+
 def _all_zero(t: torch.Tensor) -> bool:
     """Every element of ``t`` is zero (NaN is not). For real floating tensors the
     minimum, then the maximum only if the minimum is 0 (``amin`` runs about twice as
@@ -559,7 +568,10 @@ class _MixedSigns:
             return None
         if isinstance(c, (int, float)):
             return None if c != c else (c > 0) - (c < 0)
-        if not isinstance(c, torch.Tensor) or c.is_complex() or c.numel() == 0:
+        if not isinstance(c, torch.Tensor) or c.is_complex() or c.numel() <= 1:
+            # (one element: the probe decides instead. A scalar problem's coefficients
+            # change sign from point to point; the probe's verdict does not, so a
+            # re-linearization can reuse the program, see _structure_cache.)
             return None
         hit = self._signs.get(id(c))
         if hit is not None and hit[0] is c and hit[1] == c._version:
@@ -934,7 +946,18 @@ def _plan_terms(prog: Program, terms, out: Var):
     plan = []
     for b, c, par in terms:
         b = (b, par)
-        value = c if _is_number(c) else _decide(prog, _constant_value, c)
+        # A coefficient of one distinct element stays a tensor, its expansion dropped
+        # (broadcasting restores it): such coefficients are "constant" at every point
+        # (all of a scalar problem's are), and baking their values in would tie the
+        # program to this point (see _structure_cache).
+        if _is_number(c):
+            value = c
+        elif _distinct_numel(c) == 1:
+            value = None
+            if c.numel() > 1:
+                c = _op(prog, _distinct, c)
+        else:
+            value = _decide(prog, _constant_value, c)
         if value is None:
             kind, coef = "scaled", c
         elif value == 1:
