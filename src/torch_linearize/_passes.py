@@ -568,10 +568,11 @@ class _MixedSigns:
             return None
         if isinstance(c, (int, float)):
             return None if c != c else (c > 0) - (c < 0)
-        if not isinstance(c, torch.Tensor) or c.is_complex() or c.numel() <= 1:
-            # (one element: the probe decides instead. A scalar problem's coefficients
-            # change sign from point to point; the probe's verdict does not, so a
-            # re-linearization can reuse the program, see _structure_cache.)
+        if not isinstance(c, torch.Tensor) or c.is_complex() or c.numel() == 0 or \
+                _distinct_numel(c) == 1:
+            # (one distinct element: the probe decides instead. A scalar problem's
+            # coefficients change sign from point to point; the probe's verdict does not,
+            # so a re-linearization can reuse the program, see _structure_cache.)
             return None
         hit = self._signs.get(id(c))
         if hit is not None and hit[0] is c and hit[1] == c._version:
