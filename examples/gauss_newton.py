@@ -46,7 +46,9 @@ def main():
 
     p = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
     for step in range(8):
-        r, J = tl.linearize(residual, p)  # one model evaluation
+        # one model evaluation; from the third step on, linearize also reuses the
+        # simplified program of the earlier steps (the structure is the same)
+        r, J = tl.linearize(residual, p)
         JT = J.transpose()  # no re-evaluation
         d = conjugate_gradient(lambda v, J=J, JT=JT: JT(J(v))[0], -JT(r)[0])
         p = p + d
