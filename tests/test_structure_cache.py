@@ -297,3 +297,27 @@ def test_threads_relinearizing_one_structure(verify):
         th.join()
     assert not errors, errors[0]
     assert sc.stats["hits"] >= 12
+
+
+@pytest.mark.parametrize("value, hits, verify", [("0", 0, False), ("verify", 2, True),
+                                                 ("1", 2, False)])
+def test_environment_variable(value, hits, verify):
+    # TORCH_LINEARIZE_STRUCTURE_CACHE=0 turns reuse off; =verify checks every reuse.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch_linearize as tl, torch_linearize._structure_cache as sc\n"
+        "f = lambda x: torch.sin(x) * torch.exp(x)\n"
+        "for k in range(4):\n"
+        "    x = torch.randn(8, dtype=torch.float64)\n"
+        "    t = torch.randn(8, dtype=torch.float64)\n"
+        "    torch.testing.assert_close(tl.linearize(f, x)[1](t),\n"
+        "                               torch.func.jvp(f, (x,), (t,))[1])\n"
+        "print(sc.stats['hits'], sc.VERIFY)\n"
+    )
+    env = dict(os.environ, TORCH_LINEARIZE_STRUCTURE_CACHE=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(hits), str(verify)]

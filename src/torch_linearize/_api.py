@@ -186,7 +186,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     # simplified program and code if the passes' value-based decisions come out the same
     # on the new residuals (_structure_cache); otherwise the passes run (and record, from
     # the structure's second linearization on).
-    keyed = None if tracer.opaque_nodes else structure_key(
+    keyed = None if tracer.opaque_nodes or not _structure_cache.ENABLED else structure_key(
         prog, tracer.trace_values, tracer.suspect_residuals)
     tpl = cache_get(keyed[0]) if keyed is not None else None
     final = replay(tpl, prog.residuals, tracer.trace_values, keyed[1]) if tpl is not None else None

@@ -24,12 +24,14 @@ on the traced program's *structure* and on a few facts about residual *values*.
   run in full and the entry is replaced.
 
 Programs holding opaque nodes (custom Functions, custom ops) are not cached: each
-node holds its own ctx. A template holds no tensors (only the program's structure,
+node holds its own ctx. The environment variable ``TORCH_LINEARIZE_STRUCTURE_CACHE``
+turns reuse off (``0``) or checks every reuse against the passes (``verify``). A template holds no tensors (only the program's structure,
 operators and literals), so the cache keeps no memory alive.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -44,12 +46,17 @@ from ._residuals import STRUCTURAL_ZERO
 __all__ = ["Recorder", "Template", "as_new_structure", "cache_get", "cache_put",
            "first_sighting", "replay", "structure_key"]
 
+_ENV = os.environ.get("TORCH_LINEARIZE_STRUCTURE_CACHE", "1").strip().lower()
+# TORCH_LINEARIZE_STRUCTURE_CACHE=0 turns reuse off (every linearize runs the passes);
+# =verify checks every reuse against a full run of the passes (AssertionError if they
+# differ). Read at import.
+ENABLED = _ENV not in ("0", "off", "false", "no")
 _PLAIN = frozenset({int, bool, str, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format})
 _MAX_ENTRIES = 128
 # When true (tests: ``pytest --verify-structure-cache``), every cache hit is checked
 # against a full run of the passes on the same trace.
-VERIFY = False
+VERIFY = _ENV == "verify"
 # Counts since import (or cache_clear): reused programs, structures recorded, and reuses
 # refused because a decision came out differently on the new values.
 stats = {"hits": 0, "recorded": 0, "refused": 0}
