@@ -971,7 +971,8 @@ def render(results: list[WorkloadResult], cfg: Config, args: argparse.Namespace,
         "computing the precomputed residuals (primal included) for the floor. torch.func.jvp "
         "and forward_ad have no setup (0): they re-run f for every tangent. For torch_linearize "
         "these later calls re-linearize a structure seen before, so they reuse its simplified "
-        "program (a structure's second linearization records the passes, later ones replay "
+        "program (a function's second linearization at given shapes records the passes, "
+        "later ones replay "
         "them; see `_structure_cache.py`); the first linearization of a structure, where the "
         "passes and code generation run, is timed in the same rounds: median " + ", ".join(
             f"{r.wl.key} {fmt_ms(r.new_structure.median)} ms"

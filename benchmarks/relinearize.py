@@ -3,8 +3,8 @@
     python benchmarks/relinearize.py [--rounds 300] [--threads 2] [--out FILE]
 
 A Newton or Gauss-Newton iteration linearizes the same function at a new point every
-step. From a structure's second linearization on, ``linearize`` reuses its simplified
-program and generated code after re-checking the recorded decisions on the new values
+step. From the function's third linearization at the same shapes on (the second
+records), ``linearize`` reuses its simplified program and generated code after re-checking the recorded decisions on the new values
 (``torch_linearize/_structure_cache.py``); only the trace runs again. Interleaved
 rounds time, each at a fresh point:
 

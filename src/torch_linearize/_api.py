@@ -41,6 +41,7 @@ from ._structure_cache import (
     Template,
     cache_get,
     cache_put,
+    call_signature,
     first_sighting,
     replay,
     structure_key,
@@ -184,10 +185,11 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     )
     # A structure seen before (a Newton loop re-linearizing at a new point) reuses its
     # simplified program and code if the passes' value-based decisions come out the same
-    # on the new residuals (_structure_cache); otherwise the passes run (and record, from
-    # the structure's second linearization on).
-    keyed = None if tracer.opaque_nodes or not _structure_cache.ENABLED else structure_key(
-        prog, tracer.trace_values, tracer.suspect_residuals)
+    # on the new residuals (_structure_cache); otherwise the passes run, and record from
+    # the second call of the same function at the same shapes on.
+    keyed = None if tracer.opaque_nodes or not _structure_cache.ENABLED or first_sighting(
+        call_signature(func, flat)) else structure_key(
+            prog, tracer.trace_values, tracer.suspect_residuals)
     tpl = cache_get(keyed[0]) if keyed is not None else None
     final = replay(tpl, prog.residuals, tracer.trace_values, keyed[1]) if tpl is not None else None
     traced = list(prog.residuals)
@@ -205,7 +207,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         _raise_if_stale(prog, used, changed, flat, leaf_specs)
         n_traced = len(traced)  # (the passes append their coefficients to prog.residuals)
         prog.trace_values = tracer.trace_values  # outputs' tangents; inputs' placeholders: ones
-        rec = prog.recorder = None if keyed is None or first_sighting(keyed[0]) else Recorder(
+        rec = prog.recorder = None if keyed is None else Recorder(
             traced, {v.id: i for i, v in enumerate(keyed[1])})
         simplify(prog)
         prog.recorder = None

@@ -11,8 +11,10 @@ on the traced program's *structure* and on a few facts about residual *values*.
   in place; otherwise only whether it is an input's) and conj/neg state,
   every residual's metadata, and which outputs carry a traced value. Two traces
   with equal keys are the same program up to residual values.
-* The first time a structure is met, the passes just run (most structures are
-  linearized once). The second time, a :class:`Recorder` logs, in order, every
+* The first time a function is linearized at given shapes (its
+  :func:`call_signature`), the passes just run: no key is computed (most functions
+  are linearized once). From the second time on the key is computed; the first time
+  a key has no template, a :class:`Recorder` logs, in order, every
   tensor operation they apply to residuals (the folded coefficients are such
   operations) and every *decision* they take from values (a residual is all zeros,
   a coefficient has one sign, a folded region is as accurate as the traced one, a
@@ -44,7 +46,7 @@ from ._program import Program, Res, Var
 from ._residuals import STRUCTURAL_ZERO
 
 __all__ = ["Recorder", "Template", "as_new_structure", "cache_get", "cache_put",
-           "first_sighting", "replay", "structure_key"]
+           "call_signature", "first_sighting", "replay", "structure_key"]
 
 _ENV = os.environ.get("TORCH_LINEARIZE_STRUCTURE_CACHE", "1").strip().lower()
 # TORCH_LINEARIZE_STRUCTURE_CACHE=0 turns reuse off (every linearize runs the passes);
@@ -323,7 +325,7 @@ def replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
 
 
 _cache: OrderedDict[tuple, Template] = OrderedDict()
-_seen: OrderedDict[tuple, None] = OrderedDict()
+_seen: OrderedDict[tuple, None] = OrderedDict()  # call signatures met (first_sighting)
 _local = threading.local()
 
 
@@ -338,9 +340,20 @@ def as_new_structure() -> Iterator[None]:
         _local.new = False
 
 
+def call_signature(func: Any, leaves: list) -> tuple:
+    """What a call looks like before it is traced: the function's code (its object for
+    callables without one) and the primals' shapes, dtypes and devices. Cheap; only
+    gates :func:`structure_key` (equal signatures need not mean equal structures)."""
+    code = getattr(func, "__code__", None)
+    return (id(func) if code is None else id(code),
+            tuple([(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
+                   for t in leaves]))
+
+
 def first_sighting(key: tuple) -> bool:
-    """True the first time ``key`` is met (the passes then run without recording: most
-    structures are linearized once); False from the second time on."""
+    """True the first time ``key`` (a :func:`call_signature`) is met: the passes then run
+    without even computing the structure key (most functions are linearized once at a
+    given shape); False from the second time on."""
     if getattr(_local, "new", False):
         return True
     if key in _seen:
