@@ -359,15 +359,18 @@ def first_sighting(key: tuple) -> bool:
     if key in _seen:
         return False
     _seen[key] = None
-    while len(_seen) > 4 * _MAX_ENTRIES:
-        with suppress(KeyError):  # (another thread emptied it)
-            _seen.popitem(last=False)
+    _evict(_seen, 4 * _MAX_ENTRIES)
     return True
 
 
+def _evict(lru: OrderedDict, limit: int) -> None:
+    """Drop the least recently used entries beyond ``limit``."""
+    while len(lru) > limit:
+        with suppress(KeyError):  # (another thread emptied it)
+            lru.popitem(last=False)
+
+
 def cache_get(key: tuple) -> Template | None:
-    if getattr(_local, "new", False):
-        return None
     tpl = _cache.get(key)
     if tpl is not None:
         with suppress(KeyError):  # (another thread evicted it)
@@ -378,9 +381,7 @@ def cache_get(key: tuple) -> Template | None:
 def cache_put(key: tuple, tpl: Template) -> None:
     stats["recorded"] += 1
     _cache[key] = tpl
-    while len(_cache) > _MAX_ENTRIES:
-        with suppress(KeyError):
-            _cache.popitem(last=False)
+    _evict(_cache, _MAX_ENTRIES)
 
 
 def cache_clear() -> None:
