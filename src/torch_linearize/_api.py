@@ -205,20 +205,15 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         dead_code_elimination(prog)  # raises for live non-linear (poisoned) values
         used = set(prog.used_residuals())
         _raise_if_stale(prog, used, changed, flat, leaf_specs)
-        n_traced = len(traced)  # (the passes append their coefficients to prog.residuals)
-        prog.trace_values = tracer.trace_values  # outputs' tangents; inputs' placeholders: ones
-        rec = prog.recorder = None if keyed is None else Recorder(
+        rec = None if keyed is None else Recorder(
             traced, {v.id: i for i, v in enumerate(keyed[1])})
-        simplify(prog)
-        prog.recorder = None
-        new = prog.residuals[n_traced:]
-        prog.prune_residuals()
+        new = _run_passes(prog, tracer.trace_values, rec)
         make, src = program_factory(prog)
         if rec is not None and rec.ok:
             slots = [rec.slot_of(r) for r in prog.residuals]
             if None not in slots:
-                cache_put(keyed[0], Template(prog, rec, n_traced, used, slots, make, src))
-    prog.trace_values = tracer.trace_values = {}
+                cache_put(keyed[0], Template(prog, rec, len(traced), used, slots, make, src))
+    tracer.trace_values = {}
     suspect = bool(used & tracer.suspect_residuals)
     # Coefficients computed by the passes are new storage; a coefficient that *is* a
     # traced residual (x * w folds to coefficients w and x) is not.
@@ -238,11 +233,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     for n, t in ctx_read:
         hit = tracer.ctx_versions.get(id(t))
         if hit is not None and hit[0] is t and t._version != hit[1]:
-            raise StaleResidualError(
-                f"{_API}: {_describe_ctx_tensor(n)} was modified in place later during f by code "
-                "linearize cannot see (e.g. through numpy or a raw data pointer). Clone it before "
-                "modifying it."
-            )
+            raise _stale_during_f(_describe_ctx_tensor(n))
 
     kept = list(prog.residuals) + [t for n in opaque for t in ctx_tensors(n.ctx)]
     created = tracer.created
@@ -286,21 +277,36 @@ def _raise_if_stale(prog: Program, used: set[int], changed: list[int], flat: lis
                     leaf_specs: list) -> None:
     stale = sorted(used & set(changed))
     if stale:
-        raise StaleResidualError(
-            f"{_API}: {_describe_residual(prog, stale[0], flat, leaf_specs)} was modified in "
-            "place later during f by code linearize cannot see (e.g. through numpy or a raw data "
-            "pointer). Clone it before modifying it."
-        )
+        raise _stale_during_f(_describe_residual(prog, stale[0], flat, leaf_specs))
+
+
+def _stale_during_f(what: str) -> StaleResidualError:
+    return StaleResidualError(
+        f"{_API}: {what} was modified in place later during f by code linearize cannot see "
+        "(e.g. through numpy or a raw data pointer). Clone it before modifying it."
+    )
+
+
+def _run_passes(prog: Program, trace_values: dict, rec: Recorder | None = None) -> list:
+    """Simplify ``prog`` (dead code already eliminated) and prune its residuals; returns the
+    residuals the passes created (coefficients). ``trace_values``: the outputs' traced
+    tangents (the inputs' placeholders are ones); ``rec`` records the passes' value work."""
+    n_traced = len(prog.residuals)  # (the passes append their coefficients)
+    prog.trace_values, prog.recorder = trace_values, rec
+    try:
+        simplify(prog)
+    finally:
+        prog.trace_values, prog.recorder = {}, None
+    new = prog.residuals[n_traced:]
+    prog.prune_residuals()
+    return new
 
 
 def _verify_hit(raw: Program, hit: Program, trace_values: dict) -> None:
     """The verification mode of the structure cache: the passes run on the same trace
     must give the program and residuals the cache gave."""
     dead_code_elimination(raw)
-    raw.trace_values = trace_values
-    simplify(raw)
-    raw.trace_values = {}
-    raw.prune_residuals()
+    _run_passes(raw, trace_values)
     want, got = structure_key(raw, {}, set()), structure_key(hit, {}, set())
     if want is None or got is None or want[0] != got[0]:
         raise AssertionError("structure cache: the cached program differs from the passes' "
