@@ -98,3 +98,110 @@ def test_one_tensor_entry_checks_the_device_off_cpu():
     r = run1(torch.empty(4, dtype=D, device="meta"))
     assert r.device.type == "meta" and r.shape == (4,)
     assert run1(torch.empty(4, dtype=D)) is NotImplemented
+
+
+# ------------------------------------------- run1 calls custom Functions' jvp inline
+class _Twice(torch.autograd.Function):
+    """jvp reads what save_for_forward got, backward what save_for_backward got (two
+    different tensors: the ctx's phase must be switched between the two)."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_forward(2 * x)
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (d,) = ctx.saved_tensors
+        return t * d
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_one_tensor_entry_calls_a_custom_functions_jvp_inline(monkeypatch):
+    from torch_linearize._opaque import _OpaqueNode
+
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(3, 4, dtype=D, generator=g), torch.randn(3, 4, dtype=D, generator=g)
+
+    def f(x):  # (no residual the user can reach: nothing to version-check)
+        return _Twice.apply(x.sin()).cos()
+
+    _, jvp_fn = tl.linearize(f, x)
+    assert jvp_fn._fast1 is jvp_fn._run.entry1
+    _, vjp_ref = torch.func.vjp(f, x)
+    ref = torch.func.jvp(f, (x,), (t,))[1]
+    assert "_tl_enter" in jvp_fn.source  # the user's jvp called from run1 itself
+    with monkeypatch.context() as m:  # ... not through the node
+        m.setattr(_OpaqueNode, "__call__", lambda *a: pytest.fail("node called"))
+        torch.testing.assert_close(jvp_fn(t), ref)
+    # alternating with the transpose (the ctx's other phase) keeps both right
+    vjp_fn = jvp_fn.transpose()
+    for _ in range(2):
+        torch.testing.assert_close(vjp_fn(t)[0], vjp_ref(t)[0])
+        torch.testing.assert_close(jvp_fn(t), ref)
+    # transforms and forward AD take the node's general path (batched, dual-aware)
+    T = torch.stack([t, 2 * t])
+    torch.testing.assert_close(torch.vmap(jvp_fn)(T), torch.stack([ref, 2 * ref]))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(t, t)
+        out = torch.autograd.forward_ad.unpack_dual(jvp_fn(dual))
+        torch.testing.assert_close(out.primal, ref)
+        torch.testing.assert_close(out.tangent, ref)
+    # a released map's entry declines (the general path names the release)
+    run1 = jvp_fn._run.entry1
+    jvp_fn.release()
+    assert run1(t) is NotImplemented
+    with pytest.raises(tl.ReleasedError):
+        jvp_fn(t)
+
+
+_W = torch.tensor(1.5, dtype=D, requires_grad=True)
+
+
+class _GradScale(torch.autograd.Function):
+    """jvp multiplies by a ctx attribute that requires grad: its result requires grad."""
+
+    @staticmethod
+    def forward(x):
+        return x * _W.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.w = _W
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * ctx.w
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.w.detach()
+
+
+def test_only_nodes_fed_by_no_node_result_are_inlined():
+    # A node's result can require grad (here through a ctx attribute), which a later
+    # node's own checks route to autograd: run1 inlines only the nodes upstream of
+    # every node result.
+    from torch_linearize._program import _inlined_nodes
+
+    x, t = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+
+    def f(x):
+        return _Twice.apply(_GradScale.apply(x).cos() + x)
+
+    _, jvp_fn = tl.linearize(f, x)
+    prog = jvp_fn._program
+    nodes = [k for k, e in enumerate(prog.eqns) if not isinstance(e.fn, torch._ops.OpOverload)]
+    assert len(nodes) == 2
+    assert _inlined_nodes(prog) == {nodes[0]}
+    with torch.no_grad():
+        torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])

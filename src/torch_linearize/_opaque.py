@@ -141,8 +141,7 @@ class _OpaqueNode:
                 if type(o) is torch.Tensor and o.dtype is lean[3] and o.shape == lean[2] and \
                         (lean[4] is None or o.stride() == lean[4]):
                     return (o,)
-                args = list(args)  # anything else: normalized and checked as run() does
-                return tuple(self._check(j, r, args, ()) for j, r in enumerate(self._as_tuple(o)))
+                return self.finish_lean(o, args)
         wrap = _needs_autograd_wrapper(args) or (
             fwAD._current_level >= 0 and _has_forward_grad(args))
         if wrap:
@@ -151,6 +150,13 @@ class _OpaqueNode:
                 return out
             return _OpaqueApply.apply(self, 0, *args)
         return self.run(0, args)
+
+    def finish_lean(self, o: Any, args) -> tuple:
+        """The lean call's result ``o`` when it is not one tensor of the expected dtype,
+        shape and layout: normalized and checked as :meth:`run` does (also called by the
+        generated ``run1``, which inlines the lean call, see ``_program._inline_node``)."""
+        args = list(args)
+        return tuple(self._check(j, r, args, ()) for j, r in enumerate(self._as_tuple(o)))
 
     def _run_under_one_vmap(self, args) -> tuple | None:
         """The common ``vmap(jvp_fn)`` case, batched directly; None where it does not apply.

@@ -310,6 +310,8 @@ class _Namer:
             "_relayout": _relayout,
             "_Tensor": torch.Tensor,
             "_grad_enabled": torch.is_grad_enabled,
+            "_functorch_active": torch._C._are_functorch_transforms_active,
+            "_fwAD": torch.autograd.forward_ad,
             "_inf": math.inf,
             "_nan": math.nan,
         }
@@ -451,6 +453,82 @@ def bind_program(make: Callable, src: str, residuals: list) -> Callable[..., tup
     return run
 
 
+def _inlined_nodes(prog: Program) -> set[int]:
+    """Indices of the custom-Function equations that ``run1`` calls inline: nodes with a
+    lean call (``_opaque._OpaqueNode._lean``: one result, no in-place write) whose tensor
+    arguments are inputs, residuals or values computed without any node's result (a
+    node's result may require grad, which the node's own checks route to autograd), in
+    one-input, one-output programs short enough for ``run1`` to repeat the body."""
+    if len(prog.inputs) != 1 or len(prog.outputs) != 1 or len(prog.eqns) > _ENTRY1_MAX_EQNS:
+        return set()
+    inlined: set[int] = set()
+    tainted: set[int] = set()  # Vars computed from a node's result
+    for n, e in enumerate(prog.eqns):
+        node = not isinstance(e.fn, torch._ops.OpOverload) and hasattr(type(e.fn), "finish_lean")
+        lean = e.fn._lean if node else None
+        if lean is not None and not e.kwargs and isinstance(e.outs, (tuple, list)) and \
+                len(e.outs) == 1 and isinstance(e.outs[0], Var) and all(
+                    isinstance(e.args[i], Res)
+                    or (isinstance(e.args[i], Var) and e.args[i].id not in tainted)
+                    for i in lean[0]):
+            inlined.add(n)
+        if node or any(isinstance(a, Var) and a.id in tainted
+                       for a in tree_flatten((e.args, e.kwargs))[0]):
+            tainted.update(v.id for v in e.out_vars())
+    return inlined
+
+
+def _assign(nm: _Namer, outs: Any, call: str) -> list[str]:
+    """Lines that run ``call`` and bind the equation's outputs ``outs``."""
+    if isinstance(outs, Var):
+        return [f"{nm.var(outs)} = {call}"]
+    if isinstance(outs, (tuple, list)) and all(
+        isinstance(o, Var) or not isinstance(o, (tuple, list, dict)) for o in outs
+    ):
+        if any(isinstance(o, Var) for o in outs):
+            names = ", ".join(nm.var(o) if isinstance(o, Var) else "_" for o in outs)
+            return [f"{names}, = {call}" if len(outs) == 1 else f"{names} = {call}"]
+        return [call]
+    if outs is None or not tree_flatten(outs)[0]:
+        return [call]
+    # nested structure: flatten at run time
+    leaves = tree_flatten(outs)[0]
+    flat = nm.glob(tree_flatten, "f")
+    tmp = nm.tmp()
+    lines = [f"{tmp} = {flat}({call})[0]"]
+    for i, o in enumerate(leaves):
+        if isinstance(o, Var):
+            lines.append(f"{nm.var(o)} = {tmp}[{i}]")
+    return lines
+
+
+def _inline_node(nm: _Namer, e: Eqn, f: str, args: list[str], checks: list[str]) -> list[str]:
+    """run1's lines for a custom-Function node ``f``: the user's function called directly
+    on the node's ctx, as the node's own lean path calls it (``_OpaqueNode.__call__``),
+    without the node's frame and checks. ``checks`` gets run1's entry conditions for it
+    (released map; a transform or forward AD active: the node's general path). A result
+    that is not one tensor of the traced dtype, shape and strides goes through the node's
+    own normalization and checks (``finish_lean``)."""
+    _, fn, shape, dtype, stride = e.fn._lean
+    ctx = nm.tmp()
+    out = nm.var(e.outs[0])
+    if not checks:
+        checks.append("_functorch_active()")
+        checks.append("_fwAD._current_level >= 0")
+    checks.append(f"{f}.ctx is None")
+    phase = nm.glob(e.fn.phase)
+    ok = f"type({out}) is _Tensor and {out}.dtype is {nm.glob(dtype)} and " \
+         f"{out}.shape == {nm.lit(shape)}"
+    if stride is not None:
+        ok += f" and {out}.stride() == {nm.lit(stride)}"
+    return [
+        f"{ctx} = {f}.ctx",
+        f"if {ctx}._tl_phase is not {phase}: {ctx}._tl_enter({phase})",
+        f"{out} = {nm.glob(fn, 'f')}({ctx}, {', '.join(args)})",
+        f"if not ({ok}): {out}, = {f}.finish_lean({out}, [{', '.join(args)}])",
+    ]
+
+
 def program_factory(prog: Program) -> tuple[Callable, str]:
     """``(make, source)``: ``make(*residuals)`` returns ``(run, run1)`` for ``prog``'s
     structure (the same for any residuals of the same slots)."""
@@ -461,7 +539,10 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
     in_params = ", ".join(nm.var(v) for v in prog.inputs)
     lines.append(f"def _make({res_params}):")
     lines.append(f"    def run({in_params}):")
-    body: list[str] = []
+    body: list[str] = []  # run's body
+    body1: list[str] = []  # run1's body: the same, with custom-Function calls inlined
+    node_checks: list[str] = []  # run1's entry conditions for its inlined calls
+    inlined = _inlined_nodes(prog)
     check_offsets = offset_sensitive(prog)
     for k, v in enumerate(prog.inputs):
         stride, offset = prog.input_layouts[k] if prog.input_layouts else (None, 0)
@@ -476,31 +557,17 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
                 body.append(f"else: {name} = _relayout({name}, {s})")
         elif k in prog.mutated_inputs:
             body.append(f"{name} = {name}.clone()")
-    for e in prog.eqns:
+    body1.extend(body)
+    for n, e in enumerate(prog.eqns):
         f = nm.glob(_callable_for(e.fn, e.args, e.kwargs), "f")
         args = [nm.lit(a) for a in e.args] + [f"{k}={nm.lit(v)}" for k, v in e.kwargs.items()]
         call = f"{f}({', '.join(args)})"
-        outs = e.outs
-        if isinstance(outs, Var):
-            body.append(f"{nm.var(outs)} = {call}")
-        elif isinstance(outs, (tuple, list)) and all(
-            isinstance(o, Var) or not isinstance(o, (tuple, list, dict)) for o in outs
-        ):
-            if any(isinstance(o, Var) for o in outs):
-                names = ", ".join(nm.var(o) if isinstance(o, Var) else "_" for o in outs)
-                body.append(f"{names}, = {call}" if len(outs) == 1 else f"{names} = {call}")
-            else:
-                body.append(call)
-        elif outs is None or not tree_flatten(outs)[0]:
-            body.append(call)
-        else:  # nested structure: flatten at run time
-            leaves = tree_flatten(outs)[0]
-            flat = nm.glob(tree_flatten, "f")
-            tmp = nm.tmp()
-            body.append(f"{tmp} = {flat}({call})[0]")
-            for i, o in enumerate(leaves):
-                if isinstance(o, Var):
-                    body.append(f"{nm.var(o)} = {tmp}[{i}]")
+        line = _assign(nm, e.outs, call)
+        body.extend(line)
+        if n in inlined:
+            body1.extend(_inline_node(nm, e, f, args, node_checks))
+        else:
+            body1.extend(line)
     rets = []
     for o in prog.outputs:
         if isinstance(o, Var):
@@ -522,9 +589,10 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
         lines.append(f"    def run1({name}):")
         lines.append(f"        if type({name}) is not _Tensor or {name}.shape != {nm.lit(v.shape)} or "
                      f"{name}.dtype is not {nm.glob(v.dtype)} or {dev} or "
-                     f"({name}.requires_grad and _grad_enabled()): return NotImplemented")
+                     f"({name}.requires_grad and _grad_enabled())"
+                     + "".join(" or " + c for c in node_checks) + ": return NotImplemented")
         if len(prog.eqns) <= _ENTRY1_MAX_EQNS:
-            lines.extend("        " + b for b in body)
+            lines.extend("        " + b for b in body1)
             lines.append(f"        return {rets[0]}")
         else:
             lines.append(f"        return run({name})[0]")
