@@ -461,10 +461,14 @@ def _inlined_nodes(prog: Program) -> set[int]:
     one-input, one-output programs short enough for ``run1`` to repeat the body."""
     if len(prog.inputs) != 1 or len(prog.outputs) != 1 or len(prog.eqns) > _ENTRY1_MAX_EQNS:
         return set()
+    nodes = [not isinstance(e.fn, torch._ops.OpOverload) and hasattr(type(e.fn), "finish_lean")
+             for e in prog.eqns]
+    if not any(nodes):
+        return set()
     inlined: set[int] = set()
     tainted: set[int] = set()  # Vars computed from a node's result
     for n, e in enumerate(prog.eqns):
-        node = not isinstance(e.fn, torch._ops.OpOverload) and hasattr(type(e.fn), "finish_lean")
+        node = nodes[n]
         lean = e.fn._lean if node else None
         if lean is not None and not e.kwargs and isinstance(e.outs, (tuple, list)) and \
                 len(e.outs) == 1 and isinstance(e.outs[0], Var) and all(
@@ -472,8 +476,7 @@ def _inlined_nodes(prog: Program) -> set[int]:
                     or (isinstance(e.args[i], Var) and e.args[i].id not in tainted)
                     for i in lean[0]):
             inlined.add(n)
-        if node or any(isinstance(a, Var) and a.id in tainted
-                       for a in tree_flatten((e.args, e.kwargs))[0]):
+        if node or (tainted and any(v.id in tainted for v in e.in_vars())):
             tainted.update(v.id for v in e.out_vars())
     return inlined
 
