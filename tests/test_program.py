@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import custom_functions as cf
 import torch_linearize as tl
 from torch_linearize._program import Res, Var, _callable_for
 
@@ -205,3 +206,45 @@ def test_only_nodes_fed_by_no_node_result_are_inlined():
     assert _inlined_nodes(prog) == {nodes[0]}
     with torch.no_grad():
         torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
+
+
+_INLINE_CASES = {  # (f, which nodes run1 inlines: "all", "first", "none")
+    "numpy": (lambda x: cf.NumpyCube.apply(x.exp()), "all"),
+    "raw pointers": (lambda x: cf.CtypesScale.apply(x.exp(), 1.7), "all"),
+    "two tangents": (lambda x: cf.WeightedSum.apply(x.exp(), x.cos())[:, None] * x.sin(), "all"),
+    "nested Function in jvp": (lambda x: cf.Outer.apply(x.exp()), "all"),
+    "node after aten ops": (lambda x: cf.CtypesScale.apply(x.exp() * 2 + x.sin(), 0.5).sin(),
+                            "all"),
+    "two outputs": (lambda x: cf.SinCosPair.apply(x.exp())[0], "none"),
+    "a None tangent": (lambda x: cf.WeightedSum.apply(x.exp(), x.cos().detach()), "none"),
+    "node after node": (lambda x: cf.CtypesScale.apply(cf.NumpyCube.apply(x.exp()), 2.0),
+                        "first"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INLINE_CASES))
+def test_inlined_custom_function_calls_match_eager_forward_ad(name):
+    # The catalogue's Functions, fed intermediates (nothing for the map to version-check,
+    # so jvp_fn's one-tensor entry runs): run1 calls the nodes it can inline itself and the
+    # others through the node; either way jvp runs once per application.
+    from helpers import eager_jvp
+    from torch_linearize._program import _inlined_nodes
+
+    f, which = _INLINE_CASES[name]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, dtype=D, generator=g)
+    _, jvp_fn = tl.linearize(f, x)
+    assert jvp_fn._fast1 is not None
+    prog = jvp_fn._program
+    nodes = [k for k, e in enumerate(prog.eqns) if not isinstance(e.fn, torch._ops.OpOverload)]
+    expected = {"all": set(nodes), "first": set(nodes[:1]), "none": set()}[which]
+    assert nodes and _inlined_nodes(prog) == expected
+    tangents = [torch.randn(3, 4, dtype=D, generator=g) for _ in range(2)]
+    tangents.append(torch.randn(4, 3, dtype=D, generator=g).t())  # column-major
+    for t in tangents:
+        cf.reset()
+        out = jvp_fn(t)
+        calls = {k: n for k, n in cf.CALLS.items() if k.endswith(".jvp")}
+        assert calls and all(n == 1 for n in calls.values()), calls
+        torch.testing.assert_close(out, eager_jvp(f, (x,), (t,))[1])
+        assert out.is_contiguous()  # the forward output's layout
