@@ -141,3 +141,40 @@ def test_linearize_of_a_torch_compiled_function(backend):
         y, jvp_fn = tl.linearize(fn, x)
         torch.testing.assert_close(y, ref(x))
         torch.testing.assert_close(jvp_fn(t), torch.func.jvp(ref, (x,), (t,))[1])
+
+
+class _Doubled(torch.autograd.Function):
+    """Saves an intermediate only (nothing the map must version-check)."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(2 * inputs[0])
+        ctx.save_for_backward(2 * inputs[0])
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * ctx.saved_tensors[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.saved_tensors[0]
+
+
+def test_a_map_of_custom_function_nodes_only_compiles_to_itself(monkeypatch):
+    # No aten segment to fuse: compile() hands back the map itself (another handle),
+    # lean one-tensor entry included, without calling torch.compile.
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(_Doubled.apply, x)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile called"))
+    c = jvp_fn.compile()
+    assert not c.is_compiled and c._fast1 is not None and c._fast1 is jvp_fn._fast1
+    torch.testing.assert_close(c(t), 2 * x * t)
+    torch.testing.assert_close(torch.vmap(c)(torch.stack([t, -t])), torch.stack([2 * x * t, -2 * x * t]))
+    torch.testing.assert_close(c.transpose()(t)[0], 2 * x * t)
+    jvp_fn.release()
+    with pytest.raises(tl.ReleasedError):
+        c(t)

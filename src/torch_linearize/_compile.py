@@ -15,6 +15,7 @@ it, for small problems dominated by kernel-launch overhead.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -101,6 +102,10 @@ def compile_map(lm, **compile_kwargs: Any):
     later_uses: list[set[int]] = []
     lifted: list[torch.Tensor] = []
     segs = _segments(_lift_scalars(prog, lifted))
+    if all(opaque for opaque, _ in segs):
+        # Nothing to compile (only custom-Function nodes): the map itself, lean entry
+        # included, as another handle.
+        return copy.copy(lm)
     needed_after: set[int] = {o.id for o in prog.outputs if isinstance(o, Var)}
     for _opaque, eqns in reversed(segs):
         later_uses.append(set(needed_after))
