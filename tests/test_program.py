@@ -248,3 +248,26 @@ def test_inlined_custom_function_calls_match_eager_forward_ad(name):
         assert calls and all(n == 1 for n in calls.values()), calls
         torch.testing.assert_close(out, eager_jvp(f, (x,), (t,))[1])
         assert out.is_contiguous()  # the forward output's layout
+
+
+def test_one_tensor_entry_checks_the_watched_versions_first(monkeypatch):
+    # A map that reads a tensor the user can reach (here the primal, saved by the custom
+    # Function and read by x * sin(x)'s program) takes the one-tensor entry after checking
+    # that tensor's version, and a modification is reported as on the general path.
+    from torch_linearize._opaque import _OpaqueNode
+
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(3, 4, dtype=D, generator=g), torch.randn(3, 4, dtype=D, generator=g)
+
+    def f(x):
+        return _Twice.apply(x) * x.sin()
+
+    _, jvp_fn = tl.linearize(f, x)
+    assert jvp_fn._watch1 and jvp_fn._fast1 is jvp_fn._run.entry1
+    ref = torch.func.jvp(f, (x,), (t,))[1]
+    with monkeypatch.context() as m:  # the inlined call, not the node
+        m.setattr(_OpaqueNode, "__call__", lambda *a: pytest.fail("node called"))
+        torch.testing.assert_close(jvp_fn(t), ref)
+    x.add_(1.0)
+    with pytest.raises(tl.StaleResidualError, match="modified in place after linearize"):
+        jvp_fn(t)
