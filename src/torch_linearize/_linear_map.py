@@ -217,7 +217,7 @@ class LinearMap:
             and self._single_out and eager_run is None
             and _same_meta(program, self._metas[0]) else None
         )
-        self._watch1 = tuple((t, version) for t, version, _ in stale_watch)
+        self._watch1 = tuple({id(t): (t, version) for t, version, _ in stale_watch}.values())
         self._released = False
         self._transposed: LinearMap | None = None
         self._lock = threading.Lock()
