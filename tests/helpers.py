@@ -194,3 +194,16 @@ def check_random_program(f, seed: int, reference: str = "func") -> None:
     for k in range(3):
         torch.testing.assert_close(tuple(g[k] for g in got), jvp_fn(batch[k], ty))
     assert torch.equal(tx, tx0) and torch.equal(ty, ty0)
+    # The one-tensor entry (one input, one output: LinearMap's lean path, custom
+    # Functions' jvp called inline by the generated code), applied twice.
+    def g(x):
+        return f(x, y.clone())[-1]
+
+    _, jvp1 = tl.linearize(g, x.clone())
+    if reference == "func":
+        want1 = torch.func.jvp(g, (x.clone(),), (tx.clone(),))[1]
+    else:
+        want1 = eager_jvp(g, (x.clone(),), (tx.clone(),))[1]
+    for _ in range(2):
+        torch.testing.assert_close(jvp1(tx), want1, equal_nan=True)
+    assert torch.equal(tx, tx0)

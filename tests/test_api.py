@@ -147,6 +147,33 @@ def test_in_place_and_views_inside_f():
     assert_jvp_matches(f, x)
 
 
+@pytest.mark.parametrize("view", [
+    lambda v: v[1:], lambda v: v.t(), lambda v: v[:, ::2], lambda v: v.diagonal(),
+    lambda v: v.reshape(-1)[2:10].view(2, 4), lambda v: v.unsqueeze(0).expand(2, *v.shape)[1],
+], ids=["slice", "t", "strided", "diagonal", "reshape-view", "expand-select"])
+@pytest.mark.parametrize("write", ["add_", "copy_", "setitem"])
+def test_output_viewing_a_buffer_written_with_tangent_data_later(view, write):
+    # The output is a view of a buffer that had no tangent when the view was taken;
+    # a later in-place write gives the buffer one, and forward AD derives the view's
+    # tangent from it lazily, when the output is read (found by fuzzing: linearize
+    # refused it as an affine map).
+    c = torch.randn(4, 4, dtype=D)
+
+    def f(x):
+        buf = c.sin()
+        out = view(buf)
+        if write == "add_":
+            buf.add_(x * x)
+        elif write == "copy_":
+            buf.copy_(x.exp())
+        else:
+            buf[1:3] = x[:2] * 3
+        return out, buf
+
+    assert_jvp_matches(f, torch.randn(4, 4, dtype=D))
+    assert_jvp_matches(lambda x: f(x)[0], torch.randn(4, 4, dtype=D))
+
+
 def test_jvp_fn_never_mutates_the_callers_tangent():
     x = torch.randn(5, dtype=D)
 

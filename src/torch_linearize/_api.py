@@ -164,6 +164,13 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                             f"{type(out).__name__}."
                         )
                     out, aux = out
+                # An output that is a view of a tensor f later gave a tangent in place
+                # (y.sin() viewed, then written with x-dependent data) gets its tangent
+                # lazily, as a view of the base's, when it is first read: read it here,
+                # where the tracer records that view.
+                for o in tree_flatten(out)[0]:
+                    if isinstance(o, torch.Tensor) and o._is_view():
+                        unpack_dual(o, level=level)
             # (outside the dispatch mode: reading the outputs records nothing)
             outputs, y_flat, out_spec = _collect_outputs(tracer, out)
             if has_aux:
