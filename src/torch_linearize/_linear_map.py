@@ -206,10 +206,10 @@ class LinearMap:
             len(self._out_positions) == 1
         # The leanest path, for the commonest map (one tensor in, one tensor out, eager):
         # the program's generated one-tensor entry (see compile_program's run1), else
-        # None; ``_watch1``: the (tensor, version) pairs it checks first. A call made between other heavy work finds
-        # the interpreter's caches cold, and then every attribute and frame of the general
-        # path costs ~0.1-1 us instead of ~20 ns (measured: 8-20 us per call on the CPU
-        # benchmarks' 1e6-element maps).
+        # None; ``_watch1``: the (tensor, version) pairs checked before it runs. A call
+        # made between other heavy work finds the interpreter's caches cold, and then
+        # every attribute and frame of the general path costs ~0.1-1 us instead of ~20 ns
+        # (measured: 8-20 us per call on the CPU benchmarks' 1e6-element maps).
         run1 = getattr(run, "entry1", None)
         self._fast1 = (
             run1
