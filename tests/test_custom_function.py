@@ -123,6 +123,49 @@ def test_saved_tensors_follow_the_phase_across_interleaved_jvp_and_vjp():
         torch.testing.assert_close(torch.vmap(jvp_fn)(torch.stack([t, t])), (t * x.exp()).expand(2, 4))
 
 
+def test_jvp_and_backward_see_their_own_saved_tensors_at_the_same_time():
+    # jvp and backward each get their phase's view of one ctx (shared attributes, own
+    # saved_tensors), so neither depends on which ran last: here the transpose runs
+    # *inside* the user's jvp, before jvp reads ctx.saved_tensors (as another thread
+    # could between the two), and an attribute set in one is seen by the other.
+    hook: list = []
+
+    class TwoSaves(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.exp()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_forward(output)
+            ctx.save_for_backward(2 * output)  # a wrong factor, to tell the two apart
+
+        @staticmethod
+        def jvp(ctx, t):
+            if hook:
+                ctx.seen = hook.pop()()
+            (s,) = ctx.saved_tensors
+            return t * s
+
+        @staticmethod
+        def backward(ctx, g):
+            (s,) = ctx.saved_tensors
+            ctx.calls = getattr(ctx, "calls", 0) + 1
+            return g * s
+
+    x, t = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: TwoSaves.apply(x.sin()), x)
+    vjp_fn = jvp_fn.transpose()
+    want_jvp = t * x.sin().exp() * x.cos()
+    want_vjp = t * 2 * x.sin().exp() * x.cos()
+    for call in (jvp_fn, jvp_fn._call):  # the one-tensor entry and the general path
+        hook.append(lambda: vjp_fn(t)[0])
+        torch.testing.assert_close(call(t) if call is jvp_fn else call((t,)), want_jvp)
+        node = jvp_fn._opaque_nodes[0]
+        torch.testing.assert_close(node.ctx.seen, want_vjp)
+    assert node.ctx.calls == 2  # set by backward, read through jvp's view
+
+
 def test_multiple_outputs_non_tensor_and_non_differentiable_outputs():
     x = torch.randn(4, dtype=D)
 

@@ -140,7 +140,8 @@ def test_one_tensor_entry_calls_a_custom_functions_jvp_inline(monkeypatch):
     assert jvp_fn._fast1 is jvp_fn._run.entry1
     _, vjp_ref = torch.func.vjp(f, x)
     ref = torch.func.jvp(f, (x,), (t,))[1]
-    assert "_tl_enter" in jvp_fn.source  # the user's jvp called from run1 itself
+    # the user's jvp called from run1 itself
+    assert any(v is _Twice.jvp for v in jvp_fn._run.__globals__.values())
     with monkeypatch.context() as m:  # ... not through the node
         m.setattr(_OpaqueNode, "__call__", lambda *a: pytest.fail("node called"))
         torch.testing.assert_close(jvp_fn(t), ref)

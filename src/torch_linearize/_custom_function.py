@@ -173,7 +173,16 @@ class LinearizeCtx(FunctionCtx):
     ``needs_input_grad[i]`` is True when input ``i`` carries a tangent (the
     linearization depends on it), so that one ctx serves both ``jvp`` and
     ``backward`` (the transpose).
+
+    ``forward``/``setup_context`` and ``backward`` see this object; ``jvp`` sees its
+    :meth:`jvp_view`, which shares its attribute dict (what one sets, the other reads)
+    and has its own phase, so a map and its transpose may run in different threads at
+    once without switching one shared phase back and forth.
     """
+
+    # Per object (the attribute dict is shared with the jvp view): the phase, what
+    # saved_tensors returns in it, and, for the jvp view, the ctx it views.
+    __slots__ = ("_tl_base", "_tl_phase", "_tl_saved")
 
     def __init__(self, function: type, needs_input_grad: tuple[bool, ...]):
         self.needs_input_grad = needs_input_grad
@@ -182,21 +191,38 @@ class LinearizeCtx(FunctionCtx):
         self._forward_cls = function
         self._tl_phase = "forward"
         self._tl_saved: tuple = ()
+        self._tl_base: LinearizeCtx | None = None
 
     def _tl_enter(self, phase: str) -> None:
-        """Switch to ``phase`` ("forward", "jvp" or "backward"): what saved_tensors returns."""
+        """Switch this object to ``phase`` ("forward", "jvp" or "backward"): what its
+        saved_tensors returns."""
         self._tl_phase = phase
         key = "saved_for_forward" if phase == "jvp" else "to_save"
         saved = self.__dict__.get(key)
         self._tl_saved = tuple(saved) if saved is not None else ()
 
+    def _tl_refresh(self) -> None:
+        """Re-read the saved tensors (after they were replaced in the shared dict), for
+        this object and the ctx it views."""
+        self._tl_enter(self._tl_phase)
+        if self._tl_base is not None:
+            self._tl_base._tl_refresh()
+
+    def jvp_view(self) -> LinearizeCtx:
+        """The ctx ``jvp`` gets: the same attributes (one shared dict), in phase "jvp"."""
+        view = object.__new__(type(self))
+        view.__dict__ = self.__dict__
+        view._tl_base = self
+        view._tl_enter("jvp")
+        return view
+
     def save_for_backward(self, *tensors: torch.Tensor) -> None:
         super().save_for_backward(*tensors)
-        self._tl_enter(self._tl_phase)
+        self._tl_refresh()
 
     def save_for_forward(self, *tensors: torch.Tensor) -> None:
         super().save_for_forward(*tensors)
-        self._tl_enter(self._tl_phase)
+        self._tl_refresh()
 
     # A C-level getter (no Python frame): jvp reads this once per application, often with
     # cold caches. _tl_enter keeps it current.
@@ -312,7 +338,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
                for p in primals]
     fwd_out_tensors = [(tuple(o.shape), o.dtype, o.device) if isinstance(o, torch.Tensor) else None
                        for o in outs]
-    node = OpaqueJvp(cls, ctx, in_meta, metas, dirty, single, fwd_out_tensors,
+    node = OpaqueJvp(cls, ctx.jvp_view(), in_meta, metas, dirty, single, fwd_out_tensors,
                      [s is not None for s in tangent_syms])
     tracer.opaque_nodes.append(node)
     tracer.protect_ctx(node)

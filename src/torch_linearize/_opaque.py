@@ -135,8 +135,6 @@ class _OpaqueNode:
                 if a is None or (grad and a.requires_grad):
                     break
             else:
-                if ctx._tl_phase is not self.phase:
-                    ctx._tl_enter(self.phase)
                 o = lean[1](ctx, *args)
                 if type(o) is torch.Tensor and o.dtype is lean[3] and o.shape == lean[2] and \
                         (lean[4] is None or o.stride() == lean[4]):
@@ -222,7 +220,6 @@ class _OpaqueNode:
     def _invoke(self, args: list) -> tuple:
         """Call the user function once on unbatched arguments; normalized tuple result."""
         ctx = self.ctx
-        ctx._tl_enter(self.phase)
         if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
             return self._as_tuple(self.user_fn()(ctx, *args))
         with fwAD._set_fwd_grad_enabled(False):
@@ -310,7 +307,6 @@ class _OpaqueNode:
                 flat.append(a)
         batched_fn = getattr(self.cls, self.batched_name, None)
         if batched_fn is not None:
-            self.ctx._tl_enter(self.phase)
             if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
                 out = self._as_tuple(batched_fn(self.ctx, *flat))
             else:
@@ -414,7 +410,12 @@ class OpaqueJvp(_OpaqueNode):
                 (m[0], m[1], None, m[2]) if m is not None and self.has_tangent[i] else None
                 for i, m in enumerate(self.in_meta)
             ]
-            node = OpaqueVjp(self.cls, self.ctx, list(self.fwd_out_tensors), out_meta, {}, False)
+            # (backward sees the ctx that jvp's views: the same attributes, its own phase)
+            ctx = self.ctx
+            if ctx is None:
+                raise ReleasedError(f"{self.display_name}: the linear map was released.")
+            ctx = getattr(ctx, "_tl_base", None) or ctx
+            node = OpaqueVjp(self.cls, ctx, list(self.fwd_out_tensors), out_meta, {}, False)
             node._transposed = self
             self._transposed = node
         return self._transposed

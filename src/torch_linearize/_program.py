@@ -507,7 +507,8 @@ def _assign(nm: _Namer, outs: Any, call: str) -> list[str]:
 
 def _inline_node(nm: _Namer, e: Eqn, f: str, args: list[str], checks: list[str]) -> list[str]:
     """run1's lines for a custom-Function node ``f``: the user's function called directly
-    on the node's ctx, as the node's own lean path calls it (``_OpaqueNode.__call__``),
+    on the node's ctx (the phase's own view of it, see ``LinearizeCtx.jvp_view``), as the
+    node's own lean path calls it (``_OpaqueNode.__call__``),
     without the node's frame and checks. ``checks`` gets run1's entry conditions for it
     (released map; a transform or forward AD active: the node's general path). A result
     that is not one tensor of the traced dtype, shape and strides goes through the node's
@@ -519,14 +520,12 @@ def _inline_node(nm: _Namer, e: Eqn, f: str, args: list[str], checks: list[str])
         checks.append("_functorch_active()")
         checks.append("_fwAD._current_level >= 0")
     checks.append(f"{f}.ctx is None")
-    phase = nm.glob(e.fn.phase)
     ok = f"type({out}) is _Tensor and {out}.dtype is {nm.glob(dtype)} and " \
          f"{out}.shape == {nm.lit(shape)}"
     if stride is not None:
         ok += f" and {out}.stride() == {nm.lit(stride)}"
     return [
         f"{ctx} = {f}.ctx",
-        f"if {ctx}._tl_phase is not {phase}: {ctx}._tl_enter({phase})",
         f"{out} = {nm.glob(fn, 'f')}({ctx}, {', '.join(args)})",
         f"if not ({ok}): {out}, = {f}.finish_lean({out}, [{', '.join(args)}])",
     ]

@@ -183,9 +183,9 @@ def ctx_tensors(ctx: Any, readable_only: bool = False) -> list[torch.Tensor]:
 
 
 # ctx attributes a Function's jvp/backward does not read: PyTorch's mark_dirty and
-# mark_non_differentiable records, and LinearizeCtx's own view of the saved tensors
-# (rebuilt from saved_for_forward / to_save).
-_CTX_BOOKKEEPING = frozenset({"dirty_tensors", "non_differentiable", "_tl_saved"})
+# mark_non_differentiable records. (LinearizeCtx's own view of the saved tensors is a
+# slot, outside the dict, rebuilt from saved_for_forward / to_save.)
+_CTX_BOOKKEEPING = frozenset({"dirty_tensors", "non_differentiable"})
 
 
 def snapshot_ctx(ctx: Any, skey: int) -> list[torch.Tensor]:
@@ -212,6 +212,6 @@ def snapshot_ctx(ctx: Any, skey: int) -> list[torch.Tensor]:
                 ctx.__dict__[name] = tree_unflatten(new, spec)
         elif isinstance(v, torch.Tensor):
             ctx.__dict__[name] = swap(v)
-    if snaps and hasattr(ctx, "_tl_enter"):
-        ctx._tl_enter(ctx._tl_phase)  # saved_tensors reads the new copies
+    if snaps and hasattr(ctx, "_tl_refresh"):
+        ctx._tl_refresh()  # saved_tensors reads the new copies
     return snaps
