@@ -233,6 +233,41 @@ class Outer(torch.autograd.Function):
         raise NotImplementedError
 
 
+class TwoSaves(torch.autograd.Function):
+    """exp(x); style=setup_context; saves different tensors for jvp (save_for_forward:
+    the output) and backward (save_for_backward: twice the output, a deliberately wrong
+    factor that tells the two apart, so backward is not exp's derivative). ``HOOK``: a
+    callable popped and called inside jvp before it reads ctx.saved_tensors (its result
+    lands in ``ctx.seen``); backward counts its calls in ``ctx.calls``."""
+
+    HOOK: list = []
+
+    @staticmethod
+    def forward(x):
+        CALLS["TwoSaves.forward"] += 1
+        return x.exp()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(output)
+        ctx.save_for_backward(2 * output)
+
+    @staticmethod
+    def jvp(ctx, t):
+        CALLS["TwoSaves.jvp"] += 1
+        if TwoSaves.HOOK:
+            ctx.seen = TwoSaves.HOOK.pop()()
+        (s,) = ctx.saved_tensors
+        return t * s
+
+    @staticmethod
+    def backward(ctx, g):
+        CALLS["TwoSaves.backward"] += 1
+        (s,) = ctx.saved_tensors
+        ctx.calls = getattr(ctx, "calls", 0) + 1
+        return g * s
+
+
 class NoJvp(torch.autograd.Function):
     @staticmethod
     def forward(x):

@@ -92,30 +92,10 @@ def test_ctypes_kernel_on_raw_data_pointers():
 
 def test_saved_tensors_follow_the_phase_across_interleaved_jvp_and_vjp():
     # jvp sees what save_for_forward received, backward what save_for_backward received,
-    # however the two alternate (the ctx caches the tuple per phase)
-    class TwoSaves(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x.exp()
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_forward(output)  # d/dx exp(x) = exp(x)
-            ctx.save_for_backward(2 * output)  # a wrong factor, to tell the two apart
-
-        @staticmethod
-        def jvp(ctx, t):
-            (s,) = ctx.saved_tensors
-            return t * s
-
-        @staticmethod
-        def backward(ctx, g):
-            (s,) = ctx.saved_tensors
-            return g * s
-
+    # however the two alternate
     x = torch.randn(4, dtype=D)
     t = torch.randn(4, dtype=D)
-    _, jvp_fn = tl.linearize(TwoSaves.apply, x)
+    _, jvp_fn = tl.linearize(cf.TwoSaves.apply, x)
     vjp_fn = jvp_fn.transpose()
     for _ in range(2):
         torch.testing.assert_close(jvp_fn(t), t * x.exp())
@@ -128,38 +108,13 @@ def test_jvp_and_backward_see_their_own_saved_tensors_at_the_same_time():
     # saved_tensors), so neither depends on which ran last: here the transpose runs
     # *inside* the user's jvp, before jvp reads ctx.saved_tensors (as another thread
     # could between the two), and an attribute set in one is seen by the other.
-    hook: list = []
-
-    class TwoSaves(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x.exp()
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_forward(output)
-            ctx.save_for_backward(2 * output)  # a wrong factor, to tell the two apart
-
-        @staticmethod
-        def jvp(ctx, t):
-            if hook:
-                ctx.seen = hook.pop()()
-            (s,) = ctx.saved_tensors
-            return t * s
-
-        @staticmethod
-        def backward(ctx, g):
-            (s,) = ctx.saved_tensors
-            ctx.calls = getattr(ctx, "calls", 0) + 1
-            return g * s
-
     x, t = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
-    _, jvp_fn = tl.linearize(lambda x: TwoSaves.apply(x.sin()), x)
+    _, jvp_fn = tl.linearize(lambda x: cf.TwoSaves.apply(x.sin()), x)
     vjp_fn = jvp_fn.transpose()
     want_jvp = t * x.sin().exp() * x.cos()
     want_vjp = t * 2 * x.sin().exp() * x.cos()
     for call in (jvp_fn, jvp_fn._call):  # the one-tensor entry and the general path
-        hook.append(lambda: vjp_fn(t)[0])
+        cf.TwoSaves.HOOK.append(lambda: vjp_fn(t)[0])
         torch.testing.assert_close(call(t) if call is jvp_fn else call((t,)), want_jvp)
         node = jvp_fn._opaque_nodes[0]
         torch.testing.assert_close(node.ctx.seen, want_vjp)

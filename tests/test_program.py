@@ -102,31 +102,6 @@ def test_one_tensor_entry_checks_the_device_off_cpu():
 
 
 # ------------------------------------------- run1 calls custom Functions' jvp inline
-class _Twice(torch.autograd.Function):
-    """jvp reads what save_for_forward got, backward what save_for_backward got (two
-    different tensors: the ctx's phase must be switched between the two)."""
-
-    @staticmethod
-    def forward(x):
-        return x * x
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (x,) = inputs
-        ctx.save_for_forward(2 * x)
-        ctx.save_for_backward(x)
-
-    @staticmethod
-    def jvp(ctx, t):
-        (d,) = ctx.saved_tensors
-        return t * d
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * x * g
-
-
 def test_one_tensor_entry_calls_a_custom_functions_jvp_inline(monkeypatch):
     from torch_linearize._opaque import _OpaqueNode
 
@@ -134,14 +109,14 @@ def test_one_tensor_entry_calls_a_custom_functions_jvp_inline(monkeypatch):
     x, t = torch.randn(3, 4, dtype=D, generator=g), torch.randn(3, 4, dtype=D, generator=g)
 
     def f(x):  # (no residual the user can reach: nothing to version-check)
-        return _Twice.apply(x.sin()).cos()
+        return cf.TwoSaves.apply(x.sin()).cos()
 
     _, jvp_fn = tl.linearize(f, x)
     assert jvp_fn._fast1 is jvp_fn._run.entry1
     _, vjp_ref = torch.func.vjp(f, x)
     ref = torch.func.jvp(f, (x,), (t,))[1]
     # the user's jvp called from run1 itself
-    assert any(v is _Twice.jvp for v in jvp_fn._run.__globals__.values())
+    assert any(v is cf.TwoSaves.jvp for v in jvp_fn._run.__globals__.values())
     with monkeypatch.context() as m:  # ... not through the node
         m.setattr(_OpaqueNode, "__call__", lambda *a: pytest.fail("node called"))
         torch.testing.assert_close(jvp_fn(t), ref)
@@ -198,7 +173,7 @@ def test_only_nodes_fed_by_no_node_result_are_inlined():
     x, t = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
 
     def f(x):
-        return _Twice.apply(_GradScale.apply(x).cos() + x)
+        return cf.TwoSaves.apply(_GradScale.apply(x).cos() + x)
 
     _, jvp_fn = tl.linearize(f, x)
     prog = jvp_fn._program
@@ -252,16 +227,16 @@ def test_inlined_custom_function_calls_match_eager_forward_ad(name):
 
 
 def test_one_tensor_entry_checks_the_watched_versions_first(monkeypatch):
-    # A map that reads a tensor the user can reach (here the primal, saved by the custom
-    # Function and read by x * sin(x)'s program) takes the one-tensor entry after checking
-    # that tensor's version, and a modification is reported as on the general path.
+    # A map that reads a tensor the user can reach (here the primal, which the product's
+    # tangent program reads) takes the one-tensor entry after checking that tensor's
+    # version, and a modification is reported as on the general path.
     from torch_linearize._opaque import _OpaqueNode
 
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(3, 4, dtype=D, generator=g), torch.randn(3, 4, dtype=D, generator=g)
 
     def f(x):
-        return _Twice.apply(x) * x.sin()
+        return cf.TwoSaves.apply(x) * x
 
     _, jvp_fn = tl.linearize(f, x)
     assert jvp_fn._watch1 and jvp_fn._fast1 is jvp_fn._run.entry1
