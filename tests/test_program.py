@@ -239,7 +239,7 @@ def test_one_tensor_entry_checks_the_watched_versions_first(monkeypatch):
         return cf.TwoSaves.apply(x) * x
 
     _, jvp_fn = tl.linearize(f, x)
-    assert jvp_fn._watch1 and jvp_fn._fast1 is jvp_fn._run.entry1
+    assert jvp_fn._stale_watch and jvp_fn._fast1 is jvp_fn._run.entry1
     ref = torch.func.jvp(f, (x,), (t,))[1]
     with monkeypatch.context() as m:  # the inlined call, not the node
         m.setattr(_OpaqueNode, "__call__", lambda *a: pytest.fail("node called"))

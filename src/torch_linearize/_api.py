@@ -262,9 +262,12 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         k = storage_key(r)
         if k is not None and (k not in created or k in reachable):
             watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs)))
+    watched = {id(w[0]) for w in watch}
     for n, t in ctx_read:
         k = storage_key(t)
-        if k is not None and (k not in created or k in reachable) and t.device.type != "meta":
+        if k is not None and (k not in created or k in reachable) and t.device.type != "meta" \
+                and id(t) not in watched:
+            watched.add(id(t))
             watch.append((t, t._version, _describe_ctx_tensor(n)))
 
     run = bind_program(make, src, prog.residuals)

@@ -206,10 +206,10 @@ class LinearMap:
             len(self._out_positions) == 1
         # The leanest path, for the commonest map (one tensor in, one tensor out, eager):
         # the program's generated one-tensor entry (see compile_program's run1), else
-        # None; ``_watch1``: the (tensor, version) pairs checked before it runs. A call
-        # made between other heavy work finds the interpreter's caches cold, and then
-        # every attribute and frame of the general path costs ~0.1-1 us instead of ~20 ns
-        # (measured: 8-20 us per call on the CPU benchmarks' 1e6-element maps).
+        # None (the watched versions are compared first). A call made between other heavy
+        # work finds the interpreter's caches cold, and then every attribute and frame of
+        # the general path costs ~0.1-1 us instead of ~20 ns (measured: 8-20 us per call
+        # on the CPU benchmarks' 1e6-element maps).
         run1 = getattr(run, "entry1", None)
         self._fast1 = (
             run1
@@ -217,7 +217,6 @@ class LinearMap:
             and self._single_out and eager_run is None
             and _same_meta(program, self._metas[0]) else None
         )
-        self._watch1 = tuple({id(t): (t, version) for t, version, _ in stale_watch}.values())
         self._released = False
         self._transposed: LinearMap | None = None
         self._lock = threading.Lock()
@@ -226,7 +225,7 @@ class LinearMap:
     def __call__(self, *args: Any) -> Any:
         fast = self._fast1
         if fast is not None and len(args) == 1:
-            for t, version in self._watch1:
+            for t, version, _ in self._stale_watch:
                 if t._version != version:
                     break  # the general path names the modified tensor
             else:
@@ -404,7 +403,6 @@ class LinearMap:
         self._program.residuals = []
         self._program.eqns = []
         self._stale_watch = []
-        self._watch1 = ()
         self._transposed = None
         self.residual_bytes = 0
         self.external_bytes = 0
