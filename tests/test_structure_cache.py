@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import torch_linearize as tl
 import torch_linearize._structure_cache as sc
-from custom_functions import NumpyCube
+from custom_functions import CtypesScale, NumpyCube
 from helpers import check_random_program, eager_jvp, mutating_programs
 
 D = torch.float64
@@ -198,15 +198,37 @@ def test_the_cache_keeps_no_tensors_alive():
     assert all(r() is None for r in refs)
 
 
-def test_programs_with_custom_functions_are_not_cached():
-    # (each custom-Function node holds its own ctx)
-    x = torch.randn(5, dtype=D)
-    f = lambda x: NumpyCube.apply(x).sin()
-    t = torch.randn(5, dtype=D)
-    for _ in range(3):
-        _, jvp_fn = tl.linearize(f, x)
-        torch.testing.assert_close(jvp_fn(t), eager_jvp(f, (x,), (t,))[1])
-    assert sc.stats == {"hits": 0, "recorded": 0, "refused": 0}
+def test_programs_with_custom_functions_reuse_the_program_with_their_own_nodes(verify):
+    # A custom-Function node is part of the structure by its Function and metadata, not
+    # its ctx: a reuse binds the new trace's nodes (their own ctx) into the cached
+    # program and code, every earlier map keeps its own, and the cache keeps none.
+    def f(x):
+        y = CtypesScale.apply(x.sin() * 2 + x.cos(), 1.5)
+        return NumpyCube.apply(y * x.exp()).tanh() + x
+
+    points = [torch.randn(6, dtype=D, generator=torch.Generator().manual_seed(k))
+              for k in range(5)]
+    maps = [tl.linearize(f, x)[1] for x in points]
+    # (from the third call on each reuses, unless a recorded decision comes out
+    # differently at that point: then the passes run)
+    assert sc.stats["hits"] >= 2 and sc.stats["hits"] + sc.stats["refused"] == 3
+    t, u = torch.randn(6, dtype=D), torch.randn(6, dtype=D)
+    for x, jvp_fn in zip(points, maps):  # (after all five linearizations)
+        want = eager_jvp(f, (x,), (t,))[1]
+        torch.testing.assert_close(jvp_fn(t), want)
+        torch.testing.assert_close(torch.vmap(jvp_fn)(torch.stack([t, -t])), torch.stack([want, -want]))
+        (g,) = jvp_fn.transpose()(u)
+        torch.testing.assert_close((g * t).sum(), (u * want).sum())  # the dot-product test
+    nodes = [{id(n) for n in m._opaque_nodes} for m in maps]
+    assert all(len(n) == 2 for n in nodes) and len(set().union(*nodes)) == 10
+    # the cache keeps no node, no ctx (a reused map's ctx dies with the map)
+    hits = sc.stats["hits"]
+    jvp_fn = tl.linearize(f, points[-1])[1]  # (the point last seen: its decisions hold)
+    assert sc.stats["hits"] == hits + 1
+    ctx = weakref.ref(jvp_fn._opaque_nodes[0].ctx)
+    del jvp_fn
+    gc.collect()
+    assert ctx() is None
 
 
 def test_aux_and_error_messages_on_a_reused_program():

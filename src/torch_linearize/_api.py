@@ -34,6 +34,7 @@ from ._program import (
     check_linear_at_zero,
     dead_code_elimination,
     program_factory,
+    program_nodes,
 )
 from ._residuals import ctx_tensors, distinct_storage_bytes, storage_key
 from ._structure_cache import (
@@ -194,16 +195,17 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     # simplified program and code if the passes' value-based decisions come out the same
     # on the new residuals (_structure_cache); otherwise the passes run, and record from
     # the second call of the same function at the same shapes on.
-    keyed = None if tracer.opaque_nodes or not _structure_cache.ENABLED or first_sighting(
+    keyed = None if not _structure_cache.ENABLED or first_sighting(
         call_signature(func, flat)) else structure_key(
             prog, tracer.trace_values, tracer.suspect_residuals)
+    raw_nodes = program_nodes(prog) if keyed is not None else []
     tpl = cache_get(keyed[0]) if keyed is not None else None
     final = replay(tpl, prog.residuals, tracer.trace_values, keyed[1]) if tpl is not None else None
     traced = list(prog.residuals)
     if final is not None:
         used = tpl.used
         _raise_if_stale(prog, used, changed, flat, leaf_specs)
-        raw, prog = prog, tpl.program(final, tracer.residuals.origin)
+        raw, prog = prog, tpl.program(final, tracer.residuals.origin, raw_nodes)
         new = [r for k, r in zip(tpl.res_slots, final) if k >= tpl.n_traced]
         make, src = tpl.make, tpl.src
         if _structure_cache.VERIFY:
@@ -219,7 +221,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         if rec is not None and rec.ok:
             slots = [rec.slot_of(r) for r in prog.residuals]
             if None not in slots:
-                cache_put(keyed[0], Template(prog, rec, len(traced), used, slots, make, src))
+                cache_put(keyed[0], Template(prog, rec, len(traced), used, slots, make, src,
+                                             raw_nodes))
     tracer.trace_values = {}
     suspect = bool(used & tracer.suspect_residuals)
     # Coefficients computed by the passes are new storage; a coefficient that *is* a
@@ -270,7 +273,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
             watched.add(id(t))
             watch.append((t, t._version, _describe_ctx_tensor(n)))
 
-    run = bind_program(make, src, prog.residuals)
+    run = bind_program(make, src, prog.residuals, program_nodes(prog))
     if suspect:
         check_linear_at_zero(prog, run, opaque, _API)
     y = tree_unflatten(y_flat, out_spec)

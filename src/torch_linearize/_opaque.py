@@ -188,6 +188,15 @@ class _OpaqueNode:
         outs = self.run(1, moved)
         return tuple(None if o is None else _ft._add_batch_dim(o, 0, level) for o in outs)
 
+    def structure(self) -> tuple:
+        """What the generated code and the passes depend on, without the ctx (a
+        re-linearization with an equal structure reuses the program with its own nodes,
+        see ``_structure_cache``)."""
+        return (type(self), self.cls, tuple(self.in_meta), tuple(self.out_meta),
+                tuple(sorted(self.dirty.items())), self.single_output,
+                tuple(getattr(self, "fwd_out_tensors", ())),
+                tuple(getattr(self, "has_tangent", ())))
+
     @property
     def display_name(self) -> str:
         return f"{self.cls.__qualname__}.{self.phase}"

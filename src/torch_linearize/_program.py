@@ -333,6 +333,11 @@ class _Namer:
         self._tmp += 1
         return f"_o{self._tmp}"
 
+    def bind(self, obj, name: str) -> None:
+        """Refer to ``obj`` as ``name`` (a parameter of ``_make``), not as a global."""
+        self._ids[id(obj)] = name
+        self._keep.append(obj)
+
     def glob(self, obj, prefix="c") -> str:
         key = id(obj)
         name = self._ids.get(key)
@@ -442,15 +447,31 @@ def compile_program(prog: Program) -> Callable[..., tuple]:
     never written.
     """
     make, src = program_factory(prog)
-    return bind_program(make, src, prog.residuals)
+    return bind_program(make, src, prog.residuals, program_nodes(prog))
 
 
-def bind_program(make: Callable, src: str, residuals: list) -> Callable[..., tuple]:
-    """``run`` for residuals ``residuals`` from :func:`program_factory`'s ``make``."""
-    run, run1 = make(*residuals)
+def bind_program(make: Callable, src: str, residuals: list, nodes: list) -> Callable[..., tuple]:
+    """``run`` for residuals ``residuals`` and custom-Function nodes ``nodes`` (in
+    :func:`program_nodes` order) from :func:`program_factory`'s ``make``."""
+    run, run1 = make(*residuals, *nodes)
     run.__torch_linearize_source__ = src  # type: ignore[attr-defined]
     run.entry1 = run1  # type: ignore[attr-defined]
     return run
+
+
+def is_node(fn: Any) -> bool:
+    """Whether ``fn`` is a custom-Function node (``_opaque._OpaqueNode``)."""
+    return not isinstance(fn, torch._ops.OpOverload) and hasattr(type(fn), "finish_lean")
+
+
+def program_nodes(prog: Program) -> list:
+    """The program's custom-Function nodes, each once, in order of first appearance: the
+    trailing parameters of :func:`program_factory`'s ``make``."""
+    seen: dict[int, Any] = {}
+    for e in prog.eqns:
+        if is_node(e.fn) and id(e.fn) not in seen:
+            seen[id(e.fn)] = e.fn
+    return list(seen.values())
 
 
 def _inlined_nodes(prog: Program) -> set[int]:
@@ -461,8 +482,7 @@ def _inlined_nodes(prog: Program) -> set[int]:
     one-input, one-output programs short enough for ``run1`` to repeat the body."""
     if len(prog.inputs) != 1 or len(prog.outputs) != 1 or len(prog.eqns) > _ENTRY1_MAX_EQNS:
         return set()
-    nodes = [not isinstance(e.fn, torch._ops.OpOverload) and hasattr(type(e.fn), "finish_lean")
-             for e in prog.eqns]
+    nodes = [is_node(e.fn) for e in prog.eqns]
     if not any(nodes):
         return set()
     inlined: set[int] = set()
@@ -532,14 +552,18 @@ def _inline_node(nm: _Namer, e: Eqn, f: str, args: list[str], checks: list[str])
 
 
 def program_factory(prog: Program) -> tuple[Callable, str]:
-    """``(make, source)``: ``make(*residuals)`` returns ``(run, run1)`` for ``prog``'s
-    structure (the same for any residuals of the same slots)."""
+    """``(make, source)``: ``make(*residuals, *nodes)`` returns ``(run, run1)`` for
+    ``prog``'s structure (the same for any residuals of the same slots and any
+    custom-Function nodes of the same structure, in :func:`program_nodes` order)."""
     nm = _Namer()
     lines: list[str] = []
     nres = len(prog.residuals)
-    res_params = ", ".join(f"r{i}" for i in range(nres))
+    params = [f"r{i}" for i in range(nres)]
+    for k, node in enumerate(program_nodes(prog)):
+        nm.bind(node, f"n{k}")
+        params.append(f"n{k}")
     in_params = ", ".join(nm.var(v) for v in prog.inputs)
-    lines.append(f"def _make({res_params}):")
+    lines.append(f"def _make({', '.join(params)}):")
     lines.append(f"    def run({in_params}):")
     body: list[str] = []  # run's body
     body1: list[str] = []  # run1's body: the same, with custom-Function calls inlined

@@ -25,8 +25,10 @@ on the traced program's *structure* and on a few facts about residual *values*.
   generated code) is used with the replayed residuals. If any differs, the passes
   run in full and the entry is replaced.
 
-Programs holding opaque nodes (custom Functions, custom ops) are not cached: each
-node holds its own ctx. The environment variable ``TORCH_LINEARIZE_STRUCTURE_CACHE``
+Custom-Function (and custom-op) nodes are keyed by their structure
+(``_OpaqueNode.structure``: Function, argument and result metadata), not by their ctx:
+a template keeps each node as its number among the raw trace's nodes, and a reuse binds
+the new trace's nodes there, as code-factory parameters. The environment variable ``TORCH_LINEARIZE_STRUCTURE_CACHE``
 turns reuse off (``0``) or checks every reuse against the passes (``verify``). A template holds no tensors (only the program's structure,
 operators and literals), so the cache keeps no memory alive.
 """
@@ -42,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ._program import Program, Res, Var
+from ._program import Program, Res, Var, is_node
 from ._residuals import STRUCTURAL_ZERO
 
 __all__ = ["Recorder", "Template", "as_new_structure", "cache_get", "cache_put",
@@ -122,12 +124,18 @@ def structure_key(prog: Program, trace_values: dict, suspect: set[int]) -> tuple
 
     vget = vnum.get
     OpOverload = torch._ops.OpOverload
+    nodes: dict[int, int] = {}  # id(custom-Function node) -> number, by first appearance
     try:
         parts: list = [tuple([define(v) for v in prog.inputs])]
         for e in prog.eqns:
             fn = e.fn
             if type(fn) is not OpOverload:
-                return None
+                if not is_node(fn):
+                    return None
+                # A node by its structure (not its ctx, which each trace has its own of)
+                # and its number: the template calls the new trace's node of that number.
+                k = nodes.setdefault(id(fn), len(nodes))
+                fn = ("node", k, fn.structure())
             a = []
             for x in e.args:
                 t = type(x)
@@ -241,6 +249,23 @@ class Recorder:
         return t
 
 
+class _NodeEqn:
+    """A template's custom-Function equation without its node: the node's number among
+    the raw trace's nodes, bound to a new trace's node by :meth:`bind`."""
+
+    __slots__ = ("eqn", "k")
+
+    def __init__(self, eqn, k: int):
+        self.eqn = eqn.__class__(None, eqn.args, eqn.kwargs, eqn.outs, eqn.mutates, eqn.name,
+                                 eqn.poison)
+        self.k = k
+
+    def bind(self, raw_nodes: list):
+        e = self.eqn
+        return e.__class__(raw_nodes[self.k], e.args, e.kwargs, e.outs, e.mutates, e.name,
+                           e.poison)
+
+
 class Template:
     """What a traced structure simplifies to: the program, its code, and how to get its
     residuals (slots of the log) from a new trace's."""
@@ -249,8 +274,12 @@ class Template:
                  "n_traced", "outputs", "res_names", "res_slots", "src", "used")
 
     def __init__(self, prog: Program, rec: Recorder, n_traced: int, used: list[int],
-                 res_slots: list[int], make: Callable, src: str):
-        self.eqns = tuple(prog.eqns)
+                 res_slots: list[int], make: Callable, src: str, raw_nodes: list):
+        # custom-Function nodes (which hold their trace's ctx) are kept as their number
+        # among the raw trace's nodes; program() substitutes a new trace's
+        number = {id(n): k for k, n in enumerate(raw_nodes)}
+        self.eqns = tuple(e if not is_node(e.fn) else _NodeEqn(e, number[id(e.fn)])
+                          for e in prog.eqns)
         self.inputs = list(prog.inputs)
         self.outputs = list(prog.outputs)
         self.input_layouts = list(prog.input_layouts)
@@ -264,11 +293,14 @@ class Template:
         self.make = make
         self.src = src
 
-    def program(self, residuals: list[torch.Tensor], names: list[str]) -> Program:
-        """A fresh Program (the equations are shared: nothing mutates them after linearize)."""
+    def program(self, residuals: list[torch.Tensor], names: list[str], raw_nodes: list
+                ) -> Program:
+        """A fresh Program (the equations are shared: nothing mutates them after
+        linearize) with the new trace's residuals and custom-Function nodes."""
         res_names = [names[k] if k < self.n_traced and k < len(names) else n
                      for k, n in zip(self.res_slots, self.res_names)] if self.res_names else []
-        return Program(inputs=list(self.inputs), eqns=list(self.eqns), outputs=list(self.outputs),
+        eqns = [e if type(e) is not _NodeEqn else e.bind(raw_nodes) for e in self.eqns]
+        return Program(inputs=list(self.inputs), eqns=eqns, outputs=list(self.outputs),
                        residuals=residuals, input_layouts=list(self.input_layouts),
                        mutated_inputs=set(self.mutated_inputs), residual_names=res_names)
 
