@@ -15,7 +15,8 @@ rounds time, each at a fresh point:
 
 Workloads: the forum quadratic ``a x^2 + b x + c`` on four 0-d float64 tensors; the
 8-op elementwise chain on 16 elements; bench_core's 2-D PDE residual at 64x64 and
-512x512; bench_core's MLP. Medians in microseconds.
+512x512; bench_core's MLP; the PDE at 128x128 with its cubic term as a custom
+``autograd.Function`` (reused with the new trace's ctx). Medians in microseconds.
 """
 
 from __future__ import annotations
@@ -40,6 +41,34 @@ def _quadratic(x, a, b, c):
     return a * x**2 + b * x + c
 
 
+class _Cube(torch.autograd.Function):
+    """u**3 as a custom Function (its jvp reads the ctx the trace saved)."""
+
+    @staticmethod
+    def forward(u: torch.Tensor) -> torch.Tensor:
+        return u**3
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        d = 3 * inputs[0] ** 2
+        ctx.save_for_forward(d)
+        ctx.save_for_backward(d)
+
+    @staticmethod
+    def jvp(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t * ctx.saved_tensors[0]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g * ctx.saved_tensors[0]
+
+
+def _pde_custom(u: torch.Tensor) -> torch.Tensor:
+    """bench_core's PDE residual with its cubic term as a custom Function."""
+    c = u[1:-1, 1:-1]
+    return bench_core._lap(u) - _Cube.apply(c) + 0.1 * torch.tanh(c)
+
+
 def _workloads() -> list[tuple[str, Callable, list[tuple[torch.Tensor, ...]]]]:
     g = torch.Generator().manual_seed(0)
     n_points = 16
@@ -59,6 +88,8 @@ def _workloads() -> list[tuple[str, Callable, list[tuple[torch.Tensor, ...]]]]:
         ("PDE residual, 512x512", big_pde.f,
          points(lambda: (torch.randn(512, 512, generator=g),))),
         ("MLP 4x tanh, 256x512", mlp.f, points(lambda: (torch.randn(256, 512, generator=g),))),
+        ("PDE with a custom Function, 128x128", _pde_custom,
+         points(lambda: (torch.randn(128, 128, generator=g),))),
     ]
 
 
