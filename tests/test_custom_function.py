@@ -121,6 +121,29 @@ def test_jvp_and_backward_see_their_own_saved_tensors_at_the_same_time():
     assert node.ctx.calls == 2  # set by backward, read through jvp's view
 
 
+@pytest.mark.parametrize("fn", [
+    lambda v: cf.NumpyCube.apply(v), lambda v: cf.CtypesScale.apply(v, 1.7),
+    lambda v: cf.TwoSaves.apply(v.contiguous()),
+], ids=["numpy", "raw pointers", "setup_context"])
+def test_input_viewing_a_buffer_written_with_tangent_data_later(fn):
+    # The Function's input is a view of a buffer that had no tangent when the view was
+    # taken; a later in-place write gives the buffer one, and forward AD derives the
+    # view's tangent from it lazily, when first read. Read while the tracer was paused
+    # (where the Function's inputs are unpacked), it was taken for a constant: the map
+    # was silently wrong (found by fuzzing the one-tensor entry).
+    c = torch.randn(4, 4, dtype=D)
+
+    def f(x):
+        buf = c.sin()
+        view = buf[1:]
+        buf.add_(x * x)
+        return fn(view)
+
+    x, t = torch.randn(4, 4, dtype=D), torch.randn(4, 4, dtype=D)
+    _, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(jvp_fn(t), eager_jvp(f, (x,), (t,))[1])
+
+
 def test_multiple_outputs_non_tensor_and_non_differentiable_outputs():
     x = torch.randn(4, dtype=D)
 

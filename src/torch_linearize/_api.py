@@ -22,7 +22,7 @@ from . import _structure_cache
 from ._checks import flatten_primals, flatten_with_path, leaf_specs_of
 from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError, StaleResidualError
-from ._forward_ad import shared_dual_level, unpack_dual
+from ._forward_ad import materialize_view_tangents, shared_dual_level, unpack_dual
 from ._linear_map import LinearMap
 from ._passes import simplify
 from ._program import (
@@ -165,13 +165,9 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                             f"{type(out).__name__}."
                         )
                     out, aux = out
-                # An output that is a view of a tensor f later gave a tangent in place
-                # (y.sin() viewed, then written with x-dependent data) gets its tangent
-                # lazily, as a view of the base's, when it is first read: read it here,
-                # where the tracer records that view.
-                for o in tree_flatten(out)[0]:
-                    if isinstance(o, torch.Tensor) and o._is_view():
-                        unpack_dual(o, level=level)
+                # (an output viewing a buffer f later wrote with tangent data gets its
+                # tangent when first read: here, where the tracer records it)
+                materialize_view_tangents(tree_flatten(out)[0], level)
             # (outside the dispatch mode: reading the outputs records nothing)
             outputs, y_flat, out_spec = _collect_outputs(tracer, out)
             if has_aux:

@@ -35,7 +35,7 @@ from torch.autograd.function import FunctionCtx
 
 from . import _overrides
 from ._errors import LinearizeError, NoForwardADError
-from ._forward_ad import unpack_dual
+from ._forward_ad import materialize_view_tangents, unpack_dual
 from ._opaque import OpaqueJvp
 from ._program import Eqn, Var
 from ._trace import Tracer, current_tracer
@@ -268,6 +268,9 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     primals: list[Any] = []
     tangent_syms: list[Any] = []
     has_tangent = False
+    # (an input viewing a buffer f wrote with tangent data after taking the view gets its
+    # tangent when first read: here, while the tracer records, not in the paused block)
+    materialize_view_tangents(args, tracer.level)
     with tracer.paused():
         for a in args:
             if isinstance(a, torch.Tensor):

@@ -59,3 +59,15 @@ def unpack_dual(t: torch.Tensor, level: int) -> fwAD.UnpackedDualTensor:
 def has_tangent(t: object, level: int) -> bool:
     """``t`` is a tensor carrying a forward-AD tangent at ``level``."""
     return isinstance(t, torch.Tensor) and unpack_dual(t, level=level).tangent is not None
+
+
+def materialize_view_tangents(values, level: int) -> None:
+    """Read the tangent of every view among ``values``. Forward AD gives a view the
+    tangent its base acquired after the view was taken (a buffer written in place with
+    tangent data) lazily, as a view of the base's tangent, when it is first read: read
+    while the tracer records, that derivation becomes part of the program. Callers that
+    then read tangents with the tracer paused (custom-Function inputs) or outside it
+    (outputs) find it recorded."""
+    for t in values:
+        if isinstance(t, torch.Tensor) and t._is_view():
+            unpack_dual(t, level=level)
