@@ -28,9 +28,10 @@ on the traced program's *structure* and on a few facts about residual *values*.
 Custom-Function (and custom-op) nodes are keyed by their structure
 (``_OpaqueNode.structure``: Function, argument and result metadata), not by their ctx:
 a template keeps each node as its number among the raw trace's nodes, and a reuse binds
-the new trace's nodes there, as code-factory parameters. The environment variable ``TORCH_LINEARIZE_STRUCTURE_CACHE``
-turns reuse off (``0``) or checks every reuse against the passes (``verify``). A template holds no tensors (only the program's structure,
-operators and literals), so the cache keeps no memory alive.
+the new trace's nodes there, as code-factory parameters. The environment variable
+``TORCH_LINEARIZE_STRUCTURE_CACHE`` turns reuse off (``0``) or checks every reuse
+against the passes (``verify``). A template holds no tensors and no ctx (only the
+program's structure, operators and literals), so the cache keeps no memory alive.
 """
 
 from __future__ import annotations
