@@ -36,6 +36,7 @@ program's structure, operators and literals), so the cache keeps no memory alive
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -257,14 +258,11 @@ class _NodeEqn:
     __slots__ = ("eqn", "k")
 
     def __init__(self, eqn, k: int):
-        self.eqn = eqn.__class__(None, eqn.args, eqn.kwargs, eqn.outs, eqn.mutates, eqn.name,
-                                 eqn.poison)
+        self.eqn = dataclasses.replace(eqn, fn=None)
         self.k = k
 
     def bind(self, raw_nodes: list):
-        e = self.eqn
-        return e.__class__(raw_nodes[self.k], e.args, e.kwargs, e.outs, e.mutates, e.name,
-                           e.poison)
+        return dataclasses.replace(self.eqn, fn=raw_nodes[self.k])
 
 
 class Template:
