@@ -528,13 +528,12 @@ def _assign(nm: _Namer, outs: Any, call: str) -> list[str]:
 def _inline_node(nm: _Namer, e: Eqn, f: str, args: list[str], checks: list[str]) -> list[str]:
     """run1's lines for a custom-Function node ``f``: the user's function called directly
     on the node's ctx (the phase's own view of it, see ``LinearizeCtx.jvp_view``), as the
-    node's own lean path calls it (``_OpaqueNode.__call__``),
-    without the node's frame and checks. ``checks`` gets run1's entry conditions for it
+    node's own lean path calls it (``_OpaqueNode.__call__``), without the node's frame
+    and checks. ``checks`` gets run1's entry conditions for it
     (released map; a transform or forward AD active: the node's general path). A result
     that is not one tensor of the traced dtype, shape and strides goes through the node's
     own normalization and checks (``finish_lean``)."""
     _, fn, shape, dtype, stride = e.fn._lean
-    ctx = nm.tmp()
     out = nm.var(e.outs[0])
     if not checks:
         checks.append("_functorch_active()")
@@ -545,8 +544,7 @@ def _inline_node(nm: _Namer, e: Eqn, f: str, args: list[str], checks: list[str])
     if stride is not None:
         ok += f" and {out}.stride() == {nm.lit(stride)}"
     return [
-        f"{ctx} = {f}.ctx",
-        f"{out} = {nm.glob(fn, 'f')}({ctx}, {', '.join(args)})",
+        f"{out} = {nm.glob(fn, 'f')}({f}.ctx, {', '.join(args)})",
         f"if not ({ok}): {out}, = {f}.finish_lean({out}, [{', '.join(args)}])",
     ]
 
