@@ -193,6 +193,12 @@ def check_random_program(f, seed: int, reference: str = "func") -> None:
     got = torch.vmap(jvp_fn, in_dims=(0, None))(batch, ty)
     for k in range(3):
         torch.testing.assert_close(tuple(g[k] for g in got), jvp_fn(batch[k], ty))
+    # LinearMap.batched: both tangents batched (the direct path where the program
+    # broadcasts a batch dim, torch.vmap otherwise), against a loop
+    batch_y = torch.randn(3, 4, 4, dtype=d, generator=gen)
+    got = jvp_fn.batched(batch, batch_y)
+    for k in range(3):
+        torch.testing.assert_close(tuple(g[k] for g in got), jvp_fn(batch[k], batch_y[k]))
     assert torch.equal(tx, tx0) and torch.equal(ty, ty0)
     # The one-tensor entry (one input, one output: LinearMap's lean path, custom
     # Functions' jvp called inline by the generated code), applied twice.

@@ -57,6 +57,7 @@ def _loop_over_vmap_batch(run: Callable[..., tuple], flat: list) -> tuple | None
 
 _grad_enabled = torch.is_grad_enabled
 _functorch_active = torch._C._are_functorch_transforms_active
+_fwAD = torch.autograd.forward_ad
 
 
 def _needs_grad(flat) -> bool:
@@ -219,6 +220,8 @@ class LinearMap:
         )
         self._released = False
         self._transposed: LinearMap | None = None
+        # batched()'s direct program: None until first needed, False where none applies
+        self._batched_run: Callable[..., tuple] | bool | None = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ application
@@ -271,6 +274,64 @@ class LinearMap:
         if _grad_enabled() and _needs_grad(flat):
             return _ThroughTranspose.apply(self, run, *flat)
         return run(*flat)
+
+    def batched(self, *tangents: Any, in_dims: Any = 0, out_dims: Any = 0,
+                chunk_size: int | None = None) -> Any:
+        """The map applied to a batch of tangents: ``torch.vmap(jvp_fn, in_dims, out_dims,
+        chunk_size=chunk_size)(*tangents)``, with the same arguments and results.
+
+        Faster where it can be: when every operation of the program broadcasts a
+        leading batch dimension (elementwise operations, custom Functions, which batch
+        their own call) and the tangents are plain tensors with integer ``in_dims``, the
+        program runs directly on the stacked tangents, with no ``torch.vmap`` layer.
+        Any other program or call goes through ``torch.vmap``.
+        """
+        if self._run is None:
+            raise self._released_error(".batched()")
+        if chunk_size is None and type(in_dims) is int and type(out_dims) is int:
+            run_b = self._batched_run
+            if run_b is None:
+                from ._batch import batched_program
+
+                run_b = self._batched_run = batched_program(self._program) or False
+            if run_b and self._flat_args and len(tangents) == len(self._metas) and \
+                    not _functorch_active() and _fwAD._current_level < 0:
+                out = self._run_stacked(run_b, tangents, in_dims, out_dims)
+                if out is not NotImplemented:
+                    return out
+        return torch.vmap(self, in_dims=in_dims, out_dims=out_dims,
+                          chunk_size=chunk_size)(*tangents)
+
+    def _run_stacked(self, run_b: Callable, tangents: tuple, in_dims: int, out_dims: int) -> Any:
+        """``batched``'s direct path; NotImplemented when a tangent is not a plain tensor
+        of the expected shape (with one batch dim), dtype and device, the batch sizes
+        differ, or one requires grad (torch.vmap then checks, or records, the call)."""
+        stacked, size = [], None
+        grad = _grad_enabled()
+        for t, (shape, dtype, device) in zip(tangents, self._metas):
+            if type(t) is not _Tensor or t.dim() != len(shape) + 1 or \
+                    not -t.dim() <= in_dims < t.dim():
+                return NotImplemented
+            if in_dims % t.dim():
+                t = t.movedim(in_dims, 0)
+            if t.shape[1:] != shape or t.dtype != dtype or t.device != device or \
+                    (grad and t.requires_grad) or (size is not None and t.shape[0] != size):
+                return NotImplemented
+            size = t.shape[0]
+            stacked.append(t)
+        if not size:
+            return NotImplemented  # (an empty batch: as torch.vmap handles it)
+        if self._stale_watch:
+            self._check_stale()
+        outs = run_b(size, *stacked)
+        if out_dims:
+            outs = [o.movedim(0, out_dims) for o in outs]
+        if self._single_out:
+            return outs[0]
+        full: list[Any] = [None] * self._n_out
+        for pos, val in zip(self._out_positions, outs):
+            full[pos] = val
+        return tree_unflatten(full, self._out_spec)
 
     def _released_error(self, method: str = "") -> ReleasedError:
         """The error every use of a released map raises (``method``: which use)."""
@@ -394,6 +455,7 @@ class LinearMap:
         """Free the residuals and custom-Function contexts; later calls raise ``ReleasedError``."""
         self._fast1 = None
         self._run = None
+        self._batched_run = None
         self._eager_run = None
         self._driver = None
         self._released = True

@@ -1,0 +1,346 @@
+"""``LinearMap.batched`` and ``_batch.batched_program``: batched application without
+torch.vmap for programs whose operations broadcast a leading batch dimension."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import custom_functions as cf
+import torch_linearize as tl
+from torch_linearize._batch import _BROADCASTING, batched_program, broadcasts_batch
+from torch_linearize._program import Eqn, Program, Res, Var, compile_program
+
+aten = torch.ops.aten
+D = torch.float64
+K = 5
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _direct(jvp_fn) -> bool:
+    """Whether ``jvp_fn.batched`` takes the direct path (its program broadcasts a batch)."""
+    return bool(jvp_fn._batched_run)
+
+
+def _count_direct(jvp_fn) -> list:
+    """A list that grows by one at each call ``jvp_fn.batched`` serves directly."""
+    calls: list = []
+    jvp_fn.batched(*(torch.zeros(2, *s, dtype=d) for s, d, _ in jvp_fn._metas))  # (builds it)
+    run_b = jvp_fn._batched_run
+    assert run_b
+
+    def counted(*args):
+        calls.append(1)
+        return run_b(*args)
+
+    jvp_fn._batched_run = counted
+    return calls
+
+
+def _loop(jvp_fn, *stacked):
+    """The reference: one application per batch element, stacked."""
+    per = [jvp_fn(*(s[k] for s in stacked)) for k in range(stacked[0].shape[0])]
+    if isinstance(per[0], torch.Tensor):
+        return torch.stack(per)
+    return type(per[0])(torch.stack([p[j] for p in per]) for j in range(len(per[0])))
+
+
+# ---------------------------------------------------------------- one operation at a time
+def _one_op_program(op, t_shape, res_shapes, args_of, kwargs=None, out_dtype=D, dtype=D):
+    """A one-equation program ``out = op(*args_of(v, residual refs), **kwargs)``."""
+    g = _gen(1)
+    residuals = []
+    for shape, rdtype in res_shapes:
+        if rdtype is torch.bool:
+            residuals.append(torch.rand(shape, generator=g) > 0.5)
+        else:
+            residuals.append(torch.randn(shape, dtype=rdtype, generator=g))
+    v = Var(t_shape, dtype)
+    probe_args = args_of(torch.ones(t_shape, dtype=dtype), residuals)
+    out_shape = op(*probe_args, **(kwargs or {})).shape
+    out = Var(out_shape, out_dtype)
+    eqn = Eqn(op, tuple(args_of(v, [Res(i) for i in range(len(residuals))])), kwargs or {}, out)
+    return Program(inputs=[v], eqns=[eqn], outputs=[out], residuals=residuals)
+
+
+def _bin(v, r):
+    return (v, r[0])
+
+
+# (operator, tangent shape, residual (shape, dtype)s, argument builder, kwargs, dtype)
+_OP_CASES = [
+    (aten.mul.Tensor, (3, 4), [((3, 4), D)], _bin, None, D),
+    (aten.mul.Tensor, (3, 4), [((4,), D)], _bin, None, D),          # lower-rank residual
+    (aten.mul.Tensor, (1, 4), [((3, 4), D)], _bin, None, D),        # tangent broadcast up
+    (aten.mul.Tensor, (3, 4), [((), D)], _bin, None, D),            # 0-d residual
+    (aten.mul.Tensor, (), [((), D)], _bin, None, D),                # 0-d tangent
+    (aten.mul.Scalar, (3, 4), [], lambda v, r: (v, 2.5), None, D),
+    (aten.div.Tensor, (3, 4), [((3, 1), D)], _bin, None, D),
+    (aten.div.Scalar, (3, 4), [], lambda v, r: (v, -4.0), None, D),
+    (aten.neg.default, (3, 4), [], lambda v, r: (v,), None, D),
+    (aten.add.Tensor, (3, 4), [], lambda v, r: (v, v), {"alpha": 2}, D),
+    (aten.sub.Tensor, (3, 4), [], lambda v, r: (v, v), {"alpha": 0.5}, D),
+    (aten.addcmul.default, (3, 4), [((4,), D), ((3, 4), D)],
+     lambda v, r: (v, r[0], v), {"value": 0.5}, D),
+    (aten.addcdiv.default, (3, 4), [((3, 4), D)], lambda v, r: (v, v, r[0]), {"value": 2.0}, D),
+    (aten.clone.default, (3, 4), [], lambda v, r: (v,), None, D),
+    (aten.alias.default, (3, 4), [], lambda v, r: (v,), None, D),
+    (aten._conj.default, (3, 4), [], lambda v, r: (v,), None, torch.complex128),
+    (aten.conj_physical.default, (3, 4), [], lambda v, r: (v,), None, torch.complex128),
+    (aten._to_copy.default, (3, 4), [], lambda v, r: (v,), {"dtype": torch.float32}, D),
+    (aten.where.self, (3, 4), [((3, 4), torch.bool), ((), D)],
+     lambda v, r: (r[0], v, r[1]), None, D),
+    (aten.tanh_backward.default, (3, 4), [((3, 4), D)], _bin, None, D),
+    (aten.sigmoid_backward.default, (3, 4), [((4,), D)], _bin, None, D),
+    (aten.threshold_backward.default, (3, 4), [((3, 4), D)], lambda v, r: (v, r[0], 0.0), None, D),
+]
+
+
+def test_every_broadcasting_operator_is_covered():
+    assert {c[0] for c in _OP_CASES} == set(_BROADCASTING)
+
+
+@pytest.mark.parametrize("case", _OP_CASES, ids=lambda c: str(c[0]))
+def test_each_operator_batched_equals_a_loop_over_the_program(case):
+    op, t_shape, res_shapes, args_of, kwargs, dtype = case
+    out_dtype = (kwargs or {}).get("dtype", dtype)
+    prog = _one_op_program(op, t_shape, res_shapes, args_of, kwargs, out_dtype, dtype)
+    run_b = batched_program(prog)
+    assert run_b is not None
+    T = torch.randn((K, *t_shape), dtype=dtype, generator=_gen(2))
+    (got,) = run_b(K, T)
+    run = compile_program(prog)
+    want = torch.stack([run(T[k])[0] for k in range(K)])
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t_shape,r_shape", [((4,), (3, 4)), ((3, 1, 4), (2, 1, 1, 4))])
+def test_a_residual_of_higher_rank_than_the_tangent_is_not_batched_directly(t_shape, r_shape):
+    # (T (K, 4) * r (3, 4) would broadcast K against 3): torch.vmap's batching rule instead
+    prog = _one_op_program(aten.mul.Tensor, t_shape, [(r_shape, D)], _bin)
+    assert not broadcasts_batch(prog) and batched_program(prog) is None
+
+    r = torch.randn(r_shape, dtype=D, generator=_gen(3))
+    _, jvp_fn = tl.linearize(lambda x: x.sin() * r, torch.randn(t_shape, dtype=D))
+    T = torch.randn((K, *t_shape), dtype=D, generator=_gen(4))
+    assert not _direct(jvp_fn) or jvp_fn.batched(T) is not None
+    torch.testing.assert_close(jvp_fn.batched(T), _loop(jvp_fn, T))
+    assert not _direct(jvp_fn)
+
+
+def test_operations_with_dimension_arguments_or_in_place_writes_are_not_batched_directly():
+    v, out = Var((3, 4), D), Var((3,), D)
+    prog = Program(inputs=[v], eqns=[Eqn(aten.sum.dim_IntList, (v, [1]), {}, out)],
+                   outputs=[out], residuals=[])
+    assert batched_program(prog) is None
+    w = Var((3, 4), D)
+    prog = Program(inputs=[v], eqns=[Eqn(aten.mul_.Tensor, (v, 2.0), {}, w, mutates=(v,))],
+                   outputs=[w], residuals=[], mutated_inputs={0})
+    assert batched_program(prog) is None
+
+
+# ---------------------------------------------------------------- through linearize
+def _elementwise(x, y):
+    return (x.sin() * y.exp() + x.tanh() / 3, (x * y).sigmoid())
+
+
+def _stencil(x, y):
+    return x[1:] - x[:-1] + y.sum(0)
+
+
+@pytest.mark.parametrize("f,direct", [(_elementwise, True), (_stencil, False)],
+                         ids=["elementwise", "stencil"])
+def test_batched_equals_vmap_and_forward_ad(f, direct):
+    g = _gen(5)
+    x, y = torch.randn(6, 3, dtype=D, generator=g), torch.randn(6, 3, dtype=D, generator=g)
+    _, jvp_fn = tl.linearize(f, x, y)
+    TX, TY = torch.randn(K, 6, 3, dtype=D, generator=g), torch.randn(K, 6, 3, dtype=D, generator=g)
+    calls = _count_direct(jvp_fn) if direct else []
+    got = jvp_fn.batched(TX, TY)
+    assert _direct(jvp_fn) is direct and len(calls) == direct
+    torch.testing.assert_close(got, torch.vmap(jvp_fn)(TX, TY), rtol=0, atol=0)
+    for k in range(K):
+        _, want = torch.func.jvp(f, (x, y), (TX[k], TY[k]))
+        torch.testing.assert_close(tuple(o[k] for o in got) if isinstance(got, tuple) else got[k],
+                                   want)
+
+
+def test_in_dims_and_out_dims_move_the_batch_dimension():
+    g = _gen(6)
+    x = torch.randn(4, 3, dtype=D, generator=g)
+    _, jvp_fn = tl.linearize(lambda x: x.exp() * x.cos(), x)
+    T = torch.randn(4, K, 3, dtype=D, generator=g)  # batch in dimension 1
+    direct = _count_direct(jvp_fn)
+    cases = [(1, 0), (1, 2), (-2, -1), (1, -3)]
+    for in_dims, out_dims in cases:
+        got = jvp_fn.batched(T, in_dims=in_dims, out_dims=out_dims)
+        want = torch.vmap(jvp_fn, in_dims=in_dims, out_dims=out_dims)(T)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(direct) == len(cases)
+
+
+def test_what_the_direct_path_does_not_take_goes_through_vmap():
+    g = _gen(7)
+    x, y = torch.randn(4, dtype=D, generator=g), torch.randn(4, dtype=D, generator=g)
+    _, jvp_fn = tl.linearize(lambda x, y: x.sin() * y, x, y)
+    TX, TY = torch.randn(K, 4, dtype=D, generator=g), torch.randn(K, 4, dtype=D, generator=g)
+    want = _loop(jvp_fn, TX, TY)
+    # one tangent unbatched (in_dims with None), chunks
+    torch.testing.assert_close(jvp_fn.batched(TX, TY[0], in_dims=(0, None)),
+                               _loop(jvp_fn, TX, TY[:1].expand(K, 4)))
+    torch.testing.assert_close(jvp_fn.batched(TX, TY, chunk_size=2), want)
+    # tangents that require grad: reverse mode through the batched map (its transpose)
+    TXg = TX.clone().requires_grad_()
+    out = jvp_fn.batched(TXg, TY)
+    (gx,) = torch.autograd.grad(out.sum(), TXg)
+    torch.testing.assert_close(gx, jvp_fn.transpose()(torch.ones(4, dtype=D))[0].expand(K, 4))
+    # under a functorch transform: vmap of batched (the inner one goes through torch.vmap)
+    TT = torch.stack([TX, 2 * TX])
+    got = torch.vmap(lambda t: jvp_fn.batched(t, TY))(TT)
+    torch.testing.assert_close(got, torch.stack([want, _loop(jvp_fn, 2 * TX, TY)]))
+    # under eager forward AD (dual tangents): the map's own forward derivative is itself
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        d = fwAD.make_dual(TX, TY)
+        p, t = fwAD.unpack_dual(jvp_fn.batched(d, TY))
+    torch.testing.assert_close(p, want)
+    torch.testing.assert_close(t, _loop(jvp_fn, TY, torch.zeros_like(TY)))
+
+
+def test_wrong_batches_are_refused_as_torch_vmap_refuses_them():
+    x = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x, y: x.sin() * y, x, x.clone())
+    with pytest.raises(ValueError, match="same size"):
+        jvp_fn.batched(torch.randn(3, 4, dtype=D), torch.randn(2, 4, dtype=D))
+    with pytest.raises(ValueError, match="shape"):
+        jvp_fn.batched(torch.randn(3, 5, dtype=D), torch.randn(3, 5, dtype=D))
+    with pytest.raises(ValueError, match="dtype"):
+        jvp_fn.batched(torch.randn(3, 4), torch.randn(3, 4))
+
+
+def test_released_and_stale_maps_raise():
+    x = torch.randn(4, dtype=D)
+    w = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: x * w, x)  # (w itself is the residual)
+    T = torch.randn(K, 4, dtype=D)
+    torch.testing.assert_close(jvp_fn.batched(T), T * w)
+    w.mul_(2)
+    with pytest.raises(tl.StaleResidualError, match="modified in place"):
+        jvp_fn.batched(T)
+    jvp_fn.release()
+    with pytest.raises(tl.ReleasedError, match=r"\.batched\(\)"):
+        jvp_fn.batched(T)
+    assert jvp_fn._batched_run is None  # (its residuals freed with the map's)
+
+
+def test_outputs_without_tangent_dependence_and_non_differentiable_outputs():
+    x = torch.randn(4, dtype=D)
+    c = torch.randn(4, dtype=D)
+
+    def f(x):
+        return {"y": x.exp(), "zero": c * 2, "index": x.argmax()}
+
+    _, jvp_fn = tl.linearize(f, x)
+    T = torch.randn(K, 4, dtype=D)
+    got = jvp_fn.batched(T)
+    assert _direct(jvp_fn)
+    want = torch.vmap(jvp_fn)(T)
+    assert got.keys() == want.keys()
+    torch.testing.assert_close(got["y"], want["y"])
+    torch.testing.assert_close(got["zero"], torch.zeros(K, 4, dtype=D))
+    one = jvp_fn(T[0])["index"]  # (what the map gives a non-differentiable output)
+    if one is None:
+        assert got["index"] is None and want["index"] is None
+    else:
+        torch.testing.assert_close(got["index"], want["index"])
+        torch.testing.assert_close(got["index"][0], one)
+
+
+def test_transposed_and_compiled_maps():
+    g = _gen(8)
+    x = torch.randn(6, dtype=D, generator=g)
+    _, jvp_fn = tl.linearize(lambda x: (x.sin() * 2).exp(), x)
+    U = torch.randn(K, 6, dtype=D, generator=g)
+    vjp_fn = jvp_fn.transpose()
+    got = vjp_fn.batched(U)
+    assert _direct(vjp_fn)
+    torch.testing.assert_close(got, torch.vmap(vjp_fn)(U))
+    torch.testing.assert_close(got[0], torch.stack([torch.func.vjp(
+        lambda x: (x.sin() * 2).exp(), x)[1](U[k])[0] for k in range(K)]))
+    compiled = jvp_fn.compile()
+    torch.testing.assert_close(compiled.batched(U), torch.vmap(jvp_fn)(U), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- custom Functions
+_CATALOGUE = [
+    ("NumpyCube", lambda x: cf.NumpyCube.apply(x), lambda x: cf.NumpyCube.ref(x)),
+    ("CtypesScale", lambda x: cf.CtypesScale.apply(x, 1.5), lambda x: cf.CtypesScale.ref(x, 1.5)),
+    ("TwoSaves", lambda x: cf.TwoSaves.apply(x), torch.exp),
+]
+
+
+@pytest.mark.parametrize("case", _CATALOGUE, ids=lambda c: c[0])
+def test_custom_functions_batch_their_own_call(case):
+    # numpy and raw-pointer jvps (no vmap rule: the node loops), a Function saving twice
+    _, fn, ref = case
+    g = _gen(9)
+    x = torch.randn(5, dtype=D, generator=g)
+    _, jvp_fn = tl.linearize(lambda x: fn(x.sin()) * 2, x)
+    T = torch.randn(K, 5, dtype=D, generator=g)
+    calls = _count_direct(jvp_fn)
+    got = jvp_fn.batched(T)
+    assert len(calls) == 1
+    for k in range(K):
+        torch.testing.assert_close(got[k], torch.func.jvp(lambda x: ref(x.sin()) * 2,
+                                                         (x,), (T[k],))[1])
+
+
+class _BatchedCube(torch.autograd.Function):
+    calls: list = []
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(3 * inputs[0] ** 2)
+
+    @staticmethod
+    def jvp(ctx, t):
+        _BatchedCube.calls.append(("jvp", tuple(t.shape)))
+        return t * ctx.saved_tensors[0]
+
+    @staticmethod
+    def batched_jvp(ctx, t):
+        _BatchedCube.calls.append(("batched_jvp", tuple(t.shape)))
+        return t * ctx.saved_tensors[0]
+
+
+def test_a_custom_functions_batched_jvp_runs_once_per_batch():
+    x = torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: _BatchedCube.apply(x).exp(), x)
+    T = torch.randn(K, 5, dtype=D)
+    direct = _count_direct(jvp_fn)
+    _BatchedCube.calls.clear()
+    got = jvp_fn.batched(T)
+    assert _BatchedCube.calls == [("batched_jvp", (K, 5))] and len(direct) == 1
+    torch.testing.assert_close(got, (x ** 3).exp() * 3 * x ** 2 * T)
+
+
+def test_shapes_of_custom_function_results_are_checked():
+    class Wrong(_BatchedCube):
+        @staticmethod
+        def batched_jvp(ctx, t):
+            return t[:, :2]
+
+    x = torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: Wrong.apply(x), x)
+    with pytest.raises(tl.LinearizeError, match="batched_jvp|jvp"):
+        jvp_fn.batched(torch.randn(K, 5, dtype=D))
