@@ -127,7 +127,12 @@ class Eqn:
         return out
 
     def in_vars(self) -> list[Var]:
-        return [x for x in self._leaves() if isinstance(x, Var)]
+        c = self.__dict__.get("_var_cache")
+        if c is not None and c[0] is self.args and c[1] is self.kwargs:
+            return c[2]
+        out = [x for x in self._leaves() if isinstance(x, Var)]
+        self.__dict__["_var_cache"] = (self.args, self.kwargs, out)
+        return out
 
     def in_res(self) -> list[Res]:
         return [x for x in self._leaves() if isinstance(x, Res)]
