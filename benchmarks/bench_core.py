@@ -1133,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch.func.linearize's constant folding warns about get_attr nodes; not our concern here
     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
     torch.manual_seed(0)
-    cfg = Config(3, 6, 2, 3, 2) if args.quick else Config(31, 101, 3, 9, 31)
+    cfg = Config(3, 6, 2, 3, 2) if args.quick else Config(31, 301, 3, 9, 31)
     keys = [k for k in args.only.split(",") if k] or list(WORKLOADS)
     for k in keys:
         if k not in WORKLOADS:
