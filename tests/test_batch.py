@@ -311,6 +311,17 @@ class _BatchedCube(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_forward(3 * inputs[0] ** 2)
+        ctx.save_for_backward(3 * inputs[0] ** 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        _BatchedCube.calls.append(("backward", tuple(g.shape)))
+        return g * ctx.saved_tensors[0]
+
+    @staticmethod
+    def batched_vjp(ctx, g):
+        _BatchedCube.calls.append(("batched_vjp", tuple(g.shape)))
+        return g * ctx.saved_tensors[0]
 
     @staticmethod
     def jvp(ctx, t):
@@ -334,13 +345,41 @@ def test_a_custom_functions_batched_jvp_runs_once_per_batch():
     torch.testing.assert_close(got, (x ** 3).exp() * 3 * x ** 2 * T)
 
 
-def test_shapes_of_custom_function_results_are_checked():
+def test_a_custom_functions_batched_vjp_runs_once_per_batch_of_the_transpose():
+    x = torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: _BatchedCube.apply(x.sin()), x)
+    vjp_fn = jvp_fn.transpose()
+    U = torch.randn(K, 5, dtype=D)
+    direct = _count_direct(vjp_fn)
+    _BatchedCube.calls.clear()
+    (got,) = vjp_fn.batched(U)
+    assert _BatchedCube.calls == [("batched_vjp", (K, 5))] and len(direct) == 1
+    torch.testing.assert_close(got, U * 3 * x.sin() ** 2 * x.cos())
+
+
+def test_a_batched_jvp_returning_none_gives_zeros():
+    class NoneJvp(_BatchedCube):
+        @staticmethod
+        def batched_jvp(ctx, t):
+            return None
+
+    x = torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: NoneJvp.apply(x) + x, x)
+    T = torch.randn(K, 5, dtype=D)
+    direct = _count_direct(jvp_fn)
+    torch.testing.assert_close(jvp_fn.batched(T), T)  # (the Function's part is zero)
+    assert len(direct) == 1
+
+
+@pytest.mark.parametrize("wrong", [lambda t: t[:, :2], lambda t: t[:1], lambda t: t.float()],
+                         ids=["sample shape", "batch size", "dtype"])
+def test_results_of_a_batched_jvp_are_checked(wrong):
     class Wrong(_BatchedCube):
         @staticmethod
         def batched_jvp(ctx, t):
-            return t[:, :2]
+            return wrong(t)
 
     x = torch.randn(5, dtype=D)
     _, jvp_fn = tl.linearize(lambda x: Wrong.apply(x), x)
-    with pytest.raises(tl.LinearizeError, match="batched_jvp|jvp"):
+    with pytest.raises(tl.LinearizeError, match=r"Wrong\.jvp returned .*expected"):
         jvp_fn.batched(torch.randn(K, 5, dtype=D))

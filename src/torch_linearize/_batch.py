@@ -97,6 +97,30 @@ def broadcasts_batch(prog: Program) -> bool:
     return not prog.mutated_inputs and all(_eqn_broadcasts(e) for e in prog.eqns)
 
 
+def _inline_batched_node(nm: _Namer, e: Eqn, args: list[str]) -> list[str] | None:
+    """runB's lines for a node whose Function has its own batched call (``batched_jvp``,
+    ``batched_vjp``), one result and every tensor argument given: that function called
+    directly on the node's ctx, as ``_OpaqueNode.run(1, ...)`` calls it, without the
+    node's reshapes and checks; a result that is not one tensor of the expected dtype and
+    batched shape goes through the node's own checks (``finish_batched``). None where
+    the node's general batched call is needed."""
+    node = e.fn
+    batched_fn = getattr(node.cls, node.batched_name, None) if node.batched_name else None
+    if batched_fn is None or len(e.outs) != 1 or not isinstance(e.outs[0], Var) or \
+            len(node.out_meta) != 1 or node.out_meta[0] is None or \
+            any(m is not None and not isinstance(a, Var) for m, a in zip(node.in_meta, e.args)):
+        return None
+    shape, dtype = tuple(node.out_meta[0][0]), node.out_meta[0][1]
+    out, n = nm.var(e.outs[0]), nm.glob(node)
+    arg_list = ", ".join(args)
+    return [
+        f"{out} = {nm.glob(batched_fn, 'f')}({n}.ctx, {arg_list})",
+        f"if not (type({out}) is _Tensor and {out}.dtype is {nm.glob(dtype)} and "
+        f"{out}.shape == (K, {''.join(f'{d}, ' for d in shape)})): "
+        f"{out}, = {n}.finish_batched({out}, [{arg_list}], K)",
+    ]
+
+
 def batched_program(prog: Program) -> Callable[..., tuple] | None:
     """``runB(K, *stacked_inputs) -> tuple(stacked_outputs)`` for ``prog``, or None when
     an operation of it does not broadcast a batch dimension (:func:`broadcasts_batch`).
@@ -116,6 +140,10 @@ def batched_program(prog: Program) -> Callable[..., tuple] | None:
     for e in prog.eqns:
         if is_node(e.fn):
             args = [nm.lit(a) for a in e.args]
+            inline = _inline_batched_node(nm, e, args)
+            if inline is not None:
+                lines.extend("        " + line for line in inline)
+                continue
             call = f"{nm.glob(e.fn)}.run(1, [{', '.join(args)}])"
         else:
             f = nm.glob(_callable_for(e.fn, e.args, e.kwargs), "f")

@@ -156,6 +156,14 @@ class _OpaqueNode:
         args = list(args)
         return tuple(self._check(j, r, args, ()) for j, r in enumerate(self._as_tuple(o)))
 
+    def finish_batched(self, o: Any, args, size: int) -> tuple:
+        """The result ``o`` of the Function's batched call on ``size`` stacked tangents
+        when it is not one tensor of the expected dtype and batched shape: normalized and
+        checked as :meth:`run` does (called by ``_batch``'s generated ``runB``, which calls
+        the batched function directly)."""
+        args = list(args)
+        return tuple(self._check(j, r, args, (size,)) for j, r in enumerate(self._as_tuple(o)))
+
     def _run_under_one_vmap(self, args) -> tuple | None:
         """The common ``vmap(jvp_fn)`` case, batched directly; None where it does not apply.
 
