@@ -51,7 +51,7 @@ from common import interleave, markdown_table, pin_malloc, ratio_ci, write_repor
 import torch_linearize
 
 K = 64
-FLOOR = "floor, batched (`T * r`)"
+FLOOR = "floor, batched (`T * r`)"  # (both workloads' batched floor is this formula)
 
 
 def _in_level(fn: Callable, T: torch.Tensor) -> Any:
@@ -87,7 +87,7 @@ def methods(key: str) -> tuple[str, dict[str, Callable[[int], Any]], torch.Tenso
     fns: dict[str, Callable[[int], Any]] = {
         FLOOR: lambda i: w.floor_batched(r, T),
         "floor, batched, timed again (null control)": lambda i: w.floor_batched(r, T),
-        "floor on the map's own residual buffer": lambda i: w.floor_batched(own, T),
+        "floor on the map's own residual buffer": lambda i: T * own,
         "torch.vmap of the identity (no kernel)": lambda i: vmap_id(T),
         "vmap(floor)": lambda i: vmap_floor(T),
         "jvp_fn inside a vmap level, no torch.vmap layer": lambda i: _in_level(jvp_fn, T),
@@ -97,7 +97,8 @@ def methods(key: str) -> tuple[str, dict[str, Callable[[int], Any]], torch.Tenso
     want = w.floor_batched(r, T)
     for name, fn in fns.items():
         if "identity" not in name:
-            torch.testing.assert_close(fn(0), want, msg=f"{key}: {name} differs from the floor")
+            torch.testing.assert_close(fn(0), want, rtol=1e-4, atol=1e-6,
+                                       msg=f"{key}: {name} differs from the floor")
     return w.title, fns, T
 
 
