@@ -10,7 +10,9 @@ solver's application between orthogonalizations. Here every timed call comes rig
 the workload's primal ``f(x)`` (which evicts them), and each row is the median over rounds
 of the *paired* difference ``time(row) - time(floor)`` within one round, in microseconds:
 the cost of the layers around the kernels, which on these 1e6-element workloads are the
-floor's own. Rows for the custom Function peel the layers: the user's ``jvp`` called
+floor's own. The floor's formula on the map's own residual tensor (equal values, another
+buffer) shows how much of a difference is where the two residual buffers live. Rows for
+the custom Function peel the layers: the user's ``jvp`` called
 directly on the saved ctx, the opaque node, the map. With ``--anatomy``, more custom rows
 replicate the lean path's steps one group at a time on top of a bare call of the user's
 ``jvp`` (two frames, as the map has): the tangent's checks, the transform/autograd
@@ -88,6 +90,9 @@ def _methods(name: str, anatomy: bool = False
         "floor (hand-written formula)": lambda t: w.floor_apply(r, t),
         "floor, timed again (null control)": lambda t: w.floor_apply(r, t),
     }
+    if w.own_residual is not None:
+        own = w.own_residual(jvp_fn)
+        methods["floor's formula on the map's residual buffer"] = lambda t: w.floor_apply(own, t)
     if name == "custom":
         node = jvp_fn._opaque_nodes[0]
         ctx, jvp = node.ctx, bench_core.NewtonCubic.jvp
