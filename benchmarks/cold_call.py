@@ -14,10 +14,11 @@ floor's own. The floor's formula on the map's own residual tensor (equal values,
 buffer) shows how much of a difference is where the two residual buffers live. Rows for
 the custom Function peel the layers: the user's ``jvp`` called
 directly on the saved ctx, the opaque node, the map. With ``--anatomy``, more custom rows
-replicate the lean path's steps one group at a time on top of a bare call of the user's
-``jvp`` (two frames, as the map has): the tangent's checks, the transform/autograd
-checks, the result's checks. They show what each group costs cold; the map runs all
-three.
+replicate the lean path's steps one at a time on top of a bare call of the user's
+``jvp`` (two frames, as the map has): each of the checks an application makes (the
+tangent's shape, dtype, device, ``requires_grad``; functorch and forward AD; the
+result's shape and strides), added alone. They show what each costs cold (one C entry
+point of PyTorch's bindings each, mostly); the map runs them all.
 """
 
 from __future__ import annotations
@@ -44,40 +45,42 @@ import torch_linearize as tl
 
 
 def _anatomy(node: Any, jvp: Callable, ctx: object) -> dict[str, Callable]:
-    """Replicas of the lean path's check groups (see the module docstring)."""
+    """A bare call of the user's ``jvp`` (two frames deep, as in the map), then the same
+    with one of the lean path's checks added, each alone (see the module docstring)."""
     import torch.autograd.forward_ad as fwAD
 
-    tensor, functorch, grad = torch.Tensor, torch._C._are_functorch_transforms_active, \
-        torch.is_grad_enabled
+    functorch = torch._C._are_functorch_transforms_active
     shape, dtype, stride = node._lean[2], node._lean[3], node._lean[4]
 
     def bare(t):
         return jvp(ctx, t, None)
 
-    def tangent_checks(t):
-        if type(t) is not tensor or t.shape != shape or t.dtype is not dtype or not t.is_cpu \
-                or t.stride() != stride:
-            raise AssertionError
-        return jvp(ctx, t, None)
+    def before(check: Callable[[torch.Tensor], bool]) -> Callable:
+        def call(t):
+            if check(t):
+                raise AssertionError
+            return jvp(ctx, t, None)
+        return call
 
-    def mode_checks(t):
-        if functorch() or fwAD._current_level >= 0 or node.shape_only or \
-                (grad() and t.requires_grad):
-            raise AssertionError
-        return jvp(ctx, t, None)
-
-    def result_checks(t):
-        o = jvp(ctx, t, None)
-        if type(o) is not tensor or o.dtype is not dtype or o.shape != shape or \
-                o.stride() != stride:
-            raise AssertionError
-        return o
+    def after(check: Callable[[torch.Tensor], bool]) -> Callable:
+        def call(t):
+            o = jvp(ctx, t, None)
+            if check(o):
+                raise AssertionError
+            return o
+        return call
 
     return {
         "anatomy: user's jvp, two frames deep": lambda t: bare(t),
-        "anatomy: + the tangent's checks": lambda t: tangent_checks(t),
-        "anatomy: + transform/autograd checks": lambda t: mode_checks(t),
-        "anatomy: + the result's checks": lambda t: result_checks(t),
+        "anatomy: + the tangent's shape": before(lambda t: t.shape != shape),
+        "anatomy: + the tangent's dtype": before(lambda t: t.dtype is not dtype),
+        "anatomy: + the tangent's device (is_cpu)": before(lambda t: not t.is_cpu),
+        "anatomy: + requires_grad": before(lambda t: t.requires_grad),
+        "anatomy: + functorch transforms active": before(lambda t: functorch()),
+        "anatomy: + forward-AD level": before(lambda t: fwAD._current_level >= 0),
+        "anatomy: + the result's shape": after(lambda o: o.shape != shape),
+        "anatomy: + the result's strides": after(lambda o: o.stride() != stride),
+        "anatomy: + the result's is_contiguous()": after(lambda o: not o.is_contiguous()),
     }
 
 
