@@ -172,7 +172,7 @@ def _tols(dtype, stage="jvp"):
 
 def check_sample(op, sample, dtype, seed=0, modes=("jvp",)) -> Outcome:
     """Check one sample. ``modes``: "jvp" (always), "vmap" (a batch of 3 tangents through
-    ``torch.vmap(jvp_fn)`` vs one ``torch.func.jvp`` per tangent), "transpose"
+    ``torch.vmap(jvp_fn)`` and ``jvp_fn.batched`` vs one ``torch.func.jvp`` per tangent), "transpose"
     (``jvp_fn.transpose()`` vs ``torch.func.vjp``'s vjp_fn, for ops with backward) and
     "each" (when there are several differentiable inputs, also linearize with respect to
     each one alone, the others closed over: catches formulas that drop a tangent)."""
@@ -241,11 +241,17 @@ def _check_one(op, sample, dtype, seed, modes, only) -> Outcome:
             batch = [tuple(random_tangent(p, gen) for p in primals) for _ in range(3)]
             stacked = tuple(torch.stack([b[i] for b in batch]) for i in range(len(primals)))
             got = torch.vmap(jvp_fn)(*stacked)
-            for k, b in enumerate(batch):
-                _, want, _ = reference_jvp(f, primals, b, seed)
+            wants = [reference_jvp(f, primals, b, seed)[1] for b in batch]
+            for k, want in enumerate(wants):
                 torch.testing.assert_close(tuple(g[k] for g in got), want, equal_nan=True,
                                            check_dtype=False, **_tols(dtype, "vmap"),
                                            msg=lambda m: "vmap(jvp_fn): " + m)
+            stage = "batched"  # (programs that broadcast a batch dim run without torch.vmap)
+            got = jvp_fn.batched(*stacked)
+            for k, want in enumerate(wants):
+                torch.testing.assert_close(tuple(g[k] for g in got), want, equal_nan=True,
+                                           check_dtype=False, **_tols(dtype, "vmap"),
+                                           msg=lambda m: "jvp_fn.batched: " + m)
         if "transpose" in modes and op.supports_autograd and ry:
             stage = "transpose-reference"
             cots = tuple(random_tangent(o, gen) for o in ry)
