@@ -29,8 +29,8 @@ from ._program import (
     Var,
     _assign,
     _callable_for,
-    _code_cache,
     _Namer,
+    exec_source,
     is_node,
     program_nodes,
 )
@@ -160,14 +160,7 @@ def batched_program(prog: Program) -> Callable[..., tuple] | None:
     lines.append("        return (" + "".join(r + ", " for r in rets) + ")")
     lines.append("    return runB")
     src = "\n".join(lines)
-    code = _code_cache.get(src)
-    if code is None:
-        code = compile(src, "<torch_linearize batched program>", "exec")
-        if len(_code_cache) > 256:
-            _code_cache.clear()
-        _code_cache[src] = code
-    glb = dict(nm.globals)
-    exec(code, glb)
-    run_b = glb["_makeB"](*prog.residuals, *program_nodes(prog))
+    make = exec_source(src, nm.globals, "<torch_linearize batched program>")["_makeB"]
+    run_b = make(*prog.residuals, *program_nodes(prog))
     run_b.__torch_linearize_source__ = src  # type: ignore[attr-defined]
     return run_b

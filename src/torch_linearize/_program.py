@@ -629,15 +629,21 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
     else:
         lines.append("    return run, None")
     src = "\n".join(lines)
-    glb = dict(nm.globals)
+    return exec_source(src, nm.globals, "<torch_linearize program>")["_make"], src
+
+
+def exec_source(src: str, globals_: dict, filename: str) -> dict:
+    """Run generated source ``src`` in a copy of ``globals_`` and return that namespace;
+    the compiled code is cached by source (re-linearizing a structure reuses it)."""
     code = _code_cache.get(src)
     if code is None:
-        code = compile(src, "<torch_linearize program>", "exec")
+        code = compile(src, filename, "exec")
         if len(_code_cache) > 256:
             _code_cache.clear()
         _code_cache[src] = code
+    glb = dict(globals_)
     exec(code, glb)
-    return glb["_make"], src
+    return glb
 
 
 
@@ -678,13 +684,7 @@ def segment_source(eqns: list[Eqn], inputs: list[Var], outputs: list[Var],
             body.append(call)
     body.append("return (" + "".join(nm.var(o) + ", " for o in outputs) + ")")
     src = "def seg(" + ", ".join(params) + "):\n" + "\n".join("    " + b for b in body)
-    code = _code_cache.get(src)
-    if code is None:
-        code = compile(src, "<torch_linearize segment>", "exec")
-        _code_cache[src] = code
-    glb = dict(nm.globals)
-    exec(code, glb)
-    fn = glb["seg"]
+    fn = exec_source(src, nm.globals, "<torch_linearize segment>")["seg"]
     fn.__torch_linearize_source__ = src  # type: ignore[attr-defined]
     return src, fn
 
