@@ -9,11 +9,12 @@ layer per operation, which the hand-written batched formula (``T * r``) does not
 Many linear programs need no batching rule at all. An elementwise operation broadcasts
 a new leading dimension by itself when each of its tangent operands has the result's
 rank (residuals, of that rank or lower, broadcast under it); a custom Function's node
-(whose tensor arguments are all tangents) batches its own call (``batched_jvp``/``batched_vjp``, its vmap rule, or a loop:
-``_opaque._OpaqueNode.run``). :func:`batched_program` generates, for a program made only
-of such operations, ``runB(K, *stacked)``: the same operations on plain tensors with a
-leading batch dimension of size ``K``. ``LinearMap.batched`` runs it, and goes through
-``torch.vmap`` for any other program or call.
+whose tensor arguments are all tangents batches its own call (``batched_jvp`` or
+``batched_vjp``, its vmap rule, or a loop: ``_opaque._OpaqueNode.run``).
+:func:`batched_program` generates, for a program made only of such operations,
+``runB(K, *stacked)``: the same operations on plain tensors with a leading batch
+dimension of size ``K``. ``LinearMap.batched`` runs it, and goes through ``torch.vmap``
+for any other program or call.
 """
 
 from __future__ import annotations
