@@ -383,3 +383,15 @@ def test_results_of_a_batched_jvp_are_checked(wrong):
     _, jvp_fn = tl.linearize(lambda x: Wrong.apply(x), x)
     with pytest.raises(tl.LinearizeError, match=r"Wrong\.jvp returned .*expected"):
         jvp_fn.batched(torch.randn(K, 5, dtype=D))
+
+
+def test_pytree_tangents_go_through_vmap():
+    g = _gen(10)
+    params = {"w": torch.randn(4, dtype=D, generator=g), "b": torch.randn(4, dtype=D, generator=g)}
+    _, jvp_fn = tl.linearize(lambda p: (p["w"].sin() * p["b"]).exp(), params)
+    T = {"w": torch.randn(K, 4, dtype=D, generator=g), "b": torch.randn(K, 4, dtype=D, generator=g)}
+    got = jvp_fn.batched(T)
+    for k in range(K):
+        torch.testing.assert_close(got[k], jvp_fn({"w": T["w"][k], "b": T["b"][k]}))
+    with pytest.raises(ValueError, match="tangent"):
+        jvp_fn.batched({"w": T["w"]})  # (a missing leaf: named by the map's own checks)
