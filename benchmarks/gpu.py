@@ -431,6 +431,8 @@ METHODS = [
     Method("forward_ad (eager)", None, _fwad),
     Method(f"linearize + vmap ({K} at once)", lambda wl: tl.linearize(wl.f, wl.x)[1],
            lambda wl, s, T: torch.vmap(s)(T), batched=True),
+    Method(f"linearize + batched ({K} at once)", lambda wl: tl.linearize(wl.f, wl.x)[1],
+           lambda wl, s, T: s.batched(T), batched=True),
 ]
 
 

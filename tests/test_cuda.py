@@ -111,6 +111,9 @@ def test_batched_and_transposed_maps_on_device(name):
     for k in range(4):
         torch.testing.assert_close(batched[k], torch.func.jvp(f, (x,), (ts[k],))[1],
                                    rtol=1e-10, atol=1e-12)
+    # (the elementwise map runs its program directly on the stacked tangents)
+    torch.testing.assert_close(jvp_fn.batched(ts), batched, rtol=1e-12, atol=1e-14)
+    assert bool(jvp_fn._batched_run) == (name == "elementwise")
     ct = _randn(*y.shape, seed=300)
     (got,) = jvp_fn.transpose()(ct)
     (want,) = torch.func.vjp(f, x)[1](ct)
