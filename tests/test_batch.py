@@ -395,3 +395,47 @@ def test_pytree_tangents_go_through_vmap():
         torch.testing.assert_close(got[k], jvp_fn({"w": T["w"][k], "b": T["b"][k]}))
     with pytest.raises(ValueError, match="tangent"):
         jvp_fn.batched({"w": T["w"]})  # (a missing leaf: named by the map's own checks)
+
+
+# ---------------------------------------------------------------- under torch.vmap
+def test_vmap_of_a_custom_function_program_runs_the_batched_program():
+    # (torch.vmap(jvp_fn) of such a program: the physical batch through runB, once)
+    g = _gen(11)
+    x, y = torch.randn(5, dtype=D, generator=g), torch.randn(5, dtype=D, generator=g)
+
+    def f(x, y):
+        return _BatchedCube.apply(x) * 2 + _BatchedCube.apply(y.sin())
+
+    _, jvp_fn = tl.linearize(f, x, y)
+    TX, TY = torch.randn(K, 5, dtype=D, generator=g), torch.randn(K, 5, dtype=D, generator=g)
+    direct = _count_direct(jvp_fn)
+    _BatchedCube.calls.clear()
+    got = torch.vmap(jvp_fn)(TX, TY)
+    assert len(direct) == 1 and _BatchedCube.calls == [("batched_jvp", (K, 5))] * 2
+    torch.testing.assert_close(got, _loop(jvp_fn, TX, TY))
+    # a tangent the vmap does not batch (expanded), a batch dim not in front
+    got = torch.vmap(jvp_fn, in_dims=(1, None))(TX.T, TY[0])
+    assert len(direct) == 2
+    torch.testing.assert_close(got, _loop(jvp_fn, TX, TY[:1].expand(K, 5)))
+
+
+def test_vmap_of_a_custom_function_program_under_other_transforms():
+    # nested vmaps, grad of vmap, vmap inside forward AD: the general path, same values
+    import torch.autograd.forward_ad as fwAD
+
+    g = _gen(12)
+    x = torch.randn(5, dtype=D, generator=g)
+    _, jvp_fn = tl.linearize(lambda x: _BatchedCube.apply(x.sin()), x)
+    T = torch.randn(K, 5, dtype=D, generator=g)
+    want = _loop(jvp_fn, T)
+    direct = _count_direct(jvp_fn)
+    TT = torch.stack([T, 3 * T])
+    torch.testing.assert_close(torch.vmap(torch.vmap(jvp_fn))(TT), torch.stack([want, 3 * want]))
+    s = torch.tensor(2.0, dtype=D)
+    gs = torch.func.grad(lambda s: torch.vmap(jvp_fn)(s * T).sum())(s)
+    torch.testing.assert_close(gs, want.sum())
+    with fwAD.dual_level():
+        p, t = fwAD.unpack_dual(torch.vmap(jvp_fn)(fwAD.make_dual(T, 2 * T)))
+    torch.testing.assert_close(p, want)
+    torch.testing.assert_close(t, 2 * want)
+    assert not direct  # (none of these took the direct path)

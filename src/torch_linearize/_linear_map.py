@@ -253,10 +253,12 @@ class LinearMap:
         if flat is not args and _grad_enabled() and _needs_grad(flat):
             outs = _ThroughTranspose.apply(self, run, *flat)
         else:
-            try:
-                outs = run(*flat)
-            except RuntimeError as e:
-                outs = _after_failure(e, run, flat)
+            outs = self._under_one_vmap(flat) if _functorch_active() else None
+            if outs is None:
+                try:
+                    outs = run(*flat)
+                except RuntimeError as e:
+                    outs = _after_failure(e, run, flat)
         if self._single_out:
             return outs[0]
         if len(self._out_positions) != self._n_out:
@@ -265,6 +267,49 @@ class LinearMap:
                 full[pos] = val
             outs = full
         return tree_unflatten(list(outs), self._out_spec)
+
+    def _batched_program(self) -> Callable[..., tuple] | bool:
+        """``_batch.batched_program`` of this map, built on first use (False: none)."""
+        run_b = self._batched_run
+        if run_b is None:
+            from ._batch import batched_program
+
+            run_b = self._batched_run = batched_program(self._program) or False
+        return run_b
+
+    def _under_one_vmap(self, flat) -> tuple | None:
+        """``vmap(jvp_fn)`` of a program that broadcasts a batch dim (see :meth:`batched`):
+        the physical batch run through ``runB``, not op by op through functorch's
+        batching rules; None where it does not apply.
+
+        Applies when the innermost transform is a vmap whose batched tangents wrap plain
+        tensors (no other transform in between, nothing requiring grad, no forward-AD
+        level), as custom-Function nodes do for their own call
+        (``_OpaqueNode._run_under_one_vmap``): batch dims moved first, tangents the vmap
+        does not batch expanded, results re-wrapped at the vmap's level."""
+        if _fwAD._current_level >= 0 or _ft.peek_interpreter_stack() is None:
+            return None
+        interp = retrieve_current_functorch_interpreter()
+        if interp.key() != _ft.TransformType.Vmap:
+            return None
+        run_b = self._batched_program()
+        if not run_b:
+            return None
+        level, size = interp.level(), interp.batch_size()
+        stacked = []
+        for t in flat:
+            if not isinstance(t, torch.Tensor):
+                return None
+            if _ft.maybe_get_level(t) == level:
+                value, bdim = _ft._unwrap_batched(t, level)
+                if _ft.is_functorch_wrapped_tensor(value) or value.requires_grad:
+                    return None
+                stacked.append(value.movedim(bdim, 0) if bdim else value)
+            elif _ft.is_functorch_wrapped_tensor(t) or t.requires_grad:
+                return None
+            else:
+                stacked.append(t.expand(size, *t.shape))
+        return tuple(_ft._add_batch_dim(o, 0, level) for o in run_b(size, *stacked))
 
     def _run_flat(self, flat: list) -> tuple:
         """The program on validated flat tangents (reverse mode through it: its transpose)."""
@@ -289,11 +334,7 @@ class LinearMap:
         if self._run is None:
             raise self._released_error(".batched()")
         if chunk_size is None and type(in_dims) is int and type(out_dims) is int:
-            run_b = self._batched_run
-            if run_b is None:
-                from ._batch import batched_program
-
-                run_b = self._batched_run = batched_program(self._program) or False
+            run_b = self._batched_program()
             if run_b and self._flat_args and len(tangents) == len(self._metas) and \
                     not _functorch_active() and _fwAD._current_level < 0:
                 out = self._run_stacked(run_b, tangents, in_dims, out_dims)

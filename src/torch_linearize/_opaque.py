@@ -168,13 +168,15 @@ class _OpaqueNode:
         """The common ``vmap(jvp_fn)`` case, batched directly; None where it does not apply.
 
         Applies when the innermost transform is a vmap whose batched arguments wrap plain
-        tensors (no other transform in between, nothing requiring grad) and the node does
-        not write its arguments in place. It does what :class:`_OpaqueApply`'s vmap rule
-        does (move the batch dim first, ``run`` with one batch dim, re-wrap the results)
-        without the ``autograd.Function`` round trip, which costs ~0.2 ms per call.
+        tensors (no other transform in between, nothing requiring grad or carrying a
+        forward-AD tangent) and the node does not write its arguments in place. It does
+        what :class:`_OpaqueApply`'s vmap rule does (move the batch dim first, ``run`` with
+        one batch dim, re-wrap the results) without the ``autograd.Function`` round trip,
+        which costs ~0.2 ms per call.
         """
-        if self.dirty or _ft.peek_interpreter_stack() is None:
-            return None
+        if self.dirty or _ft.peek_interpreter_stack() is None or (
+                fwAD._current_level >= 0 and _has_forward_grad(args)):
+            return None  # (dual tangents: _OpaqueApply's jvp, the node itself, carries them)
         interp = retrieve_current_functorch_interpreter()
         if interp.key() != _ft.TransformType.Vmap:
             return None
