@@ -103,7 +103,7 @@ def _inline_batched_node(nm: _Namer, e: Eqn, args: list[str]) -> list[str] | Non
     ``batched_vjp``), one result and every tensor argument given: that function called
     directly on the node's ctx, as ``_OpaqueNode.run(1, ...)`` calls it, without the
     node's reshapes and checks; a result that is not one tensor of the expected dtype and
-    batched shape goes through the node's own checks (``finish_batched``). None where
+    batched shape goes through the node's own checks (``finish_lean``). None where
     the node's general batched call is needed."""
     node = e.fn
     batched_fn = getattr(node.cls, node.batched_name, None) if node.batched_name else None
@@ -118,7 +118,7 @@ def _inline_batched_node(nm: _Namer, e: Eqn, args: list[str]) -> list[str] | Non
         f"{out} = {nm.glob(batched_fn, 'f')}({n}.ctx, {arg_list})",
         f"if not (type({out}) is _Tensor and {out}.dtype is {nm.glob(dtype)} and "
         f"{out}.shape == (K, {''.join(f'{d}, ' for d in shape)})): "
-        f"{out}, = {n}.finish_batched({out}, [{arg_list}], K)",
+        f"{out}, = {n}.finish_lean({out}, [{arg_list}], (K,))",
     ]
 
 

@@ -16,6 +16,7 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ._checks import LeafSpec, flatten_tangents
 from ._errors import LinearizeError, ReleasedError, StaleResidualError
+from ._opaque import unwrap_innermost_vmap
 from ._program import Program, Var, format_eqn, type_str
 
 __all__ = ["LinearMap"]
@@ -261,6 +262,12 @@ class LinearMap:
                     outs = _after_failure(e, run, flat)
         if self._single_out:
             return outs[0]
+        return self._structured(outs)
+
+    def _structured(self, outs) -> Any:
+        """The program's outputs as ``f``'s output structure (None where a leaf has none)."""
+        if self._single_out:
+            return outs[0]
         if len(self._out_positions) != self._n_out:
             full: list[Any] = [None] * self._n_out
             for pos, val in zip(self._out_positions, outs):
@@ -286,29 +293,17 @@ class LinearMap:
         tensors (no other transform in between, nothing requiring grad, no forward-AD
         level), as custom-Function nodes do for their own call
         (``_OpaqueNode._run_under_one_vmap``): batch dims moved first, tangents the vmap
-        does not batch expanded, results re-wrapped at the vmap's level."""
-        if _fwAD._current_level >= 0 or _ft.peek_interpreter_stack() is None:
+        does not batch expanded (``_opaque.unwrap_innermost_vmap``), results re-wrapped at
+        the vmap's level."""
+        if _fwAD._current_level >= 0 or not all(isinstance(t, torch.Tensor) for t in flat):
             return None
-        interp = retrieve_current_functorch_interpreter()
-        if interp.key() != _ft.TransformType.Vmap:
+        unwrapped = unwrap_innermost_vmap(flat)
+        if unwrapped is None:
             return None
         run_b = self._batched_program()
         if not run_b:
             return None
-        level, size = interp.level(), interp.batch_size()
-        stacked = []
-        for t in flat:
-            if not isinstance(t, torch.Tensor):
-                return None
-            if _ft.maybe_get_level(t) == level:
-                value, bdim = _ft._unwrap_batched(t, level)
-                if _ft.is_functorch_wrapped_tensor(value) or value.requires_grad:
-                    return None
-                stacked.append(value.movedim(bdim, 0) if bdim else value)
-            elif _ft.is_functorch_wrapped_tensor(t) or t.requires_grad:
-                return None
-            else:
-                stacked.append(t.expand(size, *t.shape))
+        level, size, stacked = unwrapped
         return tuple(_ft._add_batch_dim(o, 0, level) for o in run_b(size, *stacked))
 
     def _run_flat(self, flat: list) -> tuple:
@@ -367,12 +362,7 @@ class LinearMap:
         outs = run_b(size, *stacked)
         if out_dims:
             outs = [o.movedim(0, out_dims) for o in outs]
-        if self._single_out:
-            return outs[0]
-        full: list[Any] = [None] * self._n_out
-        for pos, val in zip(self._out_positions, outs):
-            full[pos] = val
-        return tree_unflatten(full, self._out_spec)
+        return self._structured(outs)
 
     def _released_error(self, method: str = "") -> ReleasedError:
         """The error every use of a released map raises (``method``: which use)."""

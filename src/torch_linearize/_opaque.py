@@ -81,6 +81,34 @@ def _needs_autograd_wrapper(args) -> bool:
     return _grad_enabled() and _requires_grad(args)
 
 
+def unwrap_innermost_vmap(args) -> tuple[int, int, list] | None:
+    """``(level, batch size, arguments)`` for a call made directly under a vmap: the
+    innermost transform is a vmap, and its batched tensor arguments wrap plain tensors
+    (no other transform in between) that do not require grad. Batched arguments come
+    back as those plain tensors with the batch dim first, unbatched tensors expanded to
+    the batch, anything else as is; None where the call is not such a call."""
+    if _ft.peek_interpreter_stack() is None:
+        return None
+    interp = retrieve_current_functorch_interpreter()
+    if interp.key() != _ft.TransformType.Vmap:
+        return None
+    level, size = interp.level(), interp.batch_size()
+    moved: list[Any] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if _ft.maybe_get_level(a) == level:
+                value, bdim = _ft._unwrap_batched(a, level)
+                if _ft.is_functorch_wrapped_tensor(value) or value.requires_grad:
+                    return None
+                a = value.movedim(bdim, 0) if bdim else value
+            elif _ft.is_functorch_wrapped_tensor(a) or a.requires_grad:
+                return None
+            else:
+                a = a.expand(size, *a.shape)
+        moved.append(a)
+    return level, size, moved
+
+
 class _OpaqueNode:
     """Shared machinery of :class:`OpaqueJvp` and :class:`OpaqueVjp`.
 
@@ -149,20 +177,14 @@ class _OpaqueNode:
             return _OpaqueApply.apply(self, 0, *args)
         return self.run(0, args)
 
-    def finish_lean(self, o: Any, args) -> tuple:
+    def finish_lean(self, o: Any, args, batch: tuple = ()) -> tuple:
         """The lean call's result ``o`` when it is not one tensor of the expected dtype,
-        shape and layout: normalized and checked as :meth:`run` does (also called by the
-        generated ``run1``, which inlines the lean call, see ``_program._inline_node``)."""
+        shape and layout: normalized and checked as :meth:`run` does. Called by the
+        generated ``run1``, which inlines the lean call (see ``_program._inline_node``),
+        and, with ``batch = (K,)``, by ``_batch``'s ``runB``, which calls the Function's
+        batched call directly on ``K`` stacked tangents."""
         args = list(args)
-        return tuple(self._check(j, r, args, ()) for j, r in enumerate(self._as_tuple(o)))
-
-    def finish_batched(self, o: Any, args, size: int) -> tuple:
-        """The result ``o`` of the Function's batched call on ``size`` stacked tangents
-        when it is not one tensor of the expected dtype and batched shape: normalized and
-        checked as :meth:`run` does (called by ``_batch``'s generated ``runB``, which calls
-        the batched function directly)."""
-        args = list(args)
-        return tuple(self._check(j, r, args, (size,)) for j, r in enumerate(self._as_tuple(o)))
+        return tuple(self._check(j, r, args, batch) for j, r in enumerate(self._as_tuple(o)))
 
     def _run_under_one_vmap(self, args) -> tuple | None:
         """The common ``vmap(jvp_fn)`` case, batched directly; None where it does not apply.
@@ -174,27 +196,12 @@ class _OpaqueNode:
         one batch dim, re-wrap the results) without the ``autograd.Function`` round trip,
         which costs ~0.2 ms per call.
         """
-        if self.dirty or _ft.peek_interpreter_stack() is None or (
-                fwAD._current_level >= 0 and _has_forward_grad(args)):
+        if self.dirty or (fwAD._current_level >= 0 and _has_forward_grad(args)):
             return None  # (dual tangents: _OpaqueApply's jvp, the node itself, carries them)
-        interp = retrieve_current_functorch_interpreter()
-        if interp.key() != _ft.TransformType.Vmap:
+        unwrapped = unwrap_innermost_vmap(args)
+        if unwrapped is None:
             return None
-        level = interp.level()
-        size = interp.batch_size()
-        moved: list[Any] = []
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                if _ft.maybe_get_level(a) == level:
-                    value, bdim = _ft._unwrap_batched(a, level)
-                    if _ft.is_functorch_wrapped_tensor(value) or value.requires_grad:
-                        return None
-                    a = value.movedim(bdim, 0) if bdim is not None and bdim != 0 else value
-                elif _ft.is_functorch_wrapped_tensor(a) or a.requires_grad:
-                    return None
-                else:
-                    a = a.expand(size, *a.shape)
-            moved.append(a)
+        level, _, moved = unwrapped
         outs = self.run(1, moved)
         return tuple(None if o is None else _ft._add_batch_dim(o, 0, level) for o in outs)
 
