@@ -42,6 +42,33 @@ def test_chunk_size_gives_the_same_jacobian(chunk_size):
                                torch.func.jacfwd(lambda x: x.softmax(0))(x))
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_chunks_of_a_multi_output_map_with_an_output_without_tangent(chunk_size):
+    # Two top-level tensors (the batched() path), argnums selecting one (the other gets
+    # zero tangents), an output independent of the inputs (no tangent: zeros).
+    x, w = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    f = lambda x, w: ((x.sin() * w).cumsum(0), torch.ones(2, dtype=D), x @ w)
+    _, jvp_fn = tl.linearize(f, x, w)
+    for argnums in (0, 1, (0, 1)):
+        torch.testing.assert_close(jvp_fn.jacobian(argnums=argnums, chunk_size=chunk_size),
+                                   torch.func.jacfwd(f, argnums=argnums)(x, w))
+
+
+def test_elementwise_jacobian_runs_on_the_stacked_basis_without_vmap(monkeypatch):
+    x = torch.randn(6, dtype=D)
+    f = lambda x: x.exp().sin() * 3
+    _, jvp_fn = tl.linearize(f, x)
+    want = torch.func.jacfwd(f)(x)
+
+    def no_vmap(*args, **kwargs):
+        raise AssertionError("torch.vmap was called")
+
+    monkeypatch.setattr(torch, "vmap", no_vmap)
+    monkeypatch.setattr(torch.func, "vmap", no_vmap)
+    torch.testing.assert_close(jvp_fn.jacobian(), want)
+    torch.testing.assert_close(jvp_fn.jacobian(chunk_size=4), want)
+
+
 def test_custom_function_jacobian_batched_through_the_loop():
     x = torch.randn(4, dtype=D)
     cf.reset()

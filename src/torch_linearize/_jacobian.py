@@ -31,6 +31,14 @@ def _children(spec) -> list:
     return list(children()) if callable(children) else list(spec.children_specs)
 
 
+def _concat(parts: list) -> Any:
+    """Batched results of consecutive chunks joined along the batch dim (None stays None)."""
+    flats = [tree_flatten(p)[0] for p in parts]
+    spec = tree_flatten(parts[0])[1]
+    joined = [None if col[0] is None else torch.cat(col) for col in zip(*flats)]
+    return tree_unflatten(joined, spec)
+
+
 def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
     """See :meth:`LinearMap.jacobian`."""
     api = "jvp_fn.jacobian()"
@@ -65,11 +73,32 @@ def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
         args = tree_unflatten(flat, lm._in_spec)
         return lm(*args)
 
+    def apply_rows(rows: torch.Tensor):
+        # Every tangent a top-level tensor: the batch goes through lm.batched, which runs
+        # an elementwise or custom-Function program directly on the stacked tangents.
+        k = rows.shape[0]
+        args = []
+        for i, ls in enumerate(leaves):
+            j = sel_pos.get(i)
+            if j is None:
+                args.append(torch.zeros((k, *ls.shape), dtype=ls.dtype, device=ls.device))
+            else:
+                block = rows[:, offsets[j]:offsets[j] + sizes[j]]
+                args.append(block.reshape(k, *ls.shape).to(ls.dtype))
+        return lm.batched(*args)
+
     device = leaves[selected[0]].device if selected else torch.device("cpu")
     real = torch.float64 if any(leaves[i].dtype in (torch.float64, torch.complex128)
                                 for i in selected) else torch.float32
     basis = torch.eye(total, dtype=real, device=device)
-    out = torch.func.vmap(apply_basis, chunk_size=chunk_size)(basis) if total else None
+    if not total:
+        out = None
+    elif lm._flat_args:
+        step = chunk_size or total
+        parts = [apply_rows(basis[s:s + step]) for s in range(0, total, step)]
+        out = parts[0] if len(parts) == 1 else _concat(parts)
+    else:
+        out = torch.func.vmap(apply_basis, chunk_size=chunk_size)(basis)
 
     out_flat = tree_flatten(out)[0] if out is not None else []
     per_output = []

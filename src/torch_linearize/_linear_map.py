@@ -468,8 +468,8 @@ class LinearMap:
                  chunk_size: int | None = None) -> Any:
         """The full Jacobian, in ``torch.func.jacfwd``'s layout.
 
-        Built from batched applications of this map to basis tangents; ``f`` is not
-        evaluated again. ``argnums`` selects positional arguments like ``jacfwd``
+        Built from batched applications (:meth:`batched`) of this map to basis
+        tangents; ``f`` is not evaluated again. ``argnums`` selects positional arguments like ``jacfwd``
         (default: all of them, or just the one if there is one). ``chunk_size``
         bounds how many basis tangents go through the map at once (memory).
 
