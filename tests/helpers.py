@@ -199,6 +199,16 @@ def check_random_program(f, seed: int, reference: str = "func") -> None:
     got = jvp_fn.batched(batch, batch_y)
     for k in range(3):
         torch.testing.assert_close(tuple(g[k] for g in got), jvp_fn(batch[k], batch_y[k]))
+    # jacobian() in chunks (the last one short), against applications to basis tangents
+    jac = jvp_fn.jacobian(chunk_size=5)
+    zero = torch.zeros(4, 4, dtype=d)
+    for i in (0, 7, 15):
+        e = torch.zeros(16, dtype=d)
+        e[i] = 1
+        cols = (jvp_fn(e.view(4, 4), zero), jvp_fn(zero, e.view(4, 4)))
+        for arg, col in enumerate(cols):
+            for j, c in enumerate(col):
+                torch.testing.assert_close(jac[j][arg].flatten(-2)[..., i], c, equal_nan=True)
     assert torch.equal(tx, tx0) and torch.equal(ty, ty0)
     # The one-tensor entry (one input, one output: LinearMap's lean path, custom
     # Functions' jvp called inline by the generated code), applied twice.
