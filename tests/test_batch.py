@@ -190,10 +190,10 @@ def test_what_the_direct_path_does_not_take_goes_through_vmap():
     _, jvp_fn = tl.linearize(lambda x, y: x.sin() * y, x, y)
     TX, TY = torch.randn(K, 4, dtype=D, generator=g), torch.randn(K, 4, dtype=D, generator=g)
     want = _loop(jvp_fn, TX, TY)
-    # one tangent unbatched (in_dims with None), chunks
+    # one tangent unbatched (in_dims with None)
     torch.testing.assert_close(jvp_fn.batched(TX, TY[0], in_dims=(0, None)),
                                _loop(jvp_fn, TX, TY[:1].expand(K, 4)))
-    torch.testing.assert_close(jvp_fn.batched(TX, TY, chunk_size=2), want)
+    torch.testing.assert_close(jvp_fn.batched(TX, TY, chunk_size=2), want)  # (direct, chunked)
     # tangents that require grad: reverse mode through the batched map (its transpose)
     TXg = TX.clone().requires_grad_()
     out = jvp_fn.batched(TXg, TY)
@@ -347,6 +347,36 @@ def test_a_custom_functions_batched_jvp_runs_once_per_batch():
     torch.testing.assert_close(got, (x ** 3).exp() * 3 * x ** 2 * T)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 4, K, 100])
+def test_chunks_run_directly_one_call_per_chunk(chunk_size):
+    x, y = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    f = lambda x, y: (_BatchedCube.apply(x).exp() * y, x.sin())
+    _, jvp_fn = tl.linearize(f, x, y)
+    TX, TY = torch.randn(K, 5, dtype=D), torch.randn(5, K, dtype=D)
+    direct = _count_direct(jvp_fn)
+    _BatchedCube.calls.clear()
+    got = jvp_fn.batched(TX, TY, in_dims=(0, 1), out_dims=1, chunk_size=chunk_size)
+    sizes = [min(chunk_size, K - s) for s in range(0, K, chunk_size)]
+    assert len(direct) == len(sizes)
+    assert _BatchedCube.calls == [("batched_jvp", (k, 5)) for k in sizes]
+    want = torch.vmap(jvp_fn, in_dims=(0, 1), out_dims=1, chunk_size=chunk_size)(TX, TY)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape == (5, K)
+        torch.testing.assert_close(g, w)
+    for g, w in zip(got, _loop(jvp_fn, TX, TY.T)):
+        torch.testing.assert_close(g, w.T)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, True, 1.5])
+def test_bad_chunk_sizes_are_refused_as_torch_vmap_refuses_them(chunk_size):
+    _, jvp_fn = tl.linearize(lambda x: x.sin(), torch.randn(3, dtype=D))
+    T = torch.randn(K, 3, dtype=D)
+    with pytest.raises(Exception) as want:
+        torch.vmap(jvp_fn, chunk_size=chunk_size)(T)
+    with pytest.raises(type(want.value)):
+        jvp_fn.batched(T, chunk_size=chunk_size)
+
+
 def test_a_custom_functions_batched_vjp_runs_once_per_batch_of_the_transpose():
     x = torch.randn(5, dtype=D)
     _, jvp_fn = tl.linearize(lambda x: _BatchedCube.apply(x.sin()), x)
@@ -444,3 +474,83 @@ def test_vmap_of_a_custom_function_program_under_other_transforms():
     torch.testing.assert_close(p, want)
     torch.testing.assert_close(t, 2 * want)
     assert not direct  # (none of these took the direct path)
+
+
+# ---------------------------------------------------------------- automatic chunks (CPU)
+def _stencil(u):
+    lap = u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * u[1:-1, 1:-1]
+    return lap - u[1:-1, 1:-1] ** 3
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Automatic chunking at test sizes: batches over 1000 bytes, chunks of 600 bytes."""
+    import torch_linearize._batch as B
+
+    monkeypatch.setattr(B, "AUTO_MIN_BATCH_BYTES", 1000)
+    monkeypatch.setattr(B, "AUTO_CHUNK_BYTES", 600)
+
+
+def _record_vmap_chunks(monkeypatch) -> list:
+    seen: list = []
+    real = torch.vmap
+
+    def recording(fn, *args, chunk_size=None, **kwargs):
+        seen.append(chunk_size)
+        return real(fn, *args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(torch, "vmap", recording)
+    return seen
+
+
+def test_a_stencil_batch_runs_in_automatic_chunks(small_chunks, monkeypatch):
+    u = torch.randn(6, 6, dtype=D)  # 288 bytes a tangent: chunks of 2, over 3 tangents
+    _, jvp_fn = tl.linearize(_stencil, u)
+    assert not jvp_fn._batched_program()  # (slices: through torch.vmap)
+    T = torch.randn(K, 6, 6, dtype=D)
+    want = _loop(jvp_fn, T)
+    seen = _record_vmap_chunks(monkeypatch)
+    torch.testing.assert_close(jvp_fn.batched(T), want)
+    torch.testing.assert_close(jvp_fn.batched(T.movedim(0, 2), in_dims=2, out_dims=1),
+                               want.movedim(0, 1), msg="moved batch dims")
+    torch.testing.assert_close(jvp_fn.batched(T[:3]), want[:3])
+    torch.testing.assert_close(jvp_fn.batched(T, chunk_size=K), want)  # one batch
+    assert seen == [2, 2, None, K]
+
+
+def test_a_multi_operation_direct_program_runs_in_automatic_chunks(small_chunks):
+    x, y, z = (torch.randn(12, dtype=D) for _ in range(3))  # 3 x 96 bytes a tangent: 2 a chunk
+    _, jvp_fn = tl.linearize(lambda x, y, z: x * y * z, x, y, z)
+    direct = _count_direct(jvp_fn)
+    TX, TY, TZ = (torch.randn(K, 12, dtype=D) for _ in range(3))
+    got = jvp_fn.batched(TX, TY, TZ)
+    assert len(direct) == 3  # chunks of 2, 2, 1
+    torch.testing.assert_close(got, _loop(jvp_fn, TX, TY, TZ))
+
+
+@pytest.mark.parametrize("case", ["one operation", "matrix product"])
+def test_programs_whose_chunks_do_not_pay_off_run_one_batch(small_chunks, monkeypatch, case):
+    x = torch.randn(6, 6, dtype=D)
+    f = (lambda x: x.sin()) if case == "one operation" else (lambda x: (x @ x).sin() @ x + x * 3)
+    _, jvp_fn = tl.linearize(f, x)
+    T = torch.randn(K, 6, 6, dtype=D)
+    is_direct = bool(jvp_fn._batched_program())
+    assert is_direct == (case == "one operation")
+    direct = _count_direct(jvp_fn) if is_direct else []
+    seen = _record_vmap_chunks(monkeypatch)
+    torch.testing.assert_close(jvp_fn.batched(T), _loop(jvp_fn, T))
+    assert seen == ([] if is_direct else [None]) and len(direct) == (1 if is_direct else 0)
+
+
+def test_chunks_pay_off_only_for_cpu_programs_with_several_arithmetic_operations():
+    from torch_linearize._batch import auto_chunk_size, chunks_pay_off
+
+    _, jvp_fn = tl.linearize(_stencil, torch.randn(6, 6, dtype=D))
+    prog = jvp_fn._program
+    assert chunks_pay_off(prog)
+    prog.inputs[0].device = torch.device("cuda")  # (a GPU program: its batches stay whole)
+    assert not chunks_pay_off(prog)
+    _, jvp_fn = tl.linearize(lambda x: x[1:] + x[:-1], torch.randn(6, dtype=D))
+    assert not chunks_pay_off(jvp_fn._program)  # one addition over two views
+    assert auto_chunk_size(64, 1 << 20) == 2 and auto_chunk_size(8, 1 << 20) is None
+    assert auto_chunk_size(64, 8 << 20) == 1 and auto_chunk_size(1000, 100) is None
