@@ -1,8 +1,12 @@
 """Tests for ``torch_linearize/_linear_map.py``: the ``LinearMap`` object itself."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
+import custom_functions as cf
 import torch_linearize as tl
 from torch_linearize._linear_map import LinearMap
 
@@ -41,3 +45,78 @@ def test_pickle_and_deepcopy_refuse_with_a_message_copy_shares():
     t = torch.randn(5, dtype=torch.float64)
     torch.testing.assert_close(alias(t), jvp_fn(t))
     torch.testing.assert_close(alias.transpose()(t), jvp_fn.transpose()(t))
+
+
+def _stencil(u):
+    lap = u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * u[1:-1, 1:-1]
+    return lap - u[1:-1, 1:-1] ** 3
+
+
+_GC_CASES = {
+    "stencil": _stencil,
+    "custom Function": lambda x: cf.NumpyCube.apply(x.sin()).cos(),
+    "fold checked by a probe": lambda x: (x.sin() * x).exp()[1:] * 2,
+}
+
+
+@pytest.mark.parametrize("case", list(_GC_CASES))
+def test_maps_free_their_tensors_without_the_cyclic_garbage_collector(case):
+    # A Newton loop holds each linearization (and its transpose) for a whole solve; by
+    # then it sits in the oldest GC generation, so a tensor kept by a reference cycle
+    # stays until a full collection. Every tensor must go when the last map goes:
+    # residuals, ctx tensors, intermediates of applications, transposes, batches.
+    x = torch.randn(8, 8, dtype=torch.float64)
+    f = _GC_CASES[case]
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(3):  # first sighting, recorded structure, replayed structure
+            y, jvp_fn = tl.linearize(f, x)
+            vjp_fn = jvp_fn.transpose()
+            vjp_fn(y)
+            jvp_fn(x)
+            jvp_fn.batched(torch.randn(3, 8, 8, dtype=torch.float64))
+            torch.vmap(jvp_fn)(torch.randn(3, 8, 8, dtype=torch.float64))
+            jvp_fn.jacobian(chunk_size=20)
+            assert vjp_fn.transpose() is jvp_fn
+            del y, jvp_fn, vjp_fn
+            tensors = [weakref.ref(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+            gc.collect()
+            freed = [r for r in tensors if r() is None]
+            assert not freed, f"{len(freed)} tensor(s) were only freed by the cyclic collector"
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_a_dropped_transpose_is_rebuilt_without_transposing_again(monkeypatch):
+    import torch_linearize._transpose as T
+
+    x = torch.randn(5, dtype=torch.float64)
+    f = lambda x: (x.sin() * x).cumsum(0)
+    y, jvp_fn = tl.linearize(f, x)
+    calls = []
+    real = T.transpose_kwargs
+    monkeypatch.setattr(T, "transpose_kwargs", lambda lm: calls.append(1) or real(lm))
+    u = torch.randn(5, dtype=torch.float64)
+    want = torch.func.vjp(f, x)[1](u)
+    vjp_fn = jvp_fn.transpose()
+    assert jvp_fn.T is vjp_fn and vjp_fn.transpose() is jvp_fn
+    ref = weakref.ref(vjp_fn)
+    del vjp_fn
+    assert ref() is None  # (the map holds its transpose weakly ...)
+    for _ in range(3):
+        torch.testing.assert_close(jvp_fn.T(u), want)  # (... and its program strongly)
+    assert len(calls) == 1
+    vjp_fn = jvp_fn.T
+    del jvp_fn  # a transpose holds its map
+    t = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(vjp_fn.T(t), torch.func.jvp(f, (x,), (t,))[1])
+    # releasing the transpose drops the map's cached program: the next one is built anew
+    jvp_fn = vjp_fn.T
+    vjp_fn.release()
+    with pytest.raises(tl.ReleasedError):
+        vjp_fn(u)
+    torch.testing.assert_close(jvp_fn.T(u), want)
+    assert len(calls) == 2

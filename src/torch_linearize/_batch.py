@@ -161,7 +161,7 @@ def batched_program(prog: Program) -> Callable[..., tuple] | None:
     lines.append("        return (" + "".join(r + ", " for r in rets) + ")")
     lines.append("    return runB")
     src = "\n".join(lines)
-    make = exec_source(src, nm.globals, "<torch_linearize batched program>")["_makeB"]
+    make = exec_source(src, nm.globals, "<torch_linearize batched program>").pop("_makeB")
     run_b = make(*prog.residuals, *program_nodes(prog))
     run_b.__torch_linearize_source__ = src  # type: ignore[attr-defined]
     return run_b

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -220,7 +221,10 @@ class LinearMap:
             and _same_meta(program, self._metas[0]) else None
         )
         self._released = False
-        self._transposed: LinearMap | None = None
+        # A transpose: the map it transposes (held). Any other map: a weak reference to
+        # its transpose object, and the arguments that build one (see transpose()).
+        self._transposed: LinearMap | weakref.ReferenceType | None = None
+        self._transpose_kwargs: dict | None = None
         # batched()'s direct program: None until first needed, False where none applies
         self._batched_run: Callable[..., tuple] | bool | None = None
         # whether batches run faster in chunks (_batch.chunks_pay_off): None until needed
@@ -464,16 +468,28 @@ class LinearMap:
         if self._run is None:
             raise self._released_error(".transpose()")
         with self._lock:
-            if self._transposed is None:
-                from ._transpose import transpose_map
+            t = self._transposed
+            if type(t) is weakref.ReferenceType:
+                t = t()
+            if t is None:
+                # A transpose holds the map it transposes (its own transpose); the map
+                # holds the transposed program and refers to the transpose object weakly.
+                # (Both objects holding each other would be a reference cycle: the
+                # residuals of both would outlive them until the cyclic garbage collector
+                # ran, in a Newton loop often a full collection later.) A transpose the
+                # caller dropped is rebuilt from the cached program, without transposing.
+                kwargs = self._transpose_kwargs
+                if kwargs is None:
+                    from ._transpose import transpose_kwargs
 
-                # (built outside any functorch transform: reverse mode through a map
-                # under torch.func.grad/vjp builds it in the backward pass)
-                with temporarily_clear_interpreter_stack():
-                    t = transpose_map(self)
+                    # (built outside any functorch transform: reverse mode through a map
+                    # under torch.func.grad/vjp builds it in the backward pass)
+                    with temporarily_clear_interpreter_stack():
+                        kwargs = self._transpose_kwargs = transpose_kwargs(self)
+                t = LinearMap(**kwargs)
                 t._transposed = self
-                self._transposed = t
-            return self._transposed
+                self._transposed = weakref.ref(t)
+            return t
 
     def compile(self, **compile_kwargs: Any) -> LinearMap:
         """A copy of this map whose aten operations run through ``torch.compile``.
@@ -541,10 +557,19 @@ class LinearMap:
         for node in self._opaque_nodes:
             node.release()
         self._opaque_nodes = []
+        origin = self._transposed
+        if type(origin) is LinearMap:  # a transpose: its program is its map's cache too
+            kwargs = origin._transpose_kwargs
+            if kwargs is not None and kwargs["program"] is self._program:
+                origin._transpose_kwargs = None
+            ref = origin._transposed
+            if type(ref) is weakref.ReferenceType and ref() is self:
+                origin._transposed = None  # (its next transpose() builds a new one)
         self._program.residuals = []
         self._program.eqns = []
         self._stale_watch = []
         self._transposed = None
+        self._transpose_kwargs = None
         self.residual_bytes = 0
         self.external_bytes = 0
 

@@ -31,6 +31,7 @@ same for ``backward``.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -133,7 +134,8 @@ class _OpaqueNode:
         self.shape_only = False  # set while _transpose builds the autograd graph
         self._zeros: dict[int, torch.Tensor] = {}
         self._zero_versions: dict[int, int] = {}
-        self._transposed: _OpaqueNode | None = None
+        # OpaqueJvp: a weak reference to its transposed node; OpaqueVjp: the node it transposes
+        self._transposed: Any = None
         # The lean unbatched call (see __call__): the positions whose None tangent must be
         # materialized (such a call takes the general path), the user function, and the
         # one result's shape, dtype and stride.
@@ -423,7 +425,10 @@ class OpaqueJvp(_OpaqueNode):
         return self.cls.jvp
 
     def transposed(self) -> OpaqueVjp:
-        if self._transposed is None:
+        node = self._transposed
+        if node is not None:
+            node = node()  # (held weakly: the transposed node holds this one)
+        if node is None:
             if not _has_user_backward(self.cls):
                 raise LinearizeError(
                     f"transpose(): custom autograd.Function {self.cls.__qualname__} has no backward "
@@ -442,9 +447,12 @@ class OpaqueJvp(_OpaqueNode):
                 raise ReleasedError(f"{self.display_name}: the linear map was released.")
             ctx = getattr(ctx, "_tl_base", None) or ctx
             node = OpaqueVjp(self.cls, ctx, list(self.fwd_out_tensors), out_meta, {}, False)
+            # The transposed node needs this one (transposing a transposed map); this one
+            # only caches it, weakly: both strong would be a reference cycle through the
+            # ctx, whose saved tensors would outlive both maps until the cyclic GC ran.
             node._transposed = self
-            self._transposed = node
-        return self._transposed
+            self._transposed = weakref.ref(node)
+        return node
 
 
 class OpaqueVjp(_OpaqueNode):

@@ -16,6 +16,7 @@ tangent as an output.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -896,25 +897,28 @@ def _has_additive(producer, vid) -> bool:
 
 def _region_eval(residuals: list, producer, vid, base_values: dict[int, torch.Tensor], gather):
     """Evaluate a region on (flat, subsampled) base values; residuals go through ``gather``."""
-    cache: dict[int, torch.Tensor] = {}
-
-    def value(v: Var):
-        if v.id not in cache:
-            e = producer.get(v.id)
-            if e is None:
-                cache[v.id] = base_values[v.id]
-            else:
-                args = [value(a) if isinstance(a, Var) else
-                        gather(residuals[a.index]) if isinstance(a, Res) else a
-                        for a in e.args]
-                cache[v.id] = e.fn(*args, **e.kwargs)
-        return cache[v.id]
-
+    env = (residuals, producer, base_values, gather, {})
     try:
         with torch.no_grad():
-            return value(producer[vid].outs)
+            return _region_value(producer[vid].outs, env)
     except RuntimeError:
         return None
+
+
+def _region_value(v: Var, env: tuple) -> torch.Tensor:
+    """:func:`_region_eval`'s value of ``v``, memoized in ``env``'s cache. (Module-level:
+    a recursive closure would be a reference cycle holding the probe's tensors.)"""
+    residuals, producer, base_values, gather, cache = env
+    if v.id not in cache:
+        e = producer.get(v.id)
+        if e is None:
+            cache[v.id] = base_values[v.id]
+        else:
+            args = [_region_value(a, env) if isinstance(a, Var) else
+                    gather(residuals[a.index]) if isinstance(a, Res) else a
+                    for a in e.args]
+            cache[v.id] = e.fn(*args, **e.kwargs)
+    return cache[v.id]
 
 
 def _constant_value(c: torch.Tensor):
@@ -1120,17 +1124,10 @@ def _rewrite_walk(prog: Program, identities: bool = True, cse: bool = True) -> t
     n_ident = n_cse = 0
     OpOverload = torch._ops.OpOverload
 
-    def sub(x):
-        if isinstance(x, Var):
-            return rename.get(x.id, x)
-        if isinstance(x, (list, tuple)):
-            return type(x)(sub(y) for y in x)
-        return x
-
     for e in prog.eqns:
         if rename:  # (unchanged args keep their identity: Eqn caches its leaves)
-            e.args = tuple(sub(a) for a in e.args)
-            e.kwargs = {k: sub(v) for k, v in e.kwargs.items()}
+            e.args = tuple(_renamed(a, rename) for a in e.args)
+            e.kwargs = {k: _renamed(v, rename) for k, v in e.kwargs.items()}
         out = e.outs
         if identities:
             src = _identity_source(prog, e, zero_cache)
@@ -1165,8 +1162,18 @@ def _rewrite_walk(prog: Program, identities: bool = True, cse: bool = True) -> t
         kept.append(e)
     prog.eqns = kept
     if rename:
-        prog.outputs = [sub(o) if isinstance(o, Var) else o for o in prog.outputs]
+        prog.outputs = [_renamed(o, rename) if isinstance(o, Var) else o for o in prog.outputs]
     return n_ident, n_cse
+
+
+def _renamed(x: Any, rename: dict) -> Any:
+    """``x`` with Vars replaced per ``rename`` (Var id -> Var). (Module-level: a recursive
+    closure is a reference cycle, garbage for the cyclic collector after every call.)"""
+    if isinstance(x, Var):
+        return rename.get(x.id, x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_renamed(y, rename) for y in x)
+    return x
 
 
 def collapse_fresh_copies(prog: Program) -> int:

@@ -629,12 +629,14 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
     else:
         lines.append("    return run, None")
     src = "\n".join(lines)
-    return exec_source(src, nm.globals, "<torch_linearize program>")["_make"], src
+    return exec_source(src, nm.globals, "<torch_linearize program>").pop("_make"), src
 
 
 def exec_source(src: str, globals_: dict, filename: str) -> dict:
     """Run generated source ``src`` in a copy of ``globals_`` and return that namespace;
-    the compiled code is cached by source (re-linearizing a structure reuses it)."""
+    the compiled code is cached by source (re-linearizing a structure reuses it).
+    Callers ``pop`` the function they want: a function defined at the top of the source
+    is in the namespace that is its ``__globals__``, a reference cycle."""
     code = _code_cache.get(src)
     if code is None:
         code = compile(src, filename, "exec")
@@ -645,6 +647,18 @@ def exec_source(src: str, globals_: dict, filename: str) -> dict:
     exec(code, glb)
     return glb
 
+
+
+def _segment_literal(x: Any, nm: _Namer, res_names: dict) -> str:
+    """:func:`segment_source`'s source text for argument ``x`` (residuals by their
+    parameter names). (Module-level: a recursive closure is a reference cycle.)"""
+    if isinstance(x, Res):
+        return res_names[x.index]
+    if isinstance(x, (list, tuple)):
+        inner = [_segment_literal(y, nm, res_names) for y in x]
+        return "[" + ", ".join(inner) + "]" if isinstance(x, list) else \
+            "(" + "".join(i + ", " for i in inner) + ")"
+    return nm.lit(x)
 
 
 def segment_source(eqns: list[Eqn], inputs: list[Var], outputs: list[Var],
@@ -660,13 +674,7 @@ def segment_source(eqns: list[Eqn], inputs: list[Var], outputs: list[Var],
     res_names = {i: f"r{k}" for k, i in enumerate(residual_indices)}
 
     def lit(x):
-        if isinstance(x, Res):
-            return res_names[x.index]
-        if isinstance(x, (list, tuple)):
-            inner = [lit(y) for y in x]
-            return "[" + ", ".join(inner) + "]" if isinstance(x, list) else \
-                "(" + "".join(i + ", " for i in inner) + ")"
-        return nm.lit(x)
+        return _segment_literal(x, nm, res_names)
 
     params = [nm.var(v) for v in inputs] + [res_names[i] for i in residual_indices]
     body = []
@@ -684,9 +692,22 @@ def segment_source(eqns: list[Eqn], inputs: list[Var], outputs: list[Var],
             body.append(call)
     body.append("return (" + "".join(nm.var(o) + ", " for o in outputs) + ")")
     src = "def seg(" + ", ".join(params) + "):\n" + "\n".join("    " + b for b in body)
-    fn = exec_source(src, nm.globals, "<torch_linearize segment>")["seg"]
+    fn = exec_source(src, nm.globals, "<torch_linearize segment>").pop("seg")
     fn.__torch_linearize_source__ = src  # type: ignore[attr-defined]
     return src, fn
+
+
+def _value(a: Any, env: dict, res: list) -> Any:
+    """:func:`interpret`'s value of argument ``a``. (Module-level: a recursive closure
+    would be a reference cycle holding ``env``, so the intermediate values would outlive
+    the call until the cyclic garbage collector ran.)"""
+    if isinstance(a, Var):
+        return env[a.id]
+    if isinstance(a, Res):
+        return res[a.index]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_value(b, env, res) for b in a)
+    return a
 
 
 def interpret(prog: Program, inputs: list, impl: Callable[[Eqn], Callable] | None = None) -> tuple:
@@ -697,19 +718,10 @@ def interpret(prog: Program, inputs: list, impl: Callable[[Eqn], Callable] | Non
     """
     env: dict[int, Any] = {v.id: x for v, x in zip(prog.inputs, inputs)}
     res = prog.residuals
-
-    def val(a):
-        if isinstance(a, Var):
-            return env[a.id]
-        if isinstance(a, Res):
-            return res[a.index]
-        if isinstance(a, (list, tuple)):
-            return type(a)(val(b) for b in a)
-        return a
-
     for e in prog.eqns:
         fn = impl(e) if impl is not None else e.fn
-        out = fn(*[val(a) for a in e.args], **{k: val(v) for k, v in e.kwargs.items()})
+        out = fn(*[_value(a, env, res) for a in e.args],
+                 **{k: _value(v, env, res) for k, v in e.kwargs.items()})
         if isinstance(e.outs, Var):
             env[e.outs.id] = out
         else:

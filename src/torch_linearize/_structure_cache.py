@@ -125,6 +125,17 @@ def structure_key(prog: Program, trace_values: dict, suspect: set[int]) -> tuple
         return ref(o)
 
     vget = vnum.get
+    # (ref and outs call themselves: each is a reference cycle through its own closure
+    # cell; clearing the cells on return leaves no garbage for the cyclic collector)
+    try:
+        return _key_parts(prog, trace_values, suspect, vnum, order, define, ref, outs)
+    finally:
+        ref = outs = define = None
+
+
+def _key_parts(prog, trace_values, suspect, vnum, order, define, ref, outs):
+    """The body of :func:`_structure_key`, given its encoders."""
+    vget = vnum.get
     OpOverload = torch._ops.OpOverload
     nodes: dict[int, int] = {}  # id(custom-Function node) -> number, by first appearance
     try:
@@ -312,6 +323,20 @@ def _same(a, b) -> bool:
     return a != a and b != b  # (NaN)
 
 
+def _filled(x: Any, vals: list) -> Any:
+    """``x`` with every slot reference replaced by its value in ``vals``. (A module-level
+    function: a recursive closure would be a reference cycle holding ``vals``, so a
+    replayed map's residuals would outlive the map until the garbage collector ran.)"""
+    t = type(x)
+    if t is _Slot:
+        return vals[x.k]
+    if t is tuple or t is list:
+        return t(_filled(y, vals) for y in x)
+    if t is dict:
+        return {k: _filled(v, vals) for k, v in x.items()}
+    return x
+
+
 def replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
            order: list[Var]) -> list[torch.Tensor] | None:
     """The template's residuals computed from a new trace's, or None if a decision comes
@@ -319,27 +344,16 @@ def replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
     if len(residuals) != tpl.n_traced:
         return None
     vals: list = list(residuals) + [None] * (tpl.n_slots - tpl.n_traced)
-
-    def un(x):
-        t = type(x)
-        if t is _Slot:
-            return vals[x.k]
-        if t is tuple or t is list:
-            return t(un(y) for y in x)
-        if t is dict:
-            return {k: un(v) for k, v in x.items()}
-        return x
-
     try:
         for entry in tpl.log:
             kind = entry[0]
             if kind == _OP:
                 _, fn, a, kw, grad, k = entry
                 with torch.set_grad_enabled(grad):
-                    vals[k] = fn(*un(a), **un(kw))
+                    vals[k] = fn(*_filled(a, vals), **_filled(kw, vals))
             elif kind == _DECIDE:
                 _, fn, a, expected = entry
-                if not _same(fn(*un(a)), expected):
+                if not _same(fn(*_filled(a, vals)), expected):
                     stats["refused"] += 1
                     return None
             else:

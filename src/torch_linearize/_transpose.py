@@ -42,7 +42,7 @@ from ._program import (
 from ._residuals import ctx_tensors, distinct_storage_bytes
 from ._trace import Tracer
 
-__all__ = ["differentiable_impl", "transpose_map"]
+__all__ = ["differentiable_impl", "transpose_kwargs", "transpose_map"]
 
 aten = torch.ops.aten
 
@@ -208,6 +208,13 @@ def _placeholder(shape, dtype, device, stride=None) -> torch.Tensor:
 
 def transpose_map(lm: LinearMap) -> LinearMap:
     """Build the transpose of ``lm`` (see the module docstring)."""
+    return LinearMap(**transpose_kwargs(lm))
+
+
+def transpose_kwargs(lm: LinearMap) -> dict:
+    """The ``LinearMap`` arguments of ``lm``'s transpose: the transposed program, its
+    compiled function and the structures of its arguments and results. (``lm`` caches
+    them: a transpose the caller dropped is rebuilt from them without transposing again.)"""
     prog = lm._program
     nodes = list(lm._opaque_nodes)
 
@@ -300,8 +307,9 @@ def transpose_map(lm: LinearMap) -> LinearMap:
 
     # Input structure: one argument shaped like f's output; output: one cotangent per
     # primal (None for non-differentiable leaves), in a tuple like torch.func.vjp.
-    return LinearMap(
-        tprog, run, api="vjp_fn(cotangents)", arg_name="cotangents", ref_name="output",
+    return dict(
+        program=tprog, run=run, api="vjp_fn(cotangents)", arg_name="cotangents",
+        ref_name="output",
         in_spec=tree_structure((lm._out_spec.unflatten([0] * len(out_leaves)),)),
         in_leaves=list(out_leaves),
         out_spec=lm._in_spec,
