@@ -461,7 +461,9 @@ class LinearMap:
         without evaluating ``f`` again. Built-in operations are transposed by
         recording PyTorch's own backward formulas for the recorded linear program;
         custom Functions through their ``backward`` (or ``vjp``) on the same ctx.
-        The result is cached; ``vjp_fn.transpose()`` is ``jvp_fn``.
+        The result is cached; ``vjp_fn.transpose()`` is ``jvp_fn``. (The transpose
+        holds this map; this map holds the transposed program, and the transpose object
+        only weakly: one the caller dropped is rebuilt without transposing again.)
 
         Cost: one application of this map plus one backward pass, once.
         """
