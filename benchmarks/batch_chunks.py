@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_batch_transpose as bbt
-from common import interleave, markdown_table, pin_malloc, ratio_ci, write_report
+from common import RATIO_HEADERS, interleave, markdown_table, pin_malloc, ratio_row, write_report
 
 import torch_linearize
 
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         titles.append(f"- `{key}`: {title}")
         samples = interleave(fns, args.rounds, 1)
         ref = samples[FLOOR]
-        for name, s in samples.items():
-            lo, hi = ratio_ci(s, ref)
-            rows.append([key, name, f"{s.median:.2f}", f"{s.spread:.0%}",
-                         f"{s.median / ref.median:.2f}x", f"{lo:.2f}-{hi:.2f}"])
+        rows.extend(ratio_row(key, name, s, ref, 2) for name, s in samples.items())
     text = "\n".join([
         f"K = {K} tangents at once: torch {torch.__version__}, {platform.machine()} with "
         f"{os.cpu_count()} logical CPUs, torch.set_num_threads({args.threads}), float32, "
@@ -105,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *titles,
         "",
-        markdown_table(["workload", "method", "ms (median)", "IQR", "/ batched floor", "95% CI"],
-                       rows),
+        markdown_table(RATIO_HEADERS, rows),
     ])
     print(text)
     if args.out:

@@ -77,6 +77,17 @@ def ratio_ci(num: Samples, den: Samples, reps: int = 2000, seed: int = 0) -> tup
     return float(lo), float(hi)
 
 
+RATIO_HEADERS = ["workload", "method", "ms (median)", "IQR", "/ batched floor", "95% CI"]
+
+
+def ratio_row(key: str, name: str, s: Samples, ref: Samples, digits: int) -> list[str]:
+    """A report row under :data:`RATIO_HEADERS`: ``s``'s median (ms) and spread, and its
+    ratio to ``ref``'s median with the 95 % bootstrap interval (:func:`ratio_ci`)."""
+    lo, hi = ratio_ci(s, ref)
+    return [key, name, f"{s.median:.{digits}f}", f"{s.spread:.0%}",
+            f"{s.median / ref.median:.{digits}f}x", f"{lo:.{digits}f}-{hi:.{digits}f}"]
+
+
 def time_ms(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Run ``fn()`` once; return (elapsed milliseconds, its result)."""
     t0 = time.perf_counter()

@@ -46,7 +46,7 @@ from torch._C._functorch import (
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_batch_transpose as bbt
-from common import interleave, markdown_table, pin_malloc, ratio_ci, write_report
+from common import RATIO_HEADERS, interleave, markdown_table, pin_malloc, ratio_row, write_report
 
 import torch_linearize
 
@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([key, name, f"{s.median:.3f}", f"{s.spread:.0%}",
                              f"({s.median / ref.median:.1%} of the floor)", ""])
                 continue
-            lo, hi = ratio_ci(s, ref)
-            rows.append([key, name, f"{s.median:.3f}", f"{s.spread:.0%}",
-                         f"{s.median / ref.median:.3f}x", f"{lo:.3f}-{hi:.3f}"])
+            rows.append(ratio_row(key, name, s, ref, 3))
     text = "\n".join([
         f"Batched application, layer by layer: torch {torch.__version__}, {platform.machine()} "
         f"with {os.cpu_count()} logical CPUs, torch.set_num_threads({args.threads}), "
@@ -134,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *titles,
         "",
-        markdown_table(["workload", "method", "ms (median)", "IQR", "/ batched floor", "95% CI"],
-                       rows),
+        markdown_table(RATIO_HEADERS, rows),
     ])
     print(text)
     if args.out:
