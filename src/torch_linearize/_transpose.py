@@ -42,7 +42,7 @@ from ._program import (
 from ._residuals import ctx_tensors, distinct_storage_bytes
 from ._trace import Tracer
 
-__all__ = ["differentiable_impl", "transpose_kwargs", "transpose_map"]
+__all__ = ["differentiable_impl", "transpose_kwargs"]
 
 aten = torch.ops.aten
 
@@ -206,15 +206,11 @@ def _placeholder(shape, dtype, device, stride=None) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1)
 
 
-def transpose_map(lm: LinearMap) -> LinearMap:
-    """Build the transpose of ``lm`` (see the module docstring)."""
-    return LinearMap(**transpose_kwargs(lm))
-
-
 def transpose_kwargs(lm: LinearMap) -> dict:
-    """The ``LinearMap`` arguments of ``lm``'s transpose: the transposed program, its
-    compiled function and the structures of its arguments and results. (``lm`` caches
-    them: a transpose the caller dropped is rebuilt from them without transposing again.)"""
+    """The ``LinearMap`` arguments of ``lm``'s transpose (see the module docstring): the
+    transposed program, its compiled function and the structures of its arguments and
+    results. (``lm`` caches them: a transpose the caller dropped is rebuilt from them
+    without transposing again.)"""
     prog = lm._program
     nodes = list(lm._opaque_nodes)
 
