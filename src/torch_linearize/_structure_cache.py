@@ -124,7 +124,7 @@ def structure_key(prog: Program, trace_values: dict, suspect: set[int]) -> tuple
             return (t, *[outs(y) for y in o])
         return ref(o)
 
-    vget = vnum.get
+    vget = vnum.get  # (read by ref)
     # (ref and outs call themselves: each is a reference cycle through its own closure
     # cell; clearing the cells on return leaves no garbage for the cyclic collector)
     try:
@@ -134,7 +134,7 @@ def structure_key(prog: Program, trace_values: dict, suspect: set[int]) -> tuple
 
 
 def _key_parts(prog, trace_values, suspect, vnum, order, define, ref, outs):
-    """The body of :func:`_structure_key`, given its encoders."""
+    """The body of :func:`structure_key`, given its encoders."""
     vget = vnum.get
     OpOverload = torch._ops.OpOverload
     nodes: dict[int, int] = {}  # id(custom-Function node) -> number, by first appearance
