@@ -90,33 +90,37 @@ def test_maps_free_their_tensors_without_the_cyclic_garbage_collector(case):
             gc.enable()
 
 
-def test_a_dropped_transpose_is_rebuilt_without_transposing_again(monkeypatch):
+def test_a_transpose_outliving_its_map_rebuilds_it_without_transposing_again(monkeypatch):
     import torch_linearize._transpose as T
 
     x = torch.randn(5, dtype=torch.float64)
     f = lambda x: (x.sin() * x).cumsum(0)
-    y, jvp_fn = tl.linearize(f, x)
+    _, jvp_fn = tl.linearize(f, x)
     calls = []
-    real = T.transpose_kwargs
-    monkeypatch.setattr(T, "transpose_kwargs", lambda lm: calls.append(1) or real(lm))
-    u = torch.randn(5, dtype=torch.float64)
-    want = torch.func.vjp(f, x)[1](u)
-    vjp_fn = jvp_fn.transpose()
-    assert jvp_fn.T is vjp_fn and vjp_fn.transpose() is jvp_fn
-    ref = weakref.ref(vjp_fn)
-    del vjp_fn
-    assert ref() is None  # (the map holds its transpose weakly ...)
+    real = T.transpose_map
+    monkeypatch.setattr(T, "transpose_map", lambda lm: calls.append(1) or real(lm))
+    u, t = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    want_vjp, want_jvp = torch.func.vjp(f, x)[1](u), torch.func.jvp(f, (x,), (t,))[1]
     for _ in range(3):
-        torch.testing.assert_close(jvp_fn.T(u), want)  # (... and its program strongly)
+        torch.testing.assert_close(jvp_fn.T(u), want_vjp)  # (a map holds its transpose)
     assert len(calls) == 1
     vjp_fn = jvp_fn.T
-    del jvp_fn  # a transpose holds its map
-    t = torch.randn(5, dtype=torch.float64)
-    torch.testing.assert_close(vjp_fn.T(t), torch.func.jvp(f, (x,), (t,))[1])
-    # releasing the transpose drops the map's cached program: the next one is built anew
-    jvp_fn = vjp_fn.T
+    assert vjp_fn.transpose() is jvp_fn
+    ref = weakref.ref(jvp_fn)
+    del jvp_fn
+    assert ref() is None  # (a transpose refers to its map weakly ...)
+    jvp_fn = vjp_fn.T  # (... and rebuilds it from its state)
+    torch.testing.assert_close(jvp_fn(t), want_jvp)
+    assert jvp_fn.T is vjp_fn and vjp_fn.T is jvp_fn and len(calls) == 1
+    # a released transpose: its map builds a new one
     vjp_fn.release()
     with pytest.raises(tl.ReleasedError):
         vjp_fn(u)
-    torch.testing.assert_close(jvp_fn.T(u), want)
+    vjp_fn = jvp_fn.T
+    torch.testing.assert_close(vjp_fn(u), want_vjp)
     assert len(calls) == 2
+    # a released map: its transpose cannot rebuild it
+    jvp_fn.release()
+    del jvp_fn
+    with pytest.raises(tl.ReleasedError, match="the map this one transposes was released"):
+        vjp_fn.transpose()

@@ -221,10 +221,10 @@ class LinearMap:
             and _same_meta(program, self._metas[0]) else None
         )
         self._released = False
-        # A transpose: the map it transposes (held). Any other map: a weak reference to
-        # its transpose object, and the arguments that build one (see transpose()).
+        # A map: its transpose (held). A transpose: a weak reference to the map it
+        # transposes, and that map's state to rebuild it from (see transpose()).
         self._transposed: LinearMap | weakref.ReferenceType | None = None
-        self._transpose_kwargs: dict | None = None
+        self._origin_state: dict | None = None
         # batched()'s direct program: None until first needed, False where none applies
         self._batched_run: Callable[..., tuple] | bool | None = None
         # whether batches run faster in chunks (_batch.chunks_pay_off): None until needed
@@ -461,9 +461,8 @@ class LinearMap:
         without evaluating ``f`` again. Built-in operations are transposed by
         recording PyTorch's own backward formulas for the recorded linear program;
         custom Functions through their ``backward`` (or ``vjp``) on the same ctx.
-        The result is cached; ``vjp_fn.transpose()`` is ``jvp_fn``. (The transpose
-        holds this map; this map holds the transposed program, and the transpose object
-        only weakly: one the caller dropped is rebuilt without transposing again.)
+        The result is cached; ``vjp_fn.transpose()`` is ``jvp_fn``. (This map holds its
+        transpose; the transpose refers back weakly, so the two make no reference cycle.)
 
         Cost: one application of this map plus one backward pass, once.
         """
@@ -471,27 +470,47 @@ class LinearMap:
             raise self._released_error(".transpose()")
         with self._lock:
             t = self._transposed
-            if type(t) is weakref.ReferenceType:
+            if type(t) is weakref.ReferenceType:  # this map is a transpose
                 t = t()
+                if t is None:
+                    t = self._rebuild_origin()
+                return t
             if t is None:
-                # A transpose holds the map it transposes (its own transpose); the map
-                # holds the transposed program and refers to the transpose object weakly.
-                # (Both objects holding each other would be a reference cycle: the
-                # residuals of both would outlive them until the cyclic garbage collector
-                # ran, in a Newton loop often a full collection later.) A transpose the
-                # caller dropped is rebuilt from the cached program, without transposing.
-                kwargs = self._transpose_kwargs
-                if kwargs is None:
-                    from ._transpose import transpose_kwargs
+                from ._transpose import transpose_map
 
-                    # (built outside any functorch transform: reverse mode through a map
-                    # under torch.func.grad/vjp builds it in the backward pass)
-                    with temporarily_clear_interpreter_stack():
-                        kwargs = self._transpose_kwargs = transpose_kwargs(self)
-                t = LinearMap(**kwargs)
-                t._transposed = self
-                self._transposed = weakref.ref(t)
+                # (built outside any functorch transform: reverse mode through a map
+                # under torch.func.grad/vjp builds it in the backward pass)
+                with temporarily_clear_interpreter_stack():
+                    t = transpose_map(self)
+                # A map holds its transpose; the transpose refers back weakly and holds a
+                # snapshot of the map's state to rebuild it from. (Both holding each
+                # other would be a reference cycle: the residuals of both would outlive
+                # them until the cyclic garbage collector ran, in a Newton loop often a
+                # full collection later.)
+                t._transposed = weakref.ref(self)
+                t._origin_state = self._state()
+                self._transposed = t
             return t
+
+    def _state(self) -> dict:
+        """This map's attributes, less its links to a transpose and its lock."""
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_transposed", "_origin_state", "_lock")}
+
+    def _rebuild_origin(self) -> LinearMap:
+        """The map this transpose transposes, which the caller dropped: the same state in a
+        new object, holding this transpose again."""
+        state = self._origin_state
+        if state is None:
+            raise ReleasedError(f"{self._api}.transpose(): the map this one transposes was "
+                                "released; call linearize again.")
+        origin = object.__new__(LinearMap)
+        origin.__dict__.update(state)
+        origin._lock = threading.Lock()
+        origin._origin_state = None
+        origin._transposed = self
+        self._transposed = weakref.ref(origin)
+        return origin
 
     def compile(self, **compile_kwargs: Any) -> LinearMap:
         """A copy of this map whose aten operations run through ``torch.compile``.
@@ -559,19 +578,18 @@ class LinearMap:
         for node in self._opaque_nodes:
             node.release()
         self._opaque_nodes = []
-        origin = self._transposed
-        if type(origin) is LinearMap:  # a transpose: its program is its map's cache too
-            kwargs = origin._transpose_kwargs
-            if kwargs is not None and kwargs["program"] is self._program:
-                origin._transpose_kwargs = None
-            ref = origin._transposed
-            if type(ref) is weakref.ReferenceType and ref() is self:
-                origin._transposed = None  # (its next transpose() builds a new one)
+        other = self._transposed
+        if type(other) is weakref.ReferenceType:  # a transpose: its map builds a new one
+            other = other()
+            if other is not None and other._transposed is self:
+                other._transposed = None
+        elif other is not None:  # a map: its transpose can no longer rebuild it
+            other._origin_state = None
         self._program.residuals = []
         self._program.eqns = []
         self._stale_watch = []
         self._transposed = None
-        self._transpose_kwargs = None
+        self._origin_state = None
         self.residual_bytes = 0
         self.external_bytes = 0
 

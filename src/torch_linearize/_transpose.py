@@ -42,7 +42,7 @@ from ._program import (
 from ._residuals import ctx_tensors, distinct_storage_bytes
 from ._trace import Tracer
 
-__all__ = ["differentiable_impl", "transpose_kwargs"]
+__all__ = ["differentiable_impl", "transpose_map"]
 
 aten = torch.ops.aten
 
@@ -206,11 +206,8 @@ def _placeholder(shape, dtype, device, stride=None) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1)
 
 
-def transpose_kwargs(lm: LinearMap) -> dict:
-    """The ``LinearMap`` arguments of ``lm``'s transpose (see the module docstring): the
-    transposed program, its compiled function and the structures of its arguments and
-    results. (``lm`` caches them: a transpose the caller dropped is rebuilt from them
-    without transposing again.)"""
+def transpose_map(lm: LinearMap) -> LinearMap:
+    """Build the transpose of ``lm`` (see the module docstring)."""
     prog = lm._program
     nodes = list(lm._opaque_nodes)
 
@@ -303,9 +300,8 @@ def transpose_kwargs(lm: LinearMap) -> dict:
 
     # Input structure: one argument shaped like f's output; output: one cotangent per
     # primal (None for non-differentiable leaves), in a tuple like torch.func.vjp.
-    return dict(
-        program=tprog, run=run, api="vjp_fn(cotangents)", arg_name="cotangents",
-        ref_name="output",
+    return LinearMap(
+        tprog, run, api="vjp_fn(cotangents)", arg_name="cotangents", ref_name="output",
         in_spec=tree_structure((lm._out_spec.unflatten([0] * len(out_leaves)),)),
         in_leaves=list(out_leaves),
         out_spec=lm._in_spec,
