@@ -85,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                          "process has it; pinned: freed memory is reused (see common.pin_malloc)")
     ap.add_argument("--out", default="", help="also write the report to this file")
     args = ap.parse_args(argv)
-    malloc = pin_malloc() if args.malloc == "pinned" else "glibc defaults (large blocks are " \
-        "fresh mmaps, faulted in on first touch)"
+    tunables = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    if args.malloc == "pinned":
+        malloc = pin_malloc()
+    elif tunables:
+        malloc = f"glibc with the environment's tunables {', '.join(tunables)}"
+    else:
+        malloc = "glibc defaults (large blocks are fresh mmaps, faulted in on first touch)"
     torch.set_num_threads(args.threads)
     rows, titles = [], []
     for key in args.only.split(","):
