@@ -128,64 +128,58 @@ def structure_key(prog: Program, trace_values: dict, suspect: set[int]) -> tuple
     # (ref and outs call themselves: each is a reference cycle through its own closure
     # cell; clearing the cells on return leaves no garbage for the cyclic collector)
     try:
-        return _key_parts(prog, trace_values, suspect, vnum, order, define, ref, outs)
+        OpOverload = torch._ops.OpOverload
+        nodes: dict[int, int] = {}  # id(custom-Function node) -> number, by first appearance
+        try:
+            parts: list = [tuple([define(v) for v in prog.inputs])]
+            for e in prog.eqns:
+                fn = e.fn
+                if type(fn) is not OpOverload:
+                    if not is_node(fn):
+                        return None
+                    # A node by its structure (not its ctx, which each trace has its own of)
+                    # and its number: the template calls the new trace's node of that number.
+                    k = nodes.setdefault(id(fn), len(nodes))
+                    fn = ("node", k, fn.structure())
+                a = []
+                for x in e.args:
+                    t = type(x)
+                    if t is Var:
+                        n = vget(x.id)
+                        a.append(define(x) if n is None else n)
+                    elif t is Res:
+                        a.append(-1 - x.index)
+                    else:
+                        a.append(ref(x))
+                kw, o = e.kwargs, e.outs
+                parts.append((fn, tuple(a), ref(tuple(kw.items())) if kw else (),
+                              define(o) if type(o) is Var else outs(o),
+                              ref(e.mutates) if e.mutates else (), e.name, e.poison))
+            parts.append(tuple([ref(o) if type(o) is Var else (o.shape, o.dtype, o.device)
+                                for o in prog.outputs]))
+        except _Uncacheable:
+            return None
+        res = []
+        for r in prog.residuals:
+            if r.layout != torch.strided:
+                return None
+            res.append((type(r), r.shape, r.stride(), r.storage_offset(), r.dtype, r.device,
+                        r._is_zerotensor(), r.is_conj(), r.is_neg(), r.requires_grad,
+                        STRUCTURAL_ZERO in r.__dict__))
+        parts.append(tuple(res))
+        tv = []
+        for vid, t in trace_values.items():
+            n = vnum.get(vid)
+            if n is None:
+                return None
+            tv.append((n, t.shape, t.stride(), t.dtype))
+        parts.append(tuple(tv))
+        parts.append(tuple(prog.input_layouts))
+        parts.append(tuple(sorted(prog.mutated_inputs)))
+        parts.append(tuple(sorted(suspect)))
+        return tuple(parts), order
     finally:
         ref = outs = define = None
-
-
-def _key_parts(prog, trace_values, suspect, vnum, order, define, ref, outs):
-    """The body of :func:`structure_key`, given its encoders."""
-    vget = vnum.get
-    OpOverload = torch._ops.OpOverload
-    nodes: dict[int, int] = {}  # id(custom-Function node) -> number, by first appearance
-    try:
-        parts: list = [tuple([define(v) for v in prog.inputs])]
-        for e in prog.eqns:
-            fn = e.fn
-            if type(fn) is not OpOverload:
-                if not is_node(fn):
-                    return None
-                # A node by its structure (not its ctx, which each trace has its own of)
-                # and its number: the template calls the new trace's node of that number.
-                k = nodes.setdefault(id(fn), len(nodes))
-                fn = ("node", k, fn.structure())
-            a = []
-            for x in e.args:
-                t = type(x)
-                if t is Var:
-                    n = vget(x.id)
-                    a.append(define(x) if n is None else n)
-                elif t is Res:
-                    a.append(-1 - x.index)
-                else:
-                    a.append(ref(x))
-            kw, o = e.kwargs, e.outs
-            parts.append((fn, tuple(a), ref(tuple(kw.items())) if kw else (),
-                          define(o) if type(o) is Var else outs(o),
-                          ref(e.mutates) if e.mutates else (), e.name, e.poison))
-        parts.append(tuple([ref(o) if type(o) is Var else (o.shape, o.dtype, o.device)
-                            for o in prog.outputs]))
-    except _Uncacheable:
-        return None
-    res = []
-    for r in prog.residuals:
-        if r.layout != torch.strided:
-            return None
-        res.append((type(r), r.shape, r.stride(), r.storage_offset(), r.dtype, r.device,
-                    r._is_zerotensor(), r.is_conj(), r.is_neg(), r.requires_grad,
-                    STRUCTURAL_ZERO in r.__dict__))
-    parts.append(tuple(res))
-    tv = []
-    for vid, t in trace_values.items():
-        n = vnum.get(vid)
-        if n is None:
-            return None
-        tv.append((n, t.shape, t.stride(), t.dtype))
-    parts.append(tuple(tv))
-    parts.append(tuple(prog.input_layouts))
-    parts.append(tuple(sorted(prog.mutated_inputs)))
-    parts.append(tuple(sorted(suspect)))
-    return tuple(parts), order
 
 
 class _Slot:
