@@ -183,8 +183,10 @@ def batched_program(prog: Program) -> Callable[..., tuple] | None:
 AUTO_MIN_BATCH_BYTES = 8 << 20  # below this a whole batch stays cache- and heap-friendly
 AUTO_CHUNK_BYTES = 2 << 20  # the tangent bytes one chunk aims at
 _MIN_ARITHMETIC_OPS = 3  # intermediates must outweigh the concatenation's copy
-_MATMUL_NAMES = frozenset({"mm", "bmm", "addmm", "addbmm", "baddbmm", "matmul", "mv", "addmv",
-                           "dot", "vdot", "linear", "einsum", "tensordot", "_addmm_activation"})
+# (the products a program can hold: matmul, linear, einsum and tensordot decompose into
+# these before the tracer sees them)
+_MATMUL_NAMES = frozenset({"mm", "bmm", "addmm", "addbmm", "baddbmm", "mv", "addmv", "dot",
+                           "vdot", "_addmm_activation"})
 
 
 def chunks_pay_off(prog: Program) -> bool:
