@@ -36,9 +36,10 @@ timeout "${GPU_TEST0_S:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_cu
   --shape-only-min-numel 0 2>&1 | tee "$OUT/pytest_cuda_shape_only.txt" | tail -5
 echo "pytest (shape-only from 0) exit: ${PIPESTATUS[0]}"
 
+# GPU_OPINFO_DTYPES / GPU_OPINFO_LIMIT choose the sweep's dtypes and samples per op.
 # OPINFO_FROM resumes a sweep that an earlier session's budget cut short.
-timeout "${GPU_OPINFO_S:-100}" $PY tests/opinfo_harness.py --device cuda --dtypes float64,float32 \
-  --limit 4 --shape-only-min-numel "${GPU_OPINFO_SHAPE_ONLY:-0}" --budget-s "${GPU_OPINFO_BUDGET_S:-75}" ${OPINFO_FROM:+--skip-until "$OPINFO_FROM"} \
+timeout "${GPU_OPINFO_S:-100}" $PY tests/opinfo_harness.py --device cuda \
+  --dtypes "${GPU_OPINFO_DTYPES:-float64,float32}" --limit "${GPU_OPINFO_LIMIT:-4}" --shape-only-min-numel "${GPU_OPINFO_SHAPE_ONLY:-0}" --budget-s "${GPU_OPINFO_BUDGET_S:-75}" ${OPINFO_FROM:+--skip-until "$OPINFO_FROM"} \
   > "$OUT/opinfo_cuda.txt" 2>&1
 echo "opinfo exit: $?"
 tail -4 "$OUT/opinfo_cuda.txt"
