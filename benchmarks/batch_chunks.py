@@ -39,7 +39,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_batch_transpose as bbt
-from common import RATIO_HEADERS, emit_report, interleave, markdown_table, pin_malloc, ratio_row
+from common import (
+    MALLOC_HELP,
+    RATIO_HEADERS,
+    choose_malloc,
+    emit_report,
+    interleave,
+    markdown_table,
+    ratio_row,
+)
 
 import torch_linearize
 
@@ -81,17 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="pde,elementwise,custom,mlp")
     ap.add_argument("--malloc", choices=("pinned", "default"), default="default",
-                    help="default (this script's default): glibc's own policy, as a plain "
-                         "process has it; pinned: freed memory is reused (see common.pin_malloc)")
+                    help=MALLOC_HELP)
     ap.add_argument("--out", default="", help="also write the report to this file")
     args = ap.parse_args(argv)
-    tunables = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
-    if args.malloc == "pinned":
-        malloc = pin_malloc()
-    elif tunables:
-        malloc = f"glibc with the environment's tunables {', '.join(tunables)}"
-    else:
-        malloc = "glibc defaults (large blocks are fresh mmaps, faulted in on first touch)"
+    malloc = choose_malloc(args.malloc)
     torch.set_num_threads(args.threads)
     rows, titles = [], []
     for key in args.only.split(","):

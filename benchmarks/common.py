@@ -377,6 +377,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
 
 
+MALLOC_HELP = ("default: glibc's own policy, as a plain process has it (or the MALLOC_* "
+               "tunables set in the environment); pinned: freed memory is reused (see "
+               "common.pin_malloc)")
+
+
+def choose_malloc(choice: str) -> str:
+    """Apply a benchmark's ``--malloc`` choice (``pinned`` or ``default``) and describe the
+    allocator for its report."""
+    if choice == "pinned":
+        return pin_malloc()
+    tunables = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    if tunables:
+        return f"glibc with the environment's tunables {', '.join(tunables)}"
+    return "glibc defaults (large blocks are fresh mmaps, faulted in on first touch)"
+
+
 def pin_malloc() -> str:
     """Make glibc malloc keep and reuse freed memory (no ``mmap`` per large block, no trimming).
 

@@ -1,10 +1,12 @@
 """Where ``linearize``'s setup time goes, next to one ``torch.func.jvp`` call.
 
-    python benchmarks/setup_breakdown.py [--rounds 150] [--out FILE]
+    python benchmarks/setup_breakdown.py [--malloc pinned|default] [--rounds 150] [--out FILE]
 
 For each bench_core workload, interleaved rounds time: the primal ``f(x)``; one
 ``torch.func.jvp``; eager forward AD (make_dual + f + unpack_dual); the same under a
-pass-through ``TorchDispatchMode`` (the price of any Python dispatch mode); ``linearize``
+pass-through ``TorchDispatchMode`` (the price of any Python dispatch mode), and under one
+that keeps every result alive until the trace ends (the price of the working set a
+trace holds: its residuals); ``linearize``
 with the simplification passes switched off; ``linearize`` as its structure's first
 linearization (passes and code generation run); and ``linearize`` of a structure seen
 before (the simplified program reused: ``_structure_cache``). The differences between
@@ -33,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_core
-from common import emit_report, interleave
+from common import MALLOC_HELP, choose_malloc, emit_report, interleave
 
 import torch_linearize as tl
 import torch_linearize._api as _api
@@ -43,6 +45,20 @@ from torch_linearize._structure_cache import as_new_structure
 class _PassThrough(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
+
+
+class _Keeping(TorchDispatchMode):
+    """Pass-through, keeping every result alive until the trace ends (as a map's
+    unsimplified program keeps its residuals): the price of the larger working set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.kept.append(out)
+        return out
 
 
 class _RuleBound(TorchDispatchMode):
@@ -80,6 +96,10 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         with fwAD.dual_level(), _PassThrough():
             fwAD.unpack_dual(f(fwAD.make_dual(x, torch.ones_like(x))))
 
+    def eager_mode_keeping() -> None:
+        with fwAD.dual_level(), _Keeping():
+            fwAD.unpack_dual(f(fwAD.make_dual(x, torch.ones_like(x))))
+
     def no_passes() -> None:
         simplify = _api.simplify
         _api.simplify = lambda prog: None
@@ -105,6 +125,7 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         "torch.func.jvp": lambda: torch.func.jvp(f, (x,), (t,)),
         "eager forward AD": eager,
         "eager forward AD + pass-through dispatch mode": eager_mode,
+        "the same, keeping every result alive": eager_mode_keeping,
         "linearize without simplification passes": no_passes,
         "linearize, new structure": new_structure,
         "linearize, structure reused": lambda: tl.linearize(f, x),
@@ -115,13 +136,17 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=150)
+    ap.add_argument("--malloc", choices=("pinned", "default"), default="default",
+                    help=MALLOC_HELP)
     ap.add_argument("--out", default="", help="also write the table to this file")
     args = ap.parse_args(argv)
+    malloc = choose_malloc(args.malloc)
     torch.set_num_threads(2)
     lines = [
         f"Setup breakdown: torch {torch.__version__}, {os.cpu_count()} logical CPUs, "
         f"{args.rounds} rounds after 20 warm-up rounds, methods in a shuffled order each round "
-        "(common.interleave: garbage collected between rounds, off while timing), medians in ms.",
+        "(common.interleave: garbage collected between rounds, off while timing), medians in ms; "
+        f"allocator: {malloc}.",
         "",
         "| workload | step | ms | / torch.func.jvp |",
         "| --- | --- | ---: | ---: |",
