@@ -515,7 +515,11 @@ def test_a_stencil_batch_runs_in_automatic_chunks(small_chunks, monkeypatch):
                                want.movedim(0, 1), msg="moved batch dims")
     torch.testing.assert_close(jvp_fn.batched(T[:3]), want[:3])
     torch.testing.assert_close(jvp_fn.batched(T, chunk_size=K), want)  # one batch
-    assert seen == [2, 2, None, K]
+    torch.testing.assert_close(jvp_fn.batched(T, chunk_size=K + 5), want)
+    torch.testing.assert_close(jvp_fn.batched(T, chunk_size=K - 1), want)
+    # (a chunk as large as the batch is no chunking: torch.vmap's chunked path would
+    # still split the tangents and concatenate the results, a copy of every result)
+    assert seen == [2, 2, None, None, None, K - 1]
 
 
 def test_a_multi_operation_direct_program_runs_in_automatic_chunks(small_chunks):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from torch._functorch.pyfunctorch import (
     retrieve_current_functorch_interpreter,
     temporarily_clear_interpreter_stack,
 )
-from torch.utils._pytree import TreeSpec, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._checks import LeafSpec, flatten_tangents
 from ._errors import LinearizeError, ReleasedError, StaleResidualError
@@ -128,6 +129,15 @@ def _after_failure(e: RuntimeError, run: Callable[..., tuple], flat: list) -> tu
         if outs is not None:
             return outs
     raise e
+
+
+def _batch_size(tangents: tuple, in_dims: int) -> float:
+    """The batch size of ``batched``'s tangents along ``in_dims`` (its first tensor leaf;
+    infinity when there is none or the dim is out of range: torch.vmap then reports it)."""
+    for t in tree_flatten(tangents)[0]:
+        if isinstance(t, torch.Tensor):
+            return t.shape[in_dims] if -t.dim() <= in_dims < t.dim() else math.inf
+    return math.inf
 
 
 class LinearMap:
@@ -335,10 +345,12 @@ class LinearMap:
 
         ``chunk_size=None`` on a CPU: a program with three or more arithmetic
         operations and no matrix product (a stencil, say) runs a batch of over 8 MiB of
-        tangents in chunks of about 2 MiB of tangents, whose intermediates stay in cache
-        (1.6x faster on a 512x512 stencil, 3.2x with glibc's default allocator; see
-        ``benchmarks/batch_chunks.py``); the results are the same. ``chunk_size=K`` or
-        more runs one batch.
+        tangents in chunks of about 2 MiB of tangents, whose intermediates stay in cache;
+        the results are the same. On 64 tangents of a 512x512 stencil that is 1.6x
+        faster with glibc's default allocator (two machines), and with an allocator that
+        keeps freed memory 1.6x faster on an AMD EPYC but 1.3x slower on an Intel Xeon
+        whose 300 MiB cache holds the whole batch (``benchmarks/batch_chunks.py``).
+        ``chunk_size=K`` or more runs one batch (no split, no concatenation).
         """
         if self._run is None:
             raise self._released_error(".batched()")
@@ -352,6 +364,11 @@ class LinearMap:
                 out = self._run_stacked(run_b, tangents, in_dims, out_dims, chunk_size)
                 if out is not NotImplemented:
                     return out
+        if type(chunk_size) is int and type(in_dims) is int and \
+                chunk_size >= _batch_size(tangents, in_dims):
+            # one chunk is no chunking: torch.vmap's chunked path would still split and
+            # concatenate (a copy of every result)
+            chunk_size = None
         return torch.vmap(self, in_dims=in_dims, out_dims=out_dims,
                           chunk_size=chunk_size)(*tangents)
 
