@@ -346,7 +346,7 @@ class LinearMap:
         ``chunk_size=None`` on a CPU: a program with three or more arithmetic
         operations and no matrix product (a stencil, say) runs a batch of over 8 MiB of
         tangents in chunks of about 2 MiB of tangents, whose intermediates stay in cache;
-        the results are the same. On 64 tangents of a 512x512 stencil that is 1.6x
+        the results are the same. On 64 tangents of a 512x512 stencil that is 1.6-3.2x
         faster with glibc's default allocator (two machines), and with an allocator that
         keeps freed memory 1.6x faster on an AMD EPYC but 1.3x slower on an Intel Xeon
         whose 300 MiB cache holds the whole batch (``benchmarks/batch_chunks.py``).
@@ -364,7 +364,7 @@ class LinearMap:
                 out = self._run_stacked(run_b, tangents, in_dims, out_dims, chunk_size)
                 if out is not NotImplemented:
                     return out
-        if type(chunk_size) is int and type(in_dims) is int and \
+        if type(chunk_size) is int and chunk_size > 0 and type(in_dims) is int and \
                 chunk_size >= _batch_size(tangents, in_dims):
             # one chunk is no chunking: torch.vmap's chunked path would still split and
             # concatenate (a copy of every result)
