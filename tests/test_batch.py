@@ -367,10 +367,13 @@ def test_chunks_run_directly_one_call_per_chunk(chunk_size):
         torch.testing.assert_close(g, w.T)
 
 
+@pytest.mark.parametrize("batch", [K, 0])
+@pytest.mark.parametrize("program", ["direct", "through torch.vmap"])
 @pytest.mark.parametrize("chunk_size", [0, -1, True, 1.5])
-def test_bad_chunk_sizes_are_refused_as_torch_vmap_refuses_them(chunk_size):
-    _, jvp_fn = tl.linearize(lambda x: x.sin(), torch.randn(3, dtype=D))
-    T = torch.randn(K, 3, dtype=D)
+def test_bad_chunk_sizes_are_refused_as_torch_vmap_refuses_them(chunk_size, program, batch):
+    f = (lambda x: x.sin()) if program == "direct" else (lambda x: x[1:] * x[:-1].cos())
+    _, jvp_fn = tl.linearize(f, torch.randn(3, dtype=D))
+    T = torch.randn(batch, 3, dtype=D)
     with pytest.raises(Exception) as want:
         torch.vmap(jvp_fn, chunk_size=chunk_size)(T)
     with pytest.raises(type(want.value)):
