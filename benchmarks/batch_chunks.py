@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -39,15 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_batch_transpose as bbt
-from common import (
-    MALLOC_HELP,
-    RATIO_HEADERS,
-    choose_malloc,
-    emit_report,
-    interleave,
-    markdown_table,
-    ratio_row,
-)
+from common import MALLOC_HELP, choose_malloc, emit_report, machine_line, ratio_report
 
 import torch_linearize
 
@@ -94,22 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     malloc = choose_malloc(args.malloc)
     torch.set_num_threads(args.threads)
-    rows, titles = [], []
-    for key in args.only.split(","):
-        title, fns = methods(key)
-        titles.append(f"- `{key}`: {title}")
-        samples = interleave(fns, args.rounds, 1)
-        ref = samples[FLOOR]
-        rows.extend(ratio_row(key, name, s, ref, 2) for name, s in samples.items())
-    text = "\n".join([
-        f"K = {K} tangents at once: torch {torch.__version__}, {platform.machine()} with "
-        f"{os.cpu_count()} logical CPUs, torch.set_num_threads({args.threads}), float32, "
-        f"{args.rounds} interleaved rounds (`common.interleave`); allocator: {malloc}.",
-        "",
-        *titles,
-        "",
-        markdown_table(RATIO_HEADERS, rows),
-    ])
+    header = (f"K = {K} tangents at once: {machine_line(args.threads)}, float32, "
+              f"{args.rounds} interleaved rounds (`common.interleave`); allocator: {malloc}.")
+    text = ratio_report(header, args.only.split(","), methods, args.rounds, FLOOR)
     emit_report(text, args.out, __file__, argv)
     return 0
 

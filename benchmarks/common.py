@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import gc
 import os
+import platform
 import random
 import statistics
 import sys
@@ -87,6 +88,29 @@ def ratio_row(key: str, name: str, s: Samples, ref: Samples, digits: int) -> lis
     lo, hi = ratio_ci(s, ref)
     return [key, name, f"{s.median:.{digits}f}", f"{s.spread:.0%}",
             f"{s.median / ref.median:.{digits}f}x", f"{lo:.{digits}f}-{hi:.{digits}f}"]
+
+
+def ratio_report(header: str, keys: list[str],
+                 methods: Callable[[str], tuple[str, dict[str, Callable[[int], Any]]]],
+                 rounds: int, floor: str, digits: int = 2,
+                 row: Callable[..., list[str]] = ratio_row) -> str:
+    """A benchmark report of several workloads: for each key, ``methods(key)`` gives its
+    title and methods, timed in ``rounds`` interleaved rounds; each method's row (``row``,
+    :func:`ratio_row`'s arguments) reads its median against the method named ``floor``."""
+    rows, titles = [], []
+    for key in keys:
+        title, fns = methods(key)
+        titles.append(f"- `{key}`: {title}")
+        samples = interleave(fns, rounds, 1)
+        ref = samples[floor]
+        rows.extend(row(key, name, s, ref, digits) for name, s in samples.items())
+    return "\n".join([header, "", *titles, "", markdown_table(RATIO_HEADERS, rows)])
+
+
+def machine_line(threads: int) -> str:
+    """torch's version, the machine and the thread count, for a report's header."""
+    return (f"torch {torch.__version__}, {platform.machine()} with {os.cpu_count()} logical "
+            f"CPUs, torch.set_num_threads({threads})")
 
 
 def time_ms(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +45,7 @@ from torch._C._functorch import (
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_batch_transpose as bbt
-from common import RATIO_HEADERS, emit_report, interleave, markdown_table, pin_malloc, ratio_row
+from common import emit_report, machine_line, pin_malloc, ratio_report, ratio_row
 
 import torch_linearize
 
@@ -102,6 +101,14 @@ def methods(key: str) -> tuple[str, dict[str, Callable[[int], Any]], torch.Tenso
     return w.title, fns, T
 
 
+def _row(key: str, name: str, s: Any, ref: Any, digits: int) -> list[str]:
+    """A report row; the identity's (no kernel) as a share of the floor, not a ratio."""
+    if "identity" in name:
+        return [key, name, f"{s.median:.3f}", f"{s.spread:.0%}",
+                f"({s.median / ref.median:.1%} of the floor)", ""]
+    return ratio_row(key, name, s, ref, digits)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,28 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     malloc = pin_malloc()
     torch.set_num_threads(args.threads)
-    rows = []
-    titles = []
-    for key in args.only.split(","):
-        title, fns, _ = methods(key)
-        titles.append(f"- `{key}`: {title}")
-        samples = interleave(fns, args.rounds, 1)
-        ref = samples[FLOOR]
-        for name, s in samples.items():
-            if "identity" in name:
-                rows.append([key, name, f"{s.median:.3f}", f"{s.spread:.0%}",
-                             f"({s.median / ref.median:.1%} of the floor)", ""])
-                continue
-            rows.append(ratio_row(key, name, s, ref, 3))
-    text = "\n".join([
-        f"Batched application, layer by layer: torch {torch.__version__}, {platform.machine()} "
-        f"with {os.cpu_count()} logical CPUs, torch.set_num_threads({args.threads}), "
-        f"{args.rounds} interleaved rounds (`common.interleave`), K = {K}; allocator: {malloc}.",
-        "",
-        *titles,
-        "",
-        markdown_table(RATIO_HEADERS, rows),
-    ])
+    header = (f"Batched application, layer by layer: {machine_line(args.threads)}, "
+              f"{args.rounds} interleaved rounds (`common.interleave`), K = {K}; "
+              f"allocator: {malloc}.")
+    text = ratio_report(header, args.only.split(","), lambda key: methods(key)[:2],
+                        args.rounds, FLOOR, digits=3, row=_row)
     emit_report(text, args.out, __file__, argv)
     return 0
 
