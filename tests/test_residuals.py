@@ -84,8 +84,10 @@ def test_primal_residual_is_external():
 
 @pytest.fixture
 def no_simplify(monkeypatch):
-    """Keep the program as traced (no folding/CSE), to test residual bookkeeping itself."""
+    """Keep the program as traced (no folding/CSE, none while tracing either), to test
+    residual bookkeeping itself."""
     monkeypatch.setattr(tl._api, "simplify", lambda prog: None)
+    monkeypatch.setattr(tl._trace, "FOLD_CHAINS", False)
 
 
 def test_intermediate_used_by_two_tangent_ops_is_stored_once(no_simplify):

@@ -115,8 +115,9 @@ def test_same_structure_different_functions_and_captured_tensors(verify):
 
 def test_literals_shapes_and_dtypes_are_part_of_the_structure():
     x = torch.randn(5, dtype=D)
-    cases = [lambda x: torch.sin(x) * 2.0, lambda x: torch.sin(x) * 3.0,
-             lambda x: torch.sin(x) * 2]
+    # (the literal scales the input's tangent itself: a step the program keeps)
+    cases = [lambda x: torch.sin(x) + x * 2.0, lambda x: torch.sin(x) + x * 3.0,
+             lambda x: torch.sin(x) + x * 2]
     for f in cases:
         for p in (x, x[:4], x.float()):
             for _ in range(2):  # (recorded at the second)
@@ -163,10 +164,17 @@ def test_a_sign_decision_is_rechecked(verify):
     _assert_map(make(p, q2), (x,), j1)
 
 
-def test_an_accuracy_decision_is_rechecked():
+@pytest.mark.parametrize("fold_chains", [False, True])
+def test_an_accuracy_decision_is_rechecked(monkeypatch, fold_chains):
     # At the second point the two paths nearly cancel: folded as t*(c*p + c*q) the result
-    # would carry a rounding error of c*p (1e8 times the result), so the accuracy probe
-    # keeps the traced t*c*p + t*c*q, which is what torch.func computes.
+    # would differ from the traced one by a rounding of c*p (1e8 times the result), so the
+    # accuracy probe keeps the sum of the two terms. Traced as forward AD computes them, the terms are
+    # t*c*p and t*c*q: what torch.func computes, to the last bit. With scaling chains
+    # folded while tracing they are t*(c*p) and t*(c*q): each within a rounding of the
+    # traced term, and the JVP within a few roundings of the terms of the exact one, as
+    # torch.func's is.
+    monkeypatch.setattr(tl._trace, "FOLD_CHAINS", fold_chains)
+
     def make(p, q):
         return lambda x: torch.sin(x) * p + torch.sin(x) * q
 
@@ -174,12 +182,19 @@ def test_an_accuracy_decision_is_rechecked():
     p = torch.linspace(-1, 1, 64, dtype=D)
     _twice(make(p, 2 * p), x)
     _, j0 = tl.linearize(make(p, 2 * p), x)
-    f1 = make(1e8 + p, torch.full((64,), -1e8, dtype=D))
+    big, minus_big = 1e8 + p, torch.full((64,), -1e8, dtype=D)
+    f1 = make(big, minus_big)
     _, j1 = tl.linearize(f1, x)
     assert sc.stats["refused"] == 1
     _assert_map(make(p, 2 * p), (x,), j0)
     t = torch.randn(64, dtype=D)
-    torch.testing.assert_close(j1(t), torch.func.jvp(f1, (x,), (t,))[1], rtol=1e-12, atol=0)
+    want = torch.func.jvp(f1, (x,), (t,))[1]
+    if not fold_chains:
+        torch.testing.assert_close(j1(t), want, rtol=1e-12, atol=0)
+    exact = t * torch.cos(x) * (big + minus_big)  # (big + minus_big is exact: Sterbenz)
+    ulp_of_terms = (t * torch.cos(x) * big).abs() * torch.finfo(D).eps
+    assert ((want - exact).abs() <= 4 * ulp_of_terms).all()  # (torch.func's accuracy)
+    assert ((j1(t) - exact).abs() <= 4 * ulp_of_terms).all()
     assert j0.num_ops < j1.num_ops
 
 

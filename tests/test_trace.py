@@ -7,8 +7,10 @@ zero evaluated as ``0 * x`` would be NaN.
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import torch_linearize as tl
+from helpers import assert_jvp_matches
 
 D = torch.float64
 NONFINITE = {4: float("inf"), 6: -float("inf")}
@@ -292,3 +294,112 @@ def test_tangents_rooted_at_an_input_are_still_computed_for_folding(monkeypatch)
     assert any(used)
     t = torch.randn_like(x)
     torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
+
+
+# ----------------------------------------------------------------- scaling chains
+def _chain(x):
+    for op in (torch.sin, torch.exp, torch.tanh, torch.cos, torch.sigmoid, torch.log1p,
+               torch.erf, torch.atan):
+        x = op(x)
+    return x
+
+
+def _live_slots_peak(monkeypatch):
+    """Record the most residual slots holding data at any capture during a trace."""
+    from torch_linearize._residuals import ResidualTable
+
+    peak = [0]
+    capture = ResidualTable.capture
+
+    def counting(self, t, origin=""):
+        idx = capture(self, t, origin)
+        peak[0] = max(peak[0], sum(1 for r in self.tensors if r.numel()))
+        return idx
+
+    monkeypatch.setattr(ResidualTable, "capture", counting)
+    return peak
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_scaling_chain_is_folded_while_traced_and_its_dead_steps_released(monkeypatch, fold):
+    monkeypatch.setattr(tl._trace, "FOLD_CHAINS", fold)
+    monkeypatch.setattr(tl._api, "simplify", lambda prog: None)  # (what the tracer gives)
+    peak = _live_slots_peak(monkeypatch)
+    x = torch.randn(50, dtype=D)
+    _, jvp_fn = assert_jvp_matches(_chain, x)
+    got_t = jvp_fn.T(torch.ones(50, dtype=D))
+    torch.testing.assert_close(got_t if isinstance(got_t, tuple) else (got_t,),
+                               torch.func.vjp(_chain, x)[1](torch.ones(50, dtype=D)))
+    if fold:
+        # one coefficient for the whole chain; the trace never held more than the
+        # coefficient of the live step, the step before it and its residual
+        assert jvp_fn.num_ops == 1 and len(jvp_fn._program.used_residuals()) == 1
+        assert jvp_fn.residual_bytes == x.numel() * x.element_size()
+        assert peak[0] <= 3
+    else:  # (as forward AD computed it: every step and residual, all held to the end)
+        assert jvp_fn.num_ops >= 8 and peak[0] >= 8
+
+
+_W = torch.randn(4, dtype=D, generator=torch.Generator().manual_seed(3))
+_P = torch.randn(3, 4, dtype=D, generator=torch.Generator().manual_seed(4))  # (cast below)
+_KEPT: list = []
+
+CHAIN_CASES = {
+    # where a step must not be folded, or its equation must not be released
+    "input_written_between_steps": lambda x: (lambda y: (x.mul_(3), torch.exp(y) * _P.to(x.dtype))[1])(
+        torch.sin(x)),
+    "step_is_also_an_output": lambda x: (lambda a: (torch.tanh(torch.exp(a)), a))(torch.sin(x)),
+    "step_read_twice": lambda x: (lambda a: torch.exp(a) * a)(torch.sin(x)),
+    "step_written_in_place": lambda x: (lambda a: torch.exp(a.mul_(2)) * _P.to(x.dtype))(torch.sin(x) * _P.to(x.dtype)),
+    "step_viewed": lambda x: (lambda a: torch.exp(a)[1:] + a[:-1])(torch.sin(x) * _P.to(x.dtype)),
+    "broadcast_residual": lambda x: torch.exp(torch.sin(x) * _W.to(x.dtype)),
+    "numbers_only": lambda x: x * 2 * 3 / 5,
+    "two_chains_summed": lambda x: torch.sin(x) * _P.to(x.dtype) - torch.cos(x) * _P.to(x.dtype),
+    "steps_kept_alive": lambda x: (_KEPT.append(torch.sin(x)), torch.exp(_KEPT[-1]))[1],
+    "two_inputs": lambda x: torch.sin(x) * torch.exp(x.detach() * 2 + torch.cos(x)),
+    "transposed_input": lambda x: torch.exp(torch.sin(x.t().contiguous().t())),
+    "chain_then_reduction": lambda x: torch.exp(torch.sin(x) * _P.to(x.dtype)).sum(0),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAIN_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scaling_chains_folded_while_traced_match_torch_func(name, dtype):
+    f = CHAIN_CASES[name]
+    x = torch.randn(3, 4, dtype=D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    tol = {} if dtype == D else {"rtol": 1e-5, "atol": 1e-6}
+    t = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    u_seed = torch.Generator().manual_seed(5)
+    # (f may write its argument, and torch.func.jvp then its tangent: each call gets copies)
+    y, jvp_fn = tl.linearize(f, x.clone())
+    y_ref, want = torch.func.jvp(f, (x.clone(),), (t.clone(),))
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(jvp_fn(t), want, **tol)
+    # the transpose against <u, J e_k> for every basis tangent e_k (forward mode: f writes
+    # tensors autograd would have saved)
+    us = [torch.randn(a.shape, dtype=dtype, generator=u_seed) for a in tree_leaves(y_ref)]
+    u = us[0] if isinstance(y_ref, torch.Tensor) else type(y_ref)(us)
+    want_t = torch.zeros(x.numel(), dtype=dtype)
+    for k in range(x.numel()):
+        e = torch.zeros(x.numel(), dtype=dtype)
+        e[k] = 1
+        col = tree_leaves(torch.func.jvp(f, (x.clone(),), (e.view(x.shape),))[1])
+        want_t[k] = sum((c * w).sum() for c, w in zip(col, us))
+    got = jvp_fn.T(u)
+    torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, want_t.view(x.shape),
+                               **tol)
+
+
+def test_a_chain_over_python_numbers_stores_no_coefficient():
+    x = torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(CHAIN_CASES["numbers_only"], x)
+    assert jvp_fn.residual_bytes == 0
+
+
+def test_a_chain_relinearized_at_new_points_reuses_its_program():
+    import torch_linearize._structure_cache as sc
+
+    for seed in range(4):
+        x = torch.randn(40, dtype=D, generator=torch.Generator().manual_seed(seed))
+        assert_jvp_matches(_chain, x, n_tangents=2)
+    assert sc.stats["hits"] == 2

@@ -176,6 +176,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                         _refuse_tangent_dependent(tracer, a, f"aux{keystr(kp)}")
                 aux = tree_map(lambda a: _primal(a, level), aux)
         finally:
+            tracer.finish_chains()
             changed = tracer.residuals.end_trace()
 
     prog = Program(

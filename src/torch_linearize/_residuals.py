@@ -57,7 +57,8 @@ class ResidualTable:
         self.versions: list[int] = []
         self.origin: list[Any] = []
         self._by_id: dict[int, int] = {}
-        self._pin: list[torch.Tensor] = []  # keeps ids in _by_id valid during the trace
+        self._pin: dict[int, torch.Tensor] = {}  # keeps ids in _by_id valid during the trace
+        self.captures: list[int] = []  # how many times each slot was captured
         self._by_layout: dict[tuple, int] = {}
         self._by_storage: dict[int, list[int]] = {}
         self.copied: list[torch.Tensor] = []  # copies made by capture (allocated here)
@@ -66,6 +67,7 @@ class ResidualTable:
         """Return the slot of ``t``, adding it if it is new."""
         idx = self._by_id.get(id(t))
         if idx is not None:
+            self.captures[idx] += 1
             return idx
         skey = storage_key(t) if t.layout == torch.strided and not t._is_zerotensor() else None
         lkey = None
@@ -81,13 +83,36 @@ class ResidualTable:
                 self.copied.append(t)
             self.tensors.append(t)
             self.versions.append(t._version)
+            self.captures.append(0)
             self.origin.append(origin)  # an op (stringified lazily) or a description
             if lkey is not None:
                 self._by_layout[lkey] = idx
                 self._by_storage.setdefault(skey, []).append(idx)
         self._by_id[id(t)] = idx
-        self._pin.append(t)
+        self._pin[id(t)] = t
+        self.captures[idx] += 1
         return idx
+
+    def release(self, idx: int) -> bool:
+        """Forget one capture of slot ``idx`` (its reader was dropped); the last one frees
+        the slot during the trace (it then holds an empty tensor). Returns whether it did."""
+        self.captures[idx] -= 1
+        if self.captures[idx]:
+            return False
+        t = self.tensors[idx]
+        skey = storage_key(t) if t.layout == torch.strided and not t._is_zerotensor() else None
+        if skey is not None and t.device.type != "meta":
+            self._by_layout.pop(_layout_key(t, skey), None)
+            slots = self._by_storage.get(skey)
+            if slots is not None and idx in slots:
+                slots.remove(idx)
+        if self._by_id.get(id(t)) == idx:  # (its one capture; gone if copied-on-write)
+            del self._by_id[id(t)]
+            self._pin.pop(id(t), None)
+        empty = torch.empty(0, dtype=t.dtype, device=t.device)
+        self.tensors[idx] = empty
+        self.versions[idx] = empty._version
+        return True
 
     def copy_on_write(self, skey: int | None) -> list[torch.Tensor]:
         """Snapshot every residual in storage ``skey`` before that storage is written.
@@ -108,7 +133,7 @@ class ResidualTable:
         # Later captures from this storage see the new contents: forget old keys.
         self._by_layout = {k: v for k, v in self._by_layout.items() if k[0] != skey}
         self._by_id = {k: v for k, v in self._by_id.items() if v not in slots}
-        self._pin.extend(snaps)
+        self._pin.update((id(s), s) for s in snaps)
         return snaps
 
     def end_trace(self) -> list[int]:

@@ -19,6 +19,7 @@ See ``docs/design.md`` ("Tracing") for the full story. In short:
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -272,6 +273,25 @@ _POINTWISE_SHAPE_ONLY_IDS = frozenset(id(f) for f in (
     aten.div.Scalar, aten.neg.default))
 _SHAPE_ONLY_MIN_NUMEL = 4096  # below it, running the kernel costs less than deciding
 
+# Scaling chains are folded while tracing. A value computed from one input tangent ``b``
+# by pointwise scalings only (``t * r``, ``t / r``, ``-t``, ``tanh_backward(t, y)``, ...:
+# one tangent operand, residuals of the full shape or numbers beside it) is ``b * C``,
+# and its traced value *is* ``C`` (the placeholders are ones): the equation the folding
+# pass would emit for it (``_passes._traced_coefficient``). The tracer records that
+# equation at once, so the chain's earlier steps are read by nothing; when forward AD
+# drops an earlier step's tangent (the dual it belonged to died) and nothing else read
+# it, its equation and the coefficient it held are released during the trace. The
+# trace then holds one coefficient per live chain, as eager forward AD holds one
+# tangent, instead of every residual of the chain until the passes run.
+_CHAIN_STEPS = {  # operator -> positions of its tangent operand
+    aten.mul.Tensor: (0, 1), aten.mul.Scalar: (0,), aten.div.Tensor: (0,),
+    aten.div.Scalar: (0,), aten.neg.default: (0,), aten.tanh_backward.default: (0,),
+    aten.sigmoid_backward.default: (0,),
+}
+_CHAIN_STEP_IDS = {id(f): pos for f, pos in _CHAIN_STEPS.items()}
+_CHAIN_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+FOLD_CHAINS = True  # (off: the program exactly as forward AD computed it, for tests)
+
 
 def _pointwise_shape_only(args, kwargs) -> torch.Tensor | None:
     """An uninitialised tensor with the shape, dtype, device and strides of a pointwise
@@ -439,6 +459,16 @@ class Tracer(TorchDispatchMode):
         self.paused_depth = 0
         self.zero_products = False  # a result was marked _ZERO_PRODUCT_ATTR
         self.valued: set[int] = set()  # Var ids whose trace-time value is exact (see above)
+        # Scaling chains (see _CHAIN_STEPS): Var id -> (its input base, a full-shape
+        # residual is in its chain); releasable steps: Var id -> (equation, the residual
+        # slots it reads, weakref to its traced tangent); Var ids whose tangent died
+        # (appended by the weakrefs' callbacks, processed by release_dead_steps).
+        self.chain: dict[int, tuple[Var, bool]] = {}
+        self.chain_steps: dict[int, tuple[Eqn, tuple, Any]] = {}
+        self.dead_steps: list[int] = []
+        self.released: set[int] = set()  # ids of released equations (dropped by finish_chains)
+        self.released_eqns: list[Eqn] = []
+        self.written_groups: set[Any] = set()  # storages written in place so far
 
     # ------------------------------------------------------------------ activation
     @contextmanager
@@ -483,6 +513,10 @@ class Tracer(TorchDispatchMode):
         v = self.new_var(placeholder)
         self.inputs.append(v)
         self.valued.add(v.id)
+        if FOLD_CHAINS and placeholder.dtype in _CHAIN_DTYPES \
+                and placeholder.layout == torch.strided \
+                and placeholder.is_contiguous() and v.group is not None:
+            self.chain[v.id] = (v, False)
         k = storage_key(placeholder)
         if k is not None:
             self.input_storage[k] = (placeholder.untyped_storage(), len(self.inputs) - 1)
@@ -503,8 +537,93 @@ class Tracer(TorchDispatchMode):
         return x
 
     def emit(self, eqn: Eqn) -> Eqn:
+        if self.chain_steps:
+            self._mark_read(eqn)
         self.eqns.append(eqn)
         return eqn
+
+    # ------------------------------------------------------------------ scaling chains
+    def _mark_read(self, eqn: Eqn) -> None:
+        """A chain step read by ``eqn`` is kept (no longer releasable)."""
+        steps = self.chain_steps
+        for v in eqn.in_vars():
+            if v.id in steps:
+                del steps[v.id]
+        for v in eqn.mutates:
+            steps.pop(v.id, None)
+
+    def _chain_step(self, func, sargs: tuple, skwargs: dict, args: tuple,
+                    out: torch.Tensor, var: Var) -> Eqn | None:
+        """The equation for a scaling-chain step (see ``_CHAIN_STEPS``), or None if
+        ``func(*args)`` is not one: ``b * C`` with ``C`` its traced value where the chain
+        is longer than one step and holds a full-shape residual, else the step as it is."""
+        pos = _CHAIN_STEP_IDS.get(id(func))
+        if pos is None or skwargs:
+            return None
+        v, full = None, False
+        for i, a in enumerate(sargs):
+            if type(a) is Var:
+                if v is not None or i not in pos:
+                    return None
+                v = a
+            elif type(a) is Res:
+                t = args[i]
+                if t.shape != out.shape or t.dtype != out.dtype or _ZERO_ATTR in t.__dict__:
+                    return None
+                full = True
+            elif not _is_real_number(a):
+                return None
+        link = self.chain.get(v.id) if v is not None else None
+        if link is None:
+            return None
+        base, base_full = link
+        written = self.written_groups
+        if out.shape != base.shape or out.dtype != base.dtype or base.group in written \
+                or v.group in written or not out.is_contiguous() or var.group is None:
+            return None
+        full = full or base_full
+        self.chain[var.id] = (base, full)
+        if v is base or not full:  # (folding would not shorten it, or would store more)
+            eqn = Eqn(func, sargs, skwargs, var)
+            slots = tuple(a.index for a in sargs if type(a) is Res)
+        else:
+            with self.paused():  # (an alias: the residual must not keep ``out`` alive)
+                coefficient = out.detach()
+            slot = self.residuals.capture(coefficient, "a scaling chain's coefficient")
+            self.note_created(out)
+            eqn = Eqn(aten.mul.Tensor, (base, Res(slot)), {}, var)
+            for a in sargs:  # (captured for the step folded away)
+                if type(a) is Res:
+                    self.residuals.release(a.index)
+            slots = (slot,)
+        if self.chain_steps:
+            self._mark_read(eqn)
+        dead = self.dead_steps
+        self.chain_steps[var.id] = (eqn, slots, weakref.ref(out, lambda _, i=var.id: dead.append(i)))
+        return eqn
+
+    def release_dead_steps(self) -> None:
+        """Drop chain steps whose tangent died unread: their equations, and the
+        coefficients only they held."""
+        dead, steps = self.dead_steps, self.chain_steps
+        while dead:
+            entry = steps.pop(dead.pop(), None)
+            if entry is None:
+                continue
+            eqn = entry[0]
+            self.released.add(id(eqn))
+            self.released_eqns.append(eqn)  # (keeps the ids in ``released`` its own)
+            for slot in entry[1]:
+                self.residuals.release(slot)
+
+    def finish_chains(self) -> None:
+        """At the end of the trace: release the steps that died, drop released equations."""
+        self.release_dead_steps()
+        if self.released:
+            released = self.released
+            self.eqns = [e for e in self.eqns if id(e) not in released]
+            self.released, self.released_eqns = set(), []
+        self.chain_steps.clear()
 
     def note_created(self, t: torch.Tensor) -> None:
         k = storage_key(t)
@@ -532,6 +651,7 @@ class Tracer(TorchDispatchMode):
                      like: Var | None = None) -> None:
         """Called before ``t`` is written in place (``like``: a tracked input of the writer)."""
         k = storage_key(t)
+        self.written_groups.add(k)
         for snap in self.residuals.copy_on_write(k):
             self.note_created(snap)
         if self.ctx_storages and k in self.ctx_storages:
@@ -851,6 +971,8 @@ class Tracer(TorchDispatchMode):
         return x
 
     def _record(self, func, args, kwargs, info: _OpInfo):
+        if self.dead_steps:
+            self.release_dead_steps()
         poison = self._nonlinearity(func, info, args)
         written = self._written(args, kwargs, info) if info.write_args else []
         if written:
@@ -880,10 +1002,17 @@ class Tracer(TorchDispatchMode):
             var = self.new_var(out)
             if valued:
                 self.valued.add(var.id)
+                if self.chain:
+                    eqn = self._chain_step(func, sargs, skwargs, args, out, var)
+                    if eqn is not None:
+                        self.eqns.append(eqn)
+                        return out
             eqn = Eqn(func, sargs, skwargs, var,
                       mutates=tuple(v for v in written_vars if v is not None) if written else ())
             if poison is not None:
                 self._poison(eqn, poison)
+            if self.chain_steps:
+                self._mark_read(eqn)
             self.eqns.append(eqn)
             return out
         out_flat, out_spec = tree_flatten(out)
