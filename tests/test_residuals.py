@@ -389,3 +389,25 @@ def test_folded_pointwise_chain_keeps_one_allocated_coefficient():
     del jvp_fn
     gc.collect()
     assert all(r.expired() for r in refs)
+
+
+def test_a_slot_is_freed_by_releasing_its_last_capture():
+    from torch_linearize._residuals import ResidualTable
+
+    table = ResidualTable()
+    a, b = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    i = table.capture(a)
+    assert table.capture(a) == i and table.capture(a[:]) == i  # (by identity, by layout)
+    j = table.capture(b)
+    assert not table.release(i) and not table.release(i)
+    assert table.tensors[i] is a  # two of its three captures released: still held
+    assert table.release(i)
+    assert table.tensors[i].numel() == 0 and table.tensors[j] is b
+    # the storage is no longer pinned by the table; a new capture of it is a new slot
+    ref = StorageWeakRef(a.untyped_storage())
+    k = table.capture(a)
+    assert k not in (i, j) and table.tensors[k] is a
+    assert table.release(k)
+    del a
+    gc.collect()
+    assert ref.expired()

@@ -59,6 +59,7 @@ class ResidualTable:
         self._by_id: dict[int, int] = {}
         self._pin: dict[int, torch.Tensor] = {}  # keeps ids in _by_id valid during the trace
         self.captures: list[int] = []  # how many times each slot was captured
+        self._ids: list[list[int]] = []  # the ids in _by_id that map to each slot
         self._by_layout: dict[tuple, int] = {}
         self._by_storage: dict[int, list[int]] = {}
         self.copied: list[torch.Tensor] = []  # copies made by capture (allocated here)
@@ -84,12 +85,14 @@ class ResidualTable:
             self.tensors.append(t)
             self.versions.append(t._version)
             self.captures.append(0)
+            self._ids.append([])
             self.origin.append(origin)  # an op (stringified lazily) or a description
             if lkey is not None:
                 self._by_layout[lkey] = idx
                 self._by_storage.setdefault(skey, []).append(idx)
         self._by_id[id(t)] = idx
         self._pin[id(t)] = t
+        self._ids[idx].append(id(t))
         self.captures[idx] += 1
         return idx
 
@@ -106,9 +109,11 @@ class ResidualTable:
             slots = self._by_storage.get(skey)
             if slots is not None and idx in slots:
                 slots.remove(idx)
-        if self._by_id.get(id(t)) == idx:  # (its one capture; gone if copied-on-write)
-            del self._by_id[id(t)]
-            self._pin.pop(id(t), None)
+        for k in self._ids[idx]:  # (the objects captured into it, unless copied-on-write)
+            if self._by_id.get(k) == idx:
+                del self._by_id[k]
+                self._pin.pop(k, None)
+        self._ids[idx] = []
         empty = torch.empty(0, dtype=t.dtype, device=t.device)
         self.tensors[idx] = empty
         self.versions[idx] = empty._version

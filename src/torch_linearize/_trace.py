@@ -410,6 +410,7 @@ _SHAPE_QUERY_IDS = frozenset(id(f) for f in _SHAPE_QUERIES)
 _IS_SAME_SIZE = aten.is_same_size.default
 _STRIDED = torch.strided
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_NO_DISPATCH = torch._C._DisableTorchDispatch
 
 def _needs_conj_keys(info: _OpInfo, args, kwargs) -> bool:
     """Complex operands, or a linear-algebra kernel (may make complex temporaries)."""
@@ -587,7 +588,7 @@ class Tracer(TorchDispatchMode):
             eqn = Eqn(func, sargs, skwargs, var)
             slots = tuple(a.index for a in sargs if type(a) is Res)
         else:
-            with self.paused():  # (an alias: the residual must not keep ``out`` alive)
+            with _NO_DISPATCH():  # (an alias: the residual must not keep ``out`` alive)
                 coefficient = out.detach()
             slot = self.residuals.capture(coefficient, "a scaling chain's coefficient")
             self.note_created(out)
