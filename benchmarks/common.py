@@ -322,12 +322,15 @@ def closure_tensor_bytes(fn: Callable, exclude: Iterable[torch.Tensor] = ()) -> 
 
 
 _METADATA_OPS = {"detach", "alias", "is_same_size", "_has_same_storage_numel", "lift_fresh",
-                 "_to_copy_meta"}
+                 "_to_copy_meta",
+                 # allocations that write nothing (uninitialised or storage-less)
+                 "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+                 "_efficientzerotensor"}
 
 
 def count_kernels(fn: Callable[[], Any]) -> collections.Counter:
     """The aten operations that touch tensor data during one call of ``fn`` (by name;
-    views and metadata queries left out), as the dispatcher sees them below any
+    views, metadata queries and allocations that write nothing left out), as the dispatcher sees them below any
     ``torch.vmap``: what two methods run, compared kernel for kernel."""
     from torch.utils._python_dispatch import TorchDispatchMode
 

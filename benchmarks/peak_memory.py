@@ -1,14 +1,16 @@
 """Peak memory of one linearization, next to ``torch.func.jvp`` and ``torch.func.linearize``.
 
-    python benchmarks/peak_memory.py [--scale 10] [--out FILE]
+    python benchmarks/peak_memory.py [--scale 10] [--repeats 5] [--out FILE]
 
 A map's *residual* memory (what it keeps) is reported by ``bench_core``; this measures
-what the linearization *needs while it runs*. Each (workload, method) pair runs in a
-fresh process with glibc's default allocator (freed large blocks go back to the
-system, so the resident set follows live memory): the workload's inputs are made and
-every module imported first, then the method runs once and the rise of the peak
-resident set size (``ru_maxrss``) over that baseline is reported, with its ratio to
-``torch.func.jvp``'s (one JVP with a tangent: eager forward AD's working set).
+what the linearization *needs while it runs*. Each (workload, method) pair runs in
+fresh processes with glibc's default allocator (freed large blocks go back to the
+system, so the resident set follows live memory): the workload's inputs are made, every
+module imported, and the method run once at bench_core's size (a tenth or less of the
+measured one: one-time initialisation is not counted); then it runs once on the
+measured inputs, and the rise of the peak resident set size (``ru_maxrss``) over the
+resident set just before is reported, the median over ``--repeats`` processes, with its
+ratio to ``torch.func.jvp``'s (one JVP with a tangent: eager forward AD's working set).
 
 Methods: ``torch.func.jvp``; ``torch.func.linearize``; ``torch_linearize.linearize``;
 and the same with scaling chains not folded while tracing (``_trace.FOLD_CHAINS =
@@ -24,6 +26,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=10,
                     help="elements of the elementwise and PDE inputs, times bench_core's")
+    ap.add_argument("--repeats", type=int, default=5, help="processes per method (median)")
     ap.add_argument("--out", default="", help="also write the table to this file")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -87,19 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     lines = [
         f"Peak memory of one linearization: {machine_line(2)}; each method once in a fresh "
-        "process, glibc's default allocator; the rise of the peak resident set over the "
-        "process after its inputs are made (MiB), and its ratio to torch.func.jvp's.",
+        f"process, {args.repeats} processes each (interleaved), glibc's default allocator; "
+        "the median rise of the peak resident set over the process just before the call "
+        "(MiB), and its ratio to torch.func.jvp's.",
         "",
         "| workload | input MiB | method | peak rise MiB | / torch.func.jvp |",
         "| --- | ---: | --- | ---: | ---: |",
     ]
     for wl in WORKLOADS:
-        got = {}
-        for m in METHODS:
-            r = subprocess.run([sys.executable, __file__, "--scale", str(args.scale),
-                                "--child", wl, m], capture_output=True, text=True, env=env,
-                               check=True)
-            got[m] = json.loads(r.stdout.strip().splitlines()[-1])
+        runs: dict[str, list] = {m: [] for m in METHODS}
+        for _ in range(args.repeats):  # (methods interleaved, each in a fresh process)
+            for m in METHODS:
+                r = subprocess.run([sys.executable, __file__, "--scale", str(args.scale),
+                                    "--child", wl, m], capture_output=True, text=True,
+                                   env=env, check=True)
+                runs[m].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        got = {m: dict(v[0], kib=statistics.median(r["kib"] for r in v))
+               for m, v in runs.items()}
         ref = got["torch.func.jvp"]["kib"]
         for m in METHODS:
             g = got[m]

@@ -60,6 +60,7 @@ class ResidualTable:
         self._pin: dict[int, torch.Tensor] = {}  # keeps ids in _by_id valid during the trace
         self.captures: list[int] = []  # how many times each slot was captured
         self._ids: list[list[int]] = []  # the ids in _by_id that map to each slot
+        self._empty: dict[tuple, torch.Tensor] = {}  # what freed slots hold, per dtype/device
         self._by_layout: dict[tuple, int] = {}
         self._by_storage: dict[int, list[int]] = {}
         self.copied: list[torch.Tensor] = []  # copies made by capture (allocated here)
@@ -114,7 +115,9 @@ class ResidualTable:
                 del self._by_id[k]
                 self._pin.pop(k, None)
         self._ids[idx] = []
-        empty = torch.empty(0, dtype=t.dtype, device=t.device)
+        empty = self._empty.get((t.dtype, t.device))
+        if empty is None:
+            empty = self._empty[t.dtype, t.device] = torch.empty(0, dtype=t.dtype, device=t.device)
         self.tensors[idx] = empty
         self.versions[idx] = empty._version
         return True

@@ -817,6 +817,8 @@ class Tracer(TorchDispatchMode):
             return info.call(*args, **kwargs)
         if info.passthrough:
             return info.call(*args, **kwargs)  # metadata query: no tensor data is read
+        if self.dead_steps:  # (before this operation allocates: as eager frees them)
+            self.release_dead_steps()
         if func is _EFFICIENT_ZERO:
             return _structural_zero(*args, **kwargs)
         if info.write_args:
@@ -972,8 +974,6 @@ class Tracer(TorchDispatchMode):
         return x
 
     def _record(self, func, args, kwargs, info: _OpInfo):
-        if self.dead_steps:
-            self.release_dead_steps()
         poison = self._nonlinearity(func, info, args)
         written = self._written(args, kwargs, info) if info.write_args else []
         if written:
