@@ -553,39 +553,54 @@ class Tracer(TorchDispatchMode):
         for v in eqn.mutates:
             steps.pop(v.id, None)
 
-    def _chain_step(self, func, sargs: tuple, skwargs: dict, args: tuple,
-                    out: torch.Tensor, var: Var) -> Eqn | None:
-        """The equation for a scaling-chain step (see ``_CHAIN_STEPS``), or None if
-        ``func(*args)`` is not one: ``b * C`` with ``C`` its traced value where the chain
-        is longer than one step and holds a full-shape residual, else the step as it is."""
+    def _chain_step(self, func, args: tuple, kwargs: dict, info: _OpInfo) -> Any:
+        """Record ``func(*args)`` if it is a scaling-chain step (see ``_CHAIN_STEPS``) and
+        return its result, else return None (nothing done). The equation is ``b * C``, with
+        ``C`` the step's traced value, where the chain is longer than one step and holds a
+        full-shape residual (the step's own residuals are then not captured at all), else
+        the step as it is."""
         pos = _CHAIN_STEP_IDS.get(id(func))
-        if pos is None or skwargs:
+        if pos is None or kwargs:
             return None
-        v, full = None, False
-        for i, a in enumerate(sargs):
-            if type(a) is Var:
-                if v is not None or i not in pos:
+        v, full, token, chain = None, False, self.token, self.chain
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                entry = a.__dict__.get(_ATTR)
+                if entry is not None and entry[0] is token:
+                    if v is not None or i not in pos:
+                        return None
+                    v = entry[1]
+                    continue
+                if type(a) is not torch.Tensor or a.layout != _STRIDED \
+                        or _ZERO_ATTR in a.__dict__ or _is_wrapped(a):
                     return None
-                v = a
-            elif type(a) is Res:
-                t = args[i]
-                if t.shape != out.shape or t.dtype != out.dtype or _ZERO_ATTR in t.__dict__:
-                    return None
-                full = True
+                full = True  # (its shape is checked against the result's below)
             elif not _is_real_number(a):
                 return None
-        link = self.chain.get(v.id) if v is not None else None
+        link = chain.get(v.id) if v is not None else None
         if link is None:
             return None
         base, base_full = link
         written = self.written_groups
-        if out.shape != base.shape or out.dtype != base.dtype or base.group in written \
-                or v.group in written or not out.is_contiguous() or var.group is None:
+        if base.group in written or v.group in written:
             return None
+        shape, dtype = base.shape, base.dtype
+        for a in args:
+            if isinstance(a, torch.Tensor) and (a.shape != shape or a.dtype != dtype):
+                return None
+        out = info.call(*args)
+        if type(out) is not torch.Tensor or out.shape != shape or out.dtype != dtype \
+                or not out.is_contiguous():
+            # (not a step after all: recorded as it is, with this result)
+            return self._record(func, args, kwargs, info, out)
+        var = self.new_var(out)
+        self.valued.add(var.id)
         full = full or base_full
-        self.chain[var.id] = (base, full)
+        chain[var.id] = (base, full)
         if v is base or not full:  # (folding would not shorten it, or would store more)
-            eqn = Eqn(func, sargs, skwargs, var)
+            sargs = tuple([self.symbolic(a, func) if isinstance(a, torch.Tensor) else a
+                           for a in args])
+            eqn = Eqn(func, sargs, {}, var)
             slots = tuple(a.index for a in sargs if type(a) is Res)
         else:
             with _NO_DISPATCH():  # (an alias: the residual must not keep ``out`` alive)
@@ -593,15 +608,13 @@ class Tracer(TorchDispatchMode):
             slot = self.residuals.capture(coefficient, "a scaling chain's coefficient")
             self.note_created(out)
             eqn = Eqn(aten.mul.Tensor, (base, Res(slot)), {}, var)
-            for a in sargs:  # (captured for the step folded away)
-                if type(a) is Res:
-                    self.residuals.release(a.index)
             slots = (slot,)
         if self.chain_steps:
             self._mark_read(eqn)
+        self.eqns.append(eqn)
         dead = self.dead_steps
         self.chain_steps[var.id] = (eqn, slots, weakref.ref(out, lambda _, i=var.id: dead.append(i)))
-        return eqn
+        return out
 
     def release_dead_steps(self) -> None:
         """Drop chain steps whose tangent died unread: their equations, and the
@@ -973,8 +986,14 @@ class Tracer(TorchDispatchMode):
             return type(x)(self._sym(y, origin) for y in x)
         return x
 
-    def _record(self, func, args, kwargs, info: _OpInfo):
+    def _record(self, func, args, kwargs, info: _OpInfo, out: Any = None):
+        """Record ``func(*args, **kwargs)``, which has a tracked argument, and return its
+        result (``out``: the result, if it was computed already)."""
         poison = self._nonlinearity(func, info, args)
+        if poison is None and out is None and self.chain and not info.write_args:
+            step = self._chain_step(func, args, kwargs, info)
+            if step is not None:
+                return step
         written = self._written(args, kwargs, info) if info.write_args else []
         if written:
             like = next(v for v in (self.lookup(a) for a in _tensor_args(args, kwargs))
@@ -986,12 +1005,13 @@ class Tracer(TorchDispatchMode):
         sargs = tuple([sym(a, func) if isinstance(a, (torch.Tensor, list, tuple)) else a
                        for a in args])
         skwargs = {k: sym(v, func) for k, v in kwargs.items()} if kwargs else {}
-        out = None
         valued = False
         if poison is None and not written:
             if id(func) in _POINTWISE_LINEAR_BY_ID and all(
                     a.id in self.valued for a in sargs if isinstance(a, Var)):
                 valued = True  # (see _POINTWISE_SHAPE_ONLY_IDS)
+            elif out is not None:
+                pass
             elif id(func) in _POINTWISE_SHAPE_ONLY_IDS:
                 out = _pointwise_shape_only(args, kwargs)
             elif info.shape_only:
@@ -1003,11 +1023,6 @@ class Tracer(TorchDispatchMode):
             var = self.new_var(out)
             if valued:
                 self.valued.add(var.id)
-                if self.chain:
-                    eqn = self._chain_step(func, sargs, skwargs, args, out, var)
-                    if eqn is not None:
-                        self.eqns.append(eqn)
-                        return out
             eqn = Eqn(func, sargs, skwargs, var,
                       mutates=tuple(v for v in written_vars if v is not None) if written else ())
             if poison is not None:
