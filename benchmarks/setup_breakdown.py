@@ -11,6 +11,9 @@ with the simplification passes switched off; ``linearize`` as its structure's fi
 linearization (passes and code generation run); and ``linearize`` of a structure seen
 before (the simplified program reused: ``_structure_cache``). The differences between
 consecutive rows are: the dispatch-mode price, our tracing, our passes, what reuse saves.
+A row beside them traces a new structure without folding scaling chains while tracing
+(``_trace.FOLD_CHAINS = False``: the tracer before stop 18, every residual of a chain
+held until the passes run).
 
 One more row bounds a different tracer, one that would not run forward AD at all (JAX's
 design: a table of tangent rules, forward AD only for operations without a rule): ``f``
@@ -45,6 +48,7 @@ from common import MALLOC_HELP, choose_malloc, count_kernels, emit_report, inter
 
 import torch_linearize as tl
 import torch_linearize._api as _api
+import torch_linearize._trace as trace
 from torch_linearize._structure_cache import as_new_structure
 
 
@@ -119,6 +123,14 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         with as_new_structure():
             tl.linearize(f, x)
 
+    def new_structure_unfolded() -> None:
+        trace.FOLD_CHAINS = False
+        try:
+            with as_new_structure():
+                tl.linearize(f, x)
+        finally:
+            trace.FOLD_CHAINS = True
+
     def rule_bound() -> None:
         with _RuleBound(x):
             f(x)
@@ -134,6 +146,7 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         "the same, keeping every result alive": eager_mode_keeping,
         "linearize without simplification passes": no_passes,
         "linearize, new structure": new_structure,
+        "the same, scaling chains not folded while tracing": new_structure_unfolded,
         "linearize, structure reused": lambda: tl.linearize(f, x),
         **({"bound: a rule-table tracer (no forward AD)": rule_bound} if rule_bound else {}),
     }
