@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "the median rise of the peak resident set over the process just before the call "
         "(MiB), and its ratio to torch.func.jvp's.",
         "",
-        "| workload | input MiB | method | peak rise MiB | / torch.func.jvp |",
-        "| --- | ---: | --- | ---: | ---: |",
+        "| workload | input MiB | method | peak rise MiB | min-max MiB | / torch.func.jvp |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for wl in WORKLOADS:
         runs: dict[str, list] = {m: [] for m in METHODS}
@@ -106,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
                                     "--child", wl, m], capture_output=True, text=True,
                                    env=env, check=True)
                 runs[m].append(json.loads(r.stdout.strip().splitlines()[-1]))
-        got = {m: dict(v[0], kib=statistics.median(r["kib"] for r in v))
+        got = {m: dict(v[0], kib=statistics.median(r["kib"] for r in v),
+                       lo=min(r["kib"] for r in v), hi=max(r["kib"] for r in v))
                for m, v in runs.items()}
         ref = got["torch.func.jvp"]["kib"]
         for m in METHODS:
             g = got[m]
             lines.append(f"| {wl} | {g['bytes'] / 2**20:.0f} | {m} | {g['kib'] / 1024:.0f} | "
-                         f"{g['kib'] / ref:.2f}x |")
+                         f"{g['lo'] / 1024:.0f}-{g['hi'] / 1024:.0f} | {g['kib'] / ref:.2f}x |")
     emit_report("\n".join(lines), args.out, __file__, argv)
     return 0
 

@@ -2,7 +2,9 @@
 
 Most of the tracer is exercised through ``linearize`` everywhere else; these tests
 pin down its handling of forward AD's structural zeros on non-finite primals, where a
-zero evaluated as ``0 * x`` would be NaN.
+zero evaluated as ``0 * x`` would be NaN, the layouts of its shape-only results, and the
+scaling chains it folds while tracing (each case against ``torch.func`` in float64 and
+float32, where a step must not be folded or its equation must not be released).
 """
 
 import pytest
