@@ -467,8 +467,7 @@ class Tracer(TorchDispatchMode):
         self.chain: dict[int, tuple[Var, bool]] = {}
         self.chain_steps: dict[int, tuple[Eqn, tuple, Any]] = {}
         self.dead_steps: list[int] = []
-        self.released: set[int] = set()  # ids of released equations (dropped by finish_chains)
-        self.released_eqns: list[Eqn] = []
+        self.released: dict[int, Eqn] = {}  # released equations by id (finish_chains drops them)
         self.written_groups: set[Any] = set()  # storages written in place so far
 
     # ------------------------------------------------------------------ activation
@@ -609,9 +608,7 @@ class Tracer(TorchDispatchMode):
             self.note_created(out)
             eqn = Eqn(aten.mul.Tensor, (base, Res(slot)), {}, var)
             slots = (slot,)
-        if self.chain_steps:
-            self._mark_read(eqn)
-        self.eqns.append(eqn)
+        self.emit(eqn)
         dead = self.dead_steps
         self.chain_steps[var.id] = (eqn, slots, weakref.ref(out, lambda _, i=var.id: dead.append(i)))
         return out
@@ -625,8 +622,7 @@ class Tracer(TorchDispatchMode):
             if entry is None:
                 continue
             eqn = entry[0]
-            self.released.add(id(eqn))
-            self.released_eqns.append(eqn)  # (keeps the ids in ``released`` its own)
+            self.released[id(eqn)] = eqn  # (keeping it keeps its id its own)
             for slot in entry[1]:
                 self.residuals.release(slot)
 
@@ -636,7 +632,7 @@ class Tracer(TorchDispatchMode):
         if self.released:
             released = self.released
             self.eqns = [e for e in self.eqns if id(e) not in released]
-            self.released, self.released_eqns = set(), []
+            self.released = {}
         self.chain_steps.clear()
 
     def note_created(self, t: torch.Tensor) -> None:
@@ -1027,9 +1023,7 @@ class Tracer(TorchDispatchMode):
                       mutates=tuple(v for v in written_vars if v is not None) if written else ())
             if poison is not None:
                 self._poison(eqn, poison)
-            if self.chain_steps:
-                self._mark_read(eqn)
-            self.eqns.append(eqn)
+            self.emit(eqn)
             return out
         out_flat, out_spec = tree_flatten(out)
         tensors = [o for o in out_flat if isinstance(o, torch.Tensor)]
