@@ -340,3 +340,19 @@ def test_inference_mode_and_inference_tensors():
     torch.testing.assert_close(jvp_fn(ts), (ts * v).sum(-1))
     y, jvp_fn, aux = tl.linearize(lambda x: (torch.sin(x), w), x, has_aux=True)
     torch.testing.assert_close(aux, w)
+
+
+def test_the_bench_command_forwards_its_options_to_bench_core():
+    import argparse
+
+    from torch_linearize import _bench_cli
+
+    parser = argparse.ArgumentParser()
+    _bench_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--quick", "--malloc", "pinned", "--only", "pde",
+                              "--out", ""])
+    assert _bench_cli._forwarded(args) == ["--quick", "--out", "", "--only", "pde",
+                                           "--malloc", "pinned"]
+    assert _bench_cli._forwarded(parser.parse_args(["bench"])) == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--malloc", "jemalloc"])

@@ -60,7 +60,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     argv: list[str] = []
     if args.quick:
         argv.append("--quick")
-    for option in ("out", "plot", "threads", "only"):
+    for option in ("out", "plot", "threads", "only", "malloc"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option}", str(value)]
@@ -107,6 +107,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: bench_core.py's, 2)")
     p.add_argument("--only", default=None, help="comma-separated workloads (default: all)")
+    p.add_argument("--malloc", choices=("default", "pinned"), default=None,
+                   help="glibc allocator policy (default: bench_core.py's, the process's own; "
+                   "pinned keeps freed memory, as the README's tables were measured)")
     p.add_argument("--no-guard", action="store_true",
                    help="do not wait for other processes to go quiet between timed rounds")
     p.set_defaults(func=main)
