@@ -405,3 +405,35 @@ def test_a_chain_relinearized_at_new_points_reuses_its_program():
         x = torch.randn(40, dtype=D, generator=torch.Generator().manual_seed(seed))
         assert_jvp_matches(_chain, x, n_tangents=2)
     assert sc.stats["hits"] == 2
+
+
+def test_a_step_whose_result_is_not_laid_out_like_its_base_is_recorded_as_it_is(monkeypatch):
+    # A chain step must produce a contiguous result to be folded; a kernel that returns
+    # another layout (forced here: every mul returns a column-major result) makes the
+    # tracer record the step as an ordinary equation, with the result it computed.
+    info = tl._trace._op_info(torch.ops.aten.mul.Tensor)
+    call = info.call
+
+    def column_major(*args, **kwargs):
+        r = call(*args, **kwargs)
+        return r.t().contiguous().t() if isinstance(r, torch.Tensor) and r.dim() == 2 else r
+
+    recorded_with_result = []
+    record = tl._trace.Tracer._record
+
+    def spy(self, func, args, kwargs, info, out=None):
+        if out is not None:
+            recorded_with_result.append(func)
+        return record(self, func, args, kwargs, info, out)
+
+    monkeypatch.setattr(tl._trace.Tracer, "_record", spy)
+    f = CHAIN_CASES["chain_then_reduction"]
+    x = torch.randn(3, 4, dtype=D)
+    object.__setattr__(info, "call", column_major)
+    try:
+        _, jvp_fn = tl.linearize(f, x)
+    finally:
+        object.__setattr__(info, "call", call)
+    assert recorded_with_result == [torch.ops.aten.mul.Tensor]
+    t = torch.randn(3, 4, dtype=D)
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
