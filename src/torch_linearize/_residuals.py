@@ -37,6 +37,11 @@ def storage_nbytes(t: torch.Tensor) -> int:
         return 0
 
 
+def _dedup_storage(t: torch.Tensor) -> int | None:
+    """The storage key residuals are deduplicated by (None: ``t`` is not deduplicated)."""
+    return storage_key(t) if t.layout == torch.strided and not t._is_zerotensor() else None
+
+
 def _layout_key(t: torch.Tensor, skey: int) -> tuple:
     return (
         skey,
@@ -71,7 +76,7 @@ class ResidualTable:
         if idx is not None:
             self.captures[idx] += 1
             return idx
-        skey = storage_key(t) if t.layout == torch.strided and not t._is_zerotensor() else None
+        skey = _dedup_storage(t)
         lkey = None
         if skey is not None and t.device.type != "meta":
             lkey = _layout_key(t, skey)
@@ -104,7 +109,7 @@ class ResidualTable:
         if self.captures[idx]:
             return False
         t = self.tensors[idx]
-        skey = storage_key(t) if t.layout == torch.strided and not t._is_zerotensor() else None
+        skey = _dedup_storage(t)
         if skey is not None and t.device.type != "meta":
             self._by_layout.pop(_layout_key(t, skey), None)
             slots = self._by_storage.get(skey)

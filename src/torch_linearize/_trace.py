@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import NoForwardADError, NonLinearTangentError
 from ._forward_ad import unpack_dual
-from ._passes import _POINTWISE_LINEAR_BY_ID, _is_real_number
+from ._passes import _POINTWISE_LINEAR, _POINTWISE_LINEAR_BY_ID, _is_real_number
 from ._program import Eqn, Res, Var
 from ._residuals import STRUCTURAL_ZERO, ResidualTable, ctx_tensors, snapshot_ctx, storage_key
 
@@ -283,12 +283,10 @@ _SHAPE_ONLY_MIN_NUMEL = 4096  # below it, running the kernel costs less than dec
 # it, its equation and the coefficient it held are released during the trace. The
 # trace then holds one coefficient per live chain, as eager forward AD holds one
 # tangent, instead of every residual of the chain until the passes run.
-_CHAIN_STEPS = {  # operator -> positions of its tangent operand
-    aten.mul.Tensor: (0, 1), aten.mul.Scalar: (0,), aten.div.Tensor: (0,),
-    aten.div.Scalar: (0,), aten.neg.default: (0,), aten.tanh_backward.default: (0,),
-    aten.sigmoid_backward.default: (0,),
-}
-_CHAIN_STEP_IDS = {id(f): pos for f, pos in _CHAIN_STEPS.items()}
+_CHAIN_STEPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+                aten.neg.default, aten.tanh_backward.default, aten.sigmoid_backward.default)
+# (operator id -> positions of its tangent operand: the folding pass's own table)
+_CHAIN_STEP_IDS = {id(f): _POINTWISE_LINEAR[f] for f in _CHAIN_STEPS}
 _CHAIN_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 FOLD_CHAINS = True  # (off: the program exactly as forward AD computed it, for tests)
 
@@ -546,10 +544,7 @@ class Tracer(TorchDispatchMode):
     def _mark_read(self, eqn: Eqn) -> None:
         """A chain step read by ``eqn`` is kept (no longer releasable)."""
         steps = self.chain_steps
-        for v in eqn.in_vars():
-            if v.id in steps:
-                del steps[v.id]
-        for v in eqn.mutates:
+        for v in (*eqn.in_vars(), *eqn.mutates):
             steps.pop(v.id, None)
 
     def _chain_step(self, func, args: tuple, kwargs: dict, info: _OpInfo) -> Any:
@@ -561,14 +556,14 @@ class Tracer(TorchDispatchMode):
         pos = _CHAIN_STEP_IDS.get(id(func))
         if pos is None or kwargs:
             return None
-        v, full, token, chain = None, False, self.token, self.chain
+        v, full, lookup, chain = None, False, self.lookup, self.chain
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
-                entry = a.__dict__.get(_ATTR)
-                if entry is not None and entry[0] is token:
+                tracked = lookup(a)
+                if tracked is not None:
                     if v is not None or i not in pos:
                         return None
-                    v = entry[1]
+                    v = tracked
                     continue
                 if type(a) is not torch.Tensor or a.layout != _STRIDED \
                         or _ZERO_ATTR in a.__dict__ or _is_wrapped(a):
