@@ -382,6 +382,8 @@ class BatchResult:
     title: str = ""
     rows: dict[str, BatchRow] = field(default_factory=dict)
     skipped: str | None = None
+    # method -> Counter of kernels with their operands' shapes (one batched call)
+    kernels: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -596,6 +598,9 @@ def run_batch(key: str, cfg: Config, log: Callable[[str], None],
         except Exception as e:
             rows[name].failed = short_reason(e, 110)
     live = {n: fn for n, fn in fns.items() if rows[n].failed is None}
+    # what one batched call runs, with operand shapes (a noise-free comparison)
+    kernels = {n: count_kernels(lambda fn=fn: fn(0), shapes=True)
+               for n, fn in live.items() if n in (B_FLOOR, B_VMAP, B_BATCHED)}
 
     def mark_failed(name: str, e: BaseException) -> None:
         rows[name].failed = short_reason(e, 110)
@@ -604,7 +609,7 @@ def run_batch(key: str, cfg: Config, log: Callable[[str], None],
     samples = interleave(live, cfg.batch_rounds, 1, mark_failed, guard=guard)
     for n in live:
         rows[n].samples = samples[n]
-    return BatchResult(bwl.title, rows)
+    return BatchResult(bwl.title, rows, kernels=kernels)
 
 
 def inductor_warmup() -> float:
@@ -820,7 +825,8 @@ def targets(results: list[WorkloadResult]) -> tuple[list[str], list[str], int, i
                 f"{fmt_ms(v / K_BATCH)} vs {fmt_ms(bf / K_BATCH)} ms per tangent)"
                 + _null_note("the batched floor timed again",
                              None if again is None or again.failed else again.samples,
-                             b.rows[B_FLOOR].samples, digits=3))
+                             b.rows[B_FLOOR].samples, digits=3)
+                + _batch_kernel_note(b, best))
         if res.wl.target_apply:
             add(ra <= T2_APPLY, f"- {k}: apply <= {T2_APPLY}x floor: {ra:.2f}x", True)
         else:
@@ -842,7 +848,8 @@ def _null_note(what: str, again: Samples | None, ref: Samples, digits: int = 2) 
     """`; null control: ...`: an identical call timed as a separate method (the resolution)."""
     if again is None or not len(again):
         return ""
-    return f"; null control ({what}): {again.median / ref.median:.{digits}f}x {_ci(again, ref)}"
+    return (f"; null control ({what}): {again.median / ref.median:.{digits}f}x "
+            f"{_ci(again, ref)}").rstrip()
 
 
 def _own_note(res: WorkloadResult, mine: Samples, floor: Samples) -> str:
@@ -863,6 +870,18 @@ def _kernel_note(mine: Any, floor: Any, my_samples: Samples, floor_samples: Samp
     same = "the same kernels" if mine == floor else "different kernels"
     return (f"; kernels: linearize {kernel_list(mine)}, floor {kernel_list(floor)} ({same}; IQR "
             f"{my_samples.spread:.0%} / {floor_samples.spread:.0%})")
+
+
+def _batch_kernel_note(b: BatchResult, best: str) -> str:
+    """`; kernels: ...`: what one batched call of ``best`` and of the floor run, with their
+    operands' shapes: where they are the same kernels on the same layouts, the ratio
+    measures the code around them and the machine's noise."""
+    mine, floor = b.kernels.get(best), b.kernels.get(B_FLOOR)
+    if mine is None or floor is None:
+        return ""
+    if mine == floor:
+        return f"; kernels: {best} and the floor run the same ({kernel_list(floor)})"
+    return f"; kernels: {best} {kernel_list(mine)}, floor {kernel_list(floor)} (different)"
 
 
 def correctness_lines(results: list[WorkloadResult]) -> list[str]:

@@ -328,18 +328,30 @@ _METADATA_OPS = {"detach", "alias", "is_same_size", "_has_same_storage_numel", "
                  "_efficientzerotensor"}
 
 
-def count_kernels(fn: Callable[[], Any]) -> collections.Counter:
+def count_kernels(fn: Callable[[], Any], shapes: bool = False) -> collections.Counter:
     """The aten operations that touch tensor data during one call of ``fn`` (by name;
     views, metadata queries and allocations that write nothing left out), as the dispatcher sees them below any
-    ``torch.vmap``: what two methods run, compared kernel for kernel."""
+    ``torch.vmap``: what two methods run, compared kernel for kernel. With ``shapes``, each
+    is named with its tensor operands' shapes and strides (``mul[64x1000000, 1000000]``,
+    a stride tuple added where the layout is not contiguous), so that two methods count
+    the same only if they run the same kernels on the same layouts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: collections.Counter = collections.Counter()
+
+    def layout(t: torch.Tensor) -> str:
+        s = "x".join(map(str, t.shape)) or "0-d"
+        return s if t.is_contiguous() else f"{s} strides {tuple(t.stride())}"
 
     class _Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
             if not func.is_view and name not in _METADATA_OPS:
+                if shapes:
+                    flat = [b for a in (*args, *(kwargs or {}).values())
+                            for b in (a if isinstance(a, (list, tuple)) else (a,))]
+                    ops = [layout(a) for a in flat if isinstance(a, torch.Tensor)]
+                    name = f"{name}[{', '.join(ops)}]"
                 counts[name] += 1
             return func(*args, **(kwargs or {}))
 
