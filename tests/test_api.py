@@ -356,3 +356,37 @@ def test_the_bench_command_forwards_its_options_to_bench_core():
     assert _bench_cli._forwarded(parser.parse_args(["bench"])) == []
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--malloc", "jemalloc"])
+
+
+def test_bench_core_calls_a_k64_ratio_a_tie_only_for_the_floors_kernels_and_no_measurable_gap():
+    import collections
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_core as bc
+    from common import Samples, count_kernels
+
+    def samples(values):
+        s = Samples()
+        for v in values:
+            s.add(v)
+        return s
+
+    floor = [10.0 + 0.3 * ((i * 7) % 5) for i in range(31)]  # noisy rounds
+    a = torch.randn(4, 8)
+    same = count_kernels(lambda: a * a[0], shapes=True)
+    assert same == collections.Counter({"mul[4x8, 8]": 1})
+    other = count_kernels(lambda: a.t() * a.t()[0:1], shapes=True)
+    assert other != same  # the same operation on another layout is another kernel
+
+    def batch(mine, kernels):
+        return bc.BatchResult("t", {bc.B_FLOOR: bc.BatchRow(bc.B_FLOOR, samples=samples(floor)),
+                                    bc.B_BATCHED: bc.BatchRow(bc.B_BATCHED, samples=samples(mine))},
+                              kernels={bc.B_FLOOR: same, bc.B_BATCHED: kernels})
+
+    wobble = [f * (1.004 if i % 2 else 0.998) for i, f in enumerate(floor)]
+    assert bc._tie(batch(wobble, same), bc.B_BATCHED) is not None
+    assert bc._tie(batch(wobble, other), bc.B_BATCHED) is None  # other kernels: no tie
+    slower = [f * (1.03 + 0.002 * (i % 3)) for i, f in enumerate(floor)]
+    assert bc._tie(batch(slower, same), bc.B_BATCHED) is None  # a measurable gap: no tie
