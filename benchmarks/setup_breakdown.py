@@ -13,7 +13,10 @@ before (the simplified program reused: ``_structure_cache``). The differences be
 consecutive rows are: the dispatch-mode price, our tracing, our passes, what reuse saves.
 A row beside them traces a new structure without folding scaling chains while tracing
 (``_trace.FOLD_CHAINS = False``: the tracer before stop 18, every residual of a chain
-held until the passes run).
+held until the passes run). On the custom-Function workload, another traces a new
+structure with the Function's ``forward`` and ``setup_context`` run under the dispatch
+mode (``_trace.PRIMAL_CODE_OUTSIDE = False``: the tracer before stop 19; since then they
+run outside it, see ``Tracer.outside``).
 
 One more row bounds a different tracer, one that would not run forward AD at all (JAX's
 design: a table of tangent rules, forward AD only for operations without a rule): ``f``
@@ -131,6 +134,14 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         finally:
             trace.FOLD_CHAINS = True
 
+    def new_structure_forward_under_mode() -> None:
+        trace.PRIMAL_CODE_OUTSIDE = False
+        try:
+            with as_new_structure():
+                tl.linearize(f, x)
+        finally:
+            trace.PRIMAL_CODE_OUTSIDE = True
+
     def rule_bound() -> None:
         with _RuleBound(x):
             f(x)
@@ -147,6 +158,8 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         "linearize without simplification passes": no_passes,
         "linearize, new structure": new_structure,
         "the same, scaling chains not folded while tracing": new_structure_unfolded,
+        **({"the same, the Function's forward run under the dispatch mode":
+            new_structure_forward_under_mode} if custom else {}),
         "linearize, structure reused": lambda: tl.linearize(f, x),
         **({"bound: a rule-table tracer (no forward AD)": rule_bound} if rule_bound else {}),
     }

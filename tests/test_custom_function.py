@@ -570,3 +570,190 @@ def test_random_programs_with_custom_functions(f, seed):
     # reference is eager forward AD (NumpyCube and ScaleInPlace use forward(ctx, ...),
     # which torch.func does not take).
     check_random_program(f, seed, reference="eager")
+
+
+# ----------------------------------------------------------------------------------------
+# forward and setup_context run outside the tracer's dispatch mode where that is safe
+
+
+class _Spy(torch.autograd.Function):
+    """Records the innermost dispatch mode its forward and setup_context run under; saves
+    a fresh coefficient (``d``), or, with ``keep``, a tensor from outside (``keep[0]``)."""
+
+    modes: list = []
+    keep: list = []
+
+    @staticmethod
+    def forward(x):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        _Spy.modes.append(_get_current_dispatch_mode())
+        return torch.tanh(x) * 2.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        _Spy.modes.append(_get_current_dispatch_mode())
+        ctx.save_for_forward(_Spy.keep[0] if _Spy.keep else 2.0 - output * output / 2.0)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (d,) = ctx.saved_tensors
+        return t * d
+
+
+class _Ident(torch.autograd.Function):
+    """forward returns its input as is: the output is not a new tensor."""
+
+    @staticmethod
+    def forward(x):
+        return x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t
+
+
+@pytest.fixture
+def spy():
+    _Spy.modes, _Spy.keep = [], []
+    yield _Spy
+    _Spy.modes, _Spy.keep = [], []
+
+
+@pytest.fixture(params=[True, False], ids=["outside", "under-the-mode"])
+def outside(request, monkeypatch):
+    monkeypatch.setattr(tl._trace, "PRIMAL_CODE_OUTSIDE", request.param)
+    return request.param
+
+
+def test_forward_runs_outside_the_dispatch_mode_unless_an_input_is_guarded(spy, outside):
+    x, w = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: spy.apply(torch.sin(x)), x)
+    if outside:
+        assert spy.modes == [None, None]  # (no mode at all: f was entered without one)
+    else:
+        assert all(isinstance(m, tl._trace.Tracer) for m in spy.modes) and len(spy.modes) == 2
+    t = torch.randn(5, dtype=D)
+    torch.testing.assert_close(y, torch.tanh(torch.sin(x)) * 2)
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(
+        lambda x: torch.tanh(torch.sin(x)) * 2, (x,), (t,))[1])
+    assert jvp_fn.residual_bytes == 2 * 5 * 8 and jvp_fn.external_bytes == 0  # cos(x), d
+
+    # An input that is a residual of the program (a write to it must be copied first,
+    # which only the mode sees happen): forward runs under the mode.
+    spy.modes.clear()
+
+    def g(x, w):
+        a = torch.exp(x)
+        return a * w, spy.apply(a)  # a: the residual of a * w's tangent
+
+    _, jvp_fn = tl.linearize(g, x, w)
+    assert all(isinstance(m, tl._trace.Tracer) for m in spy.modes) and len(spy.modes) == 2
+    s = torch.randn(5, dtype=D)
+    want = torch.func.jvp(lambda x, w: (torch.exp(x) * w, torch.tanh(torch.exp(x)) * 2),
+                          (x, w), (t, s))[1]
+    torch.testing.assert_close(jvp_fn(t, s), want)
+
+
+def test_forward_sees_a_mode_that_f_entered(spy, outside):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func is torch.ops.aten.tanh.default
+            return func(*args, **(kwargs or {}))
+
+    def f(x):
+        with Count():
+            return spy.apply(x)
+
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(f, x)
+    assert Count.n == 1 and all(isinstance(m, Count) for m in spy.modes)
+    torch.testing.assert_close(jvp_fn(t), t * (2 - 2 * torch.tanh(x) ** 2))
+
+
+def test_forward_returning_its_input_leaves_it_watched(outside):
+    # The output of _Ident *is* w: the map reads it (x's tangent times y), and must raise
+    # when w changes after linearize, as for any pre-existing tensor.
+    x, w = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x, w: x * _Ident.apply(w), x, w)
+    t, s = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+    torch.testing.assert_close(jvp_fn(t, s), t * w + x * s)
+    assert jvp_fn.residual_bytes == 0 and jvp_fn.external_bytes == 2 * 4 * 8  # x and w
+    w.mul_(2)
+    with pytest.raises(tl.StaleResidualError, match=r"primals\[1\] was modified"):
+        jvp_fn(t, s)
+
+
+def test_a_tensor_from_outside_saved_by_setup_context_is_watched(spy, outside):
+    w = torch.rand(5, dtype=D) + 1
+    spy.keep.append(w)  # saved on the ctx: pre-existing, not allocated by linearize
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(spy.apply, x)
+    torch.testing.assert_close(jvp_fn(t), t * w)
+    w.add_(1)
+    with pytest.raises(tl.StaleResidualError, match="_Spy keeps on its ctx"):
+        jvp_fn(t)
+
+
+def test_forward_writing_a_guarded_input_in_place_matches_eager(outside):
+    # ScaleInPlace (mark_dirty) scales a tensor that the program also reads as a residual:
+    # the residual must keep its value from before the write.
+    x = torch.randn(4, dtype=D)
+
+    def f(x):
+        a = torch.cos(x)
+        b = a * x  # a: a residual
+        return cf.ScaleInPlace.apply(a, 3.0) + b
+
+    t = torch.randn(4, dtype=D)
+    ry, rt = eager_jvp(f, (x,), (t,))
+    y, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(y, ry)
+    torch.testing.assert_close(jvp_fn(t), rt)
+
+
+class _WritesGlobal(torch.autograd.Function):
+    target: list = []
+
+    @staticmethod
+    def forward(x):
+        _WritesGlobal.target[0].mul_(2)  # a tensor that is not an input
+        return x * 1.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t
+
+
+def test_forward_writing_a_residual_that_is_not_its_input(outside):
+    g = torch.randn(4, dtype=D)
+    _WritesGlobal.target[:] = [g]
+    x, t = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+
+    def f(x):
+        return x * g + _WritesGlobal.apply(x)  # g: a residual, then written by forward
+
+    g0 = g.clone()
+    try:
+        if outside:  # the write is not seen as it happens: the end-of-trace check raises
+            with pytest.raises(tl.StaleResidualError, match="custom Function's forward"):
+                tl.linearize(f, x)
+        else:  # seen by the mode: the residual was copied first
+            _, jvp_fn = tl.linearize(f, x)
+            torch.testing.assert_close(jvp_fn(t), t * g0 + t)
+    finally:
+        _WritesGlobal.target.clear()

@@ -260,12 +260,13 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         if r._is_zerotensor() or r.device.type == "meta":
             continue
         k = storage_key(r)
-        if k is not None and (k not in created or k in reachable):
+        if k is not None and (k not in created or k in reachable or k in tracer.unverified):
             watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs)))
     watched = {id(w[0]) for w in watch}
     for n, t in ctx_read:
         k = storage_key(t)
-        if k is not None and (k not in created or k in reachable) and t.device.type != "meta" \
+        if k is not None and (k not in created or k in reachable or k in tracer.unverified) \
+                and t.device.type != "meta" \
                 and id(t) not in watched:
             watched.add(id(t))
             watch.append((t, t._version, _describe_ctx_tensor(n)))
@@ -293,7 +294,9 @@ def _raise_if_stale(prog: Program, used: set[int], changed: list[int], flat: lis
 def _stale_during_f(what: str) -> StaleResidualError:
     return StaleResidualError(
         f"{_API}: {what} was modified in place later during f by code linearize cannot see "
-        "(e.g. through numpy or a raw data pointer). Clone it before modifying it."
+        "(e.g. through numpy or a raw data pointer, or by a custom Function's forward or "
+        "setup_context writing a tensor that is not one of its inputs: they run outside "
+        "linearize's tracer). Clone it before modifying it."
     )
 
 

@@ -32,12 +32,14 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import FunctionCtx
+from torch.utils._pytree import tree_flatten
 
 from . import _overrides
 from ._errors import LinearizeError, NoForwardADError
 from ._forward_ad import materialize_view_tangents, unpack_dual
 from ._opaque import OpaqueJvp
 from ._program import Eqn, Var
+from ._residuals import ctx_tensors
 from ._trace import Tracer, current_tracer
 
 __all__ = ["LinearizeCtx", "function_patch", "trace_jvp"]
@@ -299,12 +301,19 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     )
     needs = tuple(s is not None for s in tangent_syms)
     ctx = LinearizeCtx(cls, needs)
-    with torch.no_grad(), fwAD._set_fwd_grad_enabled(False):
+    # (forward and setup_context compute primal values only: outside the dispatch mode
+    # where that is safe, at eager speed; see Tracer.outside)
+    with torch.no_grad(), fwAD._set_fwd_grad_enabled(False), \
+            tracer.outside(primals) as untraced:
         if _uses_setup_context(cls):
             out = cls.forward(*primals)
             cls.setup_context(ctx, tuple(primals), out)
         else:
             out = cls.forward(ctx, *primals)
+    if untraced:
+        made = list(ctx_tensors(ctx)) + [o for o in tree_flatten(out)[0]
+                                         if isinstance(o, torch.Tensor)]
+        tracer.adopt(made, primals)
     ctx._tl_enter("backward")
 
     single = not isinstance(out, tuple)
@@ -363,7 +372,8 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
                 primal = primal.clone()  # forward AD cannot attach a tangent to overlapping memory
             placeholder = torch.ones_like(primal, memory_format=torch.preserve_format)
             out_vars[j] = tracer.new_var(placeholder)
-            tracer.note_created(outs[j])
+            if primal is not results[j]:
+                tracer.note_created(primal)
         # make_dual runs with the tracer recording: a layout fix-up it performs on the
         # placeholder becomes part of the program.
         results[j] = fwAD.make_dual(primal, placeholder, level=tracer.level)

@@ -127,6 +127,10 @@ class ResidualTable:
         self.versions[idx] = empty._version
         return True
 
+    def holds(self, skey: int) -> bool:
+        """Whether a residual lives in storage ``skey`` (a write to it would be copied first)."""
+        return bool(self._by_storage.get(skey))
+
     def copy_on_write(self, skey: int | None) -> list[torch.Tensor]:
         """Snapshot every residual in storage ``skey`` before that storage is written.
 

@@ -289,6 +289,9 @@ _CHAIN_STEPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scal
 _CHAIN_STEP_IDS = {id(f): _POINTWISE_LINEAR[f] for f in _CHAIN_STEPS}
 _CHAIN_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 FOLD_CHAINS = True  # (off: the program exactly as forward AD computed it, for tests)
+# (off: a custom Function's forward and setup_context run under the dispatch mode, as
+# before stop 19; see Tracer.outside)
+PRIMAL_CODE_OUTSIDE = True
 
 
 def _pointwise_shape_only(args, kwargs) -> torch.Tensor | None:
@@ -446,6 +449,9 @@ class Tracer(TorchDispatchMode):
         self.mutated_inputs: set[int] = set()
         self.promoted: dict[int, tuple[Any, Var]] = {}
         self.created: set[int] = set()  # storages allocated by operations during the trace
+        # storages taken for allocated (``created``) without the mode having seen them
+        # allocated (see ``adopt``): watched for in-place changes all the same
+        self.unverified: set[int] = set()
         self.opaque_nodes: list[Any] = []
         # Custom-Function ctx tensors, protected like residuals: storage -> nodes whose ctx
         # reads it (copy-on-write), and id -> (tensor, version) at recording (stale check).
@@ -487,6 +493,68 @@ class Tracer(TorchDispatchMode):
             yield
         finally:
             self.paused_depth -= 1
+
+    # ------------------------------------------------------------------ primal-only code
+    @contextmanager
+    def outside(self, inputs: Any) -> Iterator[bool]:
+        """Run code that computes primal values only outside this dispatch mode, where safe.
+
+        A custom Function's ``forward`` and ``setup_context`` run once, on plain primals,
+        with forward AD off: nothing they do is recorded. Under the mode each of their
+        operations would still pay a Python round trip (and run measurably slower on large
+        tensors), so they run outside it (yields True) unless (yields False, and they run
+        under the mode as any code does):
+
+        * this tracer is not the innermost dispatch mode (another mode entered inside
+          ``f`` must keep seeing them), or :data:`PRIMAL_CODE_OUTSIDE` is off;
+        * a tensor in ``inputs`` is in a storage the tracer guards against writes (a
+          residual or a ctx tensor, copied before a write; a buffer written with tangent
+          data; an uninitialized buffer): the mode must see a write to it as it happens.
+
+        A write they make elsewhere into a guarded tensor (a global) is one the tracer
+        cannot see, and the stale checks at the end of the trace raise for it. What they
+        return or save is classified by :meth:`adopt`.
+        """
+        from torch.utils._python_dispatch import (
+            _get_current_dispatch_mode,
+            _pop_mode_temporarily,
+        )
+
+        tensors = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+        if not PRIMAL_CODE_OUTSIDE or _get_current_dispatch_mode() is not self or any(
+                self._guarded(t) for t in tensors):
+            yield False
+            return
+        if self.dead_steps:  # (as the mode would before the first operation allocates)
+            self.release_dead_steps()
+        versions = [(t, t._version) for t in tensors if not t.is_inference()]
+        with _pop_mode_temporarily():
+            yield True
+        for t, v in versions:
+            if t._version != v:  # written in place (nothing guarded: no copy was due)
+                self.written_groups.add(storage_key(t))
+
+    def _guarded(self, t: torch.Tensor) -> bool:
+        k = storage_key(t)
+        return (k is None or self.residuals.holds(k) or k in self.ctx_storages
+                or k in self.uninitialized or k in self.promoted or k in self.input_storage
+                or self.lookup(t) is not None)
+
+    def adopt(self, made: list[torch.Tensor], inputs: Any) -> None:
+        """Classify what code run :meth:`outside` the mode returned or saved.
+
+        The mode did not see those tensors allocated. One in an input's storage is not
+        new; any other is taken for allocated during the trace (counted in
+        ``residual_bytes``), but since it may also be a pre-existing tensor (a global),
+        it is watched for in-place changes after ``linearize`` like one (``unverified``).
+        """
+        known = {storage_key(t) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
+        for t in made:
+            k = storage_key(t)
+            if k is None or k in known or k in self.created:
+                continue
+            self.created.add(k)
+            self.unverified.add(k)
 
     # ------------------------------------------------------------------ tracked values
     def new_var(self, t: torch.Tensor) -> Var:
