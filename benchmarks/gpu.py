@@ -331,8 +331,33 @@ def make_elementwise(device: str, n: int) -> Workload:
     def floor_setup():  # the folded derivative (one jvp with a ones tangent)
         return torch.func.jvp(f, (x,), (torch.ones_like(x),))[1]
 
+    # The batched row multiplies K stacked tangents by the residual broadcast over them;
+    # these two references time that multiply alone, and the same product computed as K
+    # contiguous multiplies into one output (every operand contiguous: CUDA's vectorised
+    # elementwise path), to test why the batched row is slower per tangent than K
+    # single applications (allocated at their first call, freed with the workload).
+    held: dict[str, torch.Tensor] = {}
+
+    def stacked() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not held:
+            held["r"] = floor_setup()
+            held["T"] = torch.randn(K, n, device=device)
+            held["out"] = torch.empty_like(held["T"])
+        return held["T"], held["r"], held["out"]
+
+    def broadcast():
+        T, r, _ = stacked()
+        return T * r
+
+    def rows():
+        T, r, out = stacked()
+        for k in range(K):
+            torch.mul(T[k], r, out=out[k])
+        return out
+
     return Workload("elementwise", f"elementwise chain of 8 transcendental ops, n = {n:,}", f, x,
-                    lambda: (f, x.double()), floor_setup, lambda r, t: t * r)
+                    lambda: (f, x.double()), floor_setup, lambda r, t: t * r,
+                    refs={REF_BROADCAST: broadcast, REF_ROWS: rows})
 
 
 def make_mlp(device: str, width: int, batch: int) -> Workload:
@@ -416,6 +441,8 @@ TL = "torch_linearize.linearize"
 TL_COMPILE = "linearize + compile"
 TL_GRAPH = "linearize + cuda_graph"
 PRIMAL_MM = "primal matmuls (4 x a @ W^T)"
+REF_BROADCAST = f"T * r: {K} stacked tangents times the residual, one broadcasting multiply"
+REF_ROWS = f"the same as {K} contiguous multiplies into one output, torch.mul(T[k], r, out=out[k])"
 NO_CUDA = "n/a (no CUDA)"
 METHODS = [
     Method(FLOOR, lambda wl: wl.floor_setup(), lambda wl, s, t: wl.floor_apply(s, t)),
@@ -614,6 +641,10 @@ def benchmark(rep: Report, device: str, smoke: bool, reps: int,
                     rep.add("", f"Reference: {name}: {fmt(refs[name])} ms (median of {reps}).")
                 except Exception as e:
                     rep.add("", f"Reference: {name}: **ERROR** {short_error(e)}")
+            if REF_BROADCAST in refs and REF_ROWS in refs:
+                rep.add("", f"Broadcast / rows: {refs[REF_BROADCAST] / refs[REF_ROWS]:.2f}x "
+                        "(above 1: the broadcast operand costs the vectorised path; a batched "
+                        "map could then run its stacked multiply row by row).")
             summary[wl.key] = BenchSummary(results, wl.x.numel(), wl.x.element_size(), refs)
             rep.add("", f"({time.perf_counter() - t0:.1f} s)")
         except Exception as e:
