@@ -156,7 +156,10 @@ class LinearMap:
 
     Attributes:
         residual_bytes: bytes of the distinct storages allocated during
-            ``linearize`` (or ``transpose``) that this map keeps alive.
+            ``linearize`` (or ``transpose``) that this map keeps alive. What a custom
+            Function's ``forward``/``setup_context`` saves counts here unless it is in
+            the storage of one of the Function's inputs (they run unobserved, so a
+            global tensor they save is counted too; it is still watched for changes).
         external_bytes: bytes of pre-existing storages it references
             (primals, captured parameters): kept alive, not allocated by it.
     """

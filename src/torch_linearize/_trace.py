@@ -26,7 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode,
+    _pop_mode_temporarily,
+)
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import NoForwardADError, NonLinearTangentError
@@ -515,11 +519,6 @@ class Tracer(TorchDispatchMode):
         cannot see, and the stale checks at the end of the trace raise for it. What they
         return or save is classified by :meth:`adopt`.
         """
-        from torch.utils._python_dispatch import (
-            _get_current_dispatch_mode,
-            _pop_mode_temporarily,
-        )
-
         tensors = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
         if not PRIMAL_CODE_OUTSIDE or _get_current_dispatch_mode() is not self or any(
                 self._guarded(t) for t in tensors):
