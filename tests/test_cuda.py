@@ -194,6 +194,57 @@ def test_custom_function_runs_forward_once_and_jvp_per_tangent_on_device():
     torch.testing.assert_close(y, torch.sin(x) * 1.5 + x)
 
 
+class _DeviceNewton(torch.autograd.Function):
+    """y with y^3 + y = x by Newton steps (many small device operations); saves dy/dx."""
+
+    modes: list = []
+
+    @staticmethod
+    def forward(x):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        _DeviceNewton.modes.append(_get_current_dispatch_mode())
+        y = x / 2
+        for _ in range(8):
+            y = y - (y * y * y + y - x) / (3 * y * y + 1)
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(1 / (3 * output * output + 1))
+
+    @staticmethod
+    def jvp(ctx, t):
+        (d,) = ctx.saved_tensors
+        return t * d
+
+    @staticmethod
+    def backward(ctx, g):
+        raise NotImplementedError
+
+
+def test_custom_function_forward_runs_outside_the_tracer_on_device():
+    # forward computes primal values only: it runs at eager speed, outside the tracer's
+    # dispatch mode; what it saves is counted as the map's own memory (and nothing else is)
+    x = _randn(1 << 18, seed=15)
+    _DeviceNewton.modes.clear()
+    if ON_CUDA:
+        torch.cuda.synchronize()
+    gc.collect()
+    base = torch.cuda.memory_allocated() if ON_CUDA else 0
+    y, jvp_fn = tl.linearize(_DeviceNewton.apply, x)
+    assert _DeviceNewton.modes == [None]
+    torch.testing.assert_close(y ** 3 + y, x)
+    t = _randn(1 << 18, seed=16)
+    torch.testing.assert_close(jvp_fn(t), t / (3 * y * y + 1))
+    assert jvp_fn.residual_bytes == x.numel() * x.element_size()  # d
+    if ON_CUDA:
+        del y
+        gc.collect()
+        held = torch.cuda.memory_allocated() - base
+        assert abs(held - jvp_fn.residual_bytes) <= 1 << 16, (held, jvp_fn.residual_bytes)
+
+
 class _DeviceSin(torch.autograd.Function):
     """One tensor in, one out, a lean jvp: what the one-tensor entry calls inline."""
 
