@@ -126,21 +126,17 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         with as_new_structure():
             tl.linearize(f, x)
 
-    def new_structure_unfolded() -> None:
-        trace.FOLD_CHAINS = False
-        try:
-            with as_new_structure():
-                tl.linearize(f, x)
-        finally:
-            trace.FOLD_CHAINS = True
+    def new_structure_without(flag: str) -> Callable[[], None]:
+        """``new_structure`` with the tracer switch ``_trace.<flag>`` off (the old tracer)."""
 
-    def new_structure_forward_under_mode() -> None:
-        trace.PRIMAL_CODE_OUTSIDE = False
-        try:
-            with as_new_structure():
-                tl.linearize(f, x)
-        finally:
-            trace.PRIMAL_CODE_OUTSIDE = True
+        def run() -> None:
+            setattr(trace, flag, False)
+            try:
+                new_structure()
+            finally:
+                setattr(trace, flag, True)
+
+        return run
 
     def rule_bound() -> None:
         with _RuleBound(x):
@@ -157,9 +153,9 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         "the same, keeping every result alive": eager_mode_keeping,
         "linearize without simplification passes": no_passes,
         "linearize, new structure": new_structure,
-        "the same, scaling chains not folded while tracing": new_structure_unfolded,
+        "the same, scaling chains not folded while tracing": new_structure_without("FOLD_CHAINS"),
         **({"the same, the Function's forward run under the dispatch mode":
-            new_structure_forward_under_mode} if custom else {}),
+            new_structure_without("PRIMAL_CODE_OUTSIDE")} if custom else {}),
         "linearize, structure reused": lambda: tl.linearize(f, x),
         **({"bound: a rule-table tracer (no forward AD)": rule_bound} if rule_bound else {}),
     }

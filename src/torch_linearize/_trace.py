@@ -530,8 +530,10 @@ class Tracer(TorchDispatchMode):
         with _pop_mode_temporarily():
             yield True
         for t, v in versions:
-            if t._version != v:  # written in place (nothing guarded: no copy was due)
-                self.written_groups.add(storage_key(t))
+            if t._version != v:
+                # written in place: a write's bookkeeping, after the fact (it copies nothing:
+                # the storage was not guarded)
+                self.before_write(t, False, "a custom Function's forward")
 
     def _guarded(self, t: torch.Tensor) -> bool:
         k = storage_key(t)
