@@ -757,3 +757,59 @@ def test_forward_writing_a_residual_that_is_not_its_input(outside):
             torch.testing.assert_close(jvp_fn(t), t * g0 + t)
     finally:
         _WritesGlobal.target.clear()
+
+
+def test_function_without_tangent_inputs_runs_outside_the_mode(spy, outside):
+    # A custom Function applied to tangent-free values (forward AD calls no jvp): its
+    # forward and setup_context are primal code, run like those of a Function with
+    # tangent inputs. Its output, read by the map as a residual, is watched.
+    x, t, c = (torch.randn(5, dtype=D) for _ in range(3))
+
+    def f(x):
+        s = spy.apply(torch.cos(c))
+        return x * s, s
+
+    (y, s), jvp_fn = tl.linearize(f, x)
+    if outside:
+        assert spy.modes == [None, None]
+    else:
+        assert all(isinstance(m, tl._trace.Tracer) for m in spy.modes) and len(spy.modes) == 2
+    want = torch.tanh(torch.cos(c)) * 2
+    torch.testing.assert_close(s, want)
+    out_t, s_t = jvp_fn(t)
+    torch.testing.assert_close(out_t, torch.func.jvp(lambda x: x * want, (x,), (t,))[1])
+    torch.testing.assert_close(s_t, torch.zeros(5, dtype=D))
+    assert jvp_fn.residual_bytes == 5 * 8 and jvp_fn.external_bytes == 0  # s
+    s.mul_(2)  # the caller's output is the residual the map reads
+    with pytest.raises(tl.StaleResidualError):
+        jvp_fn(t)
+
+
+def test_function_without_tangent_inputs_on_a_residual_runs_under_the_mode(spy, outside):
+    x, t, c = (torch.randn(5, dtype=D) for _ in range(3))
+
+    def f(x):
+        a = torch.exp(c)
+        return x * a + spy.apply(a)  # a: a residual (a write to it must be seen)
+
+    _, jvp_fn = tl.linearize(f, x)
+    assert all(isinstance(m, tl._trace.Tracer) for m in spy.modes) and len(spy.modes) == 2
+    torch.testing.assert_close(jvp_fn(t), t * torch.exp(c))
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["fresh", "residual"])
+def test_function_without_tangent_inputs_writing_in_place(outside, guarded):
+    # ScaleInPlace (mark_dirty) on a tangent-free buffer: outside the mode when the buffer
+    # is fresh (the write's bookkeeping after the fact); under it when the program reads
+    # the buffer as a residual (the residual keeps its value from before the write).
+    x, t, c = (torch.randn(4, dtype=D) for _ in range(3))
+
+    def f(x):
+        a = c.clone()
+        b = x * a if guarded else x * 0.5
+        return x * cf.ScaleInPlace.apply(a, 3.0) + b
+
+    ry, rt = eager_jvp(f, (x,), (t,))
+    y, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(y, ry)
+    torch.testing.assert_close(jvp_fn(t), rt)

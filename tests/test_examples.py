@@ -69,3 +69,29 @@ def test_gpu_benchmark_cpu_smoke(tmp_path):
     for bad in ("**ERROR**", "**FAILED**", "**failed**", "**above tolerance**"):
         assert bad not in text, text
     assert "Run took" in text
+
+
+def test_setup_breakdown_stages_add_up_and_unwrap():
+    """``benchmarks/setup_breakdown.py``'s stage table: each stage is timed inside the whole
+    call (the passes' parts inside the passes), and the wrapped functions are restored."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import setup_breakdown as sb
+    finally:
+        sys.path.pop(0)
+    before = [getattr(mod, name) for mod, name, _ in sb.STAGES]
+
+    def f(u: torch.Tensor) -> torch.Tensor:  # a stencil and a product: the passes fold it
+        return u[2:] + u[:-2] - 2 * u[1:-1] - u[1:-1] ** 3
+
+    rows = sb.stage_rows("t", f, torch.randn(64, dtype=torch.float64), 5, 1.0)
+    assert [getattr(mod, name) for mod, name, _ in sb.STAGES] == before
+    ms = {r.split(" | ")[1]: float(r.split(" | ")[2]) for r in rows}
+    whole = ms.pop("**the whole first linearization**")
+    assert {"trace and the rest", "simplification passes", "  pointwise folds",
+            "    of which the regions' coefficients", "code generation"} <= set(ms)
+    assert all(v >= 0 for v in ms.values()), ms
+    assert ms["    of which the regions' coefficients"] <= ms["  pointwise folds"]
+    assert ms["  pointwise folds"] <= ms["simplification passes"]
+    top = sum(v for k, v in ms.items() if not k.startswith(" "))
+    assert top == pytest.approx(whole, rel=0.5), (top, whole)

@@ -273,10 +273,12 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     # (an input viewing a buffer f wrote with tangent data after taking the view gets its
     # tangent when first read: here, while the tracer records, not in the paused block)
     materialize_view_tangents(args, tracer.level)
+    any_fw_grad = False  # (a zero tangent included: PyTorch would then still call jvp)
     with tracer.paused():
         for a in args:
             if isinstance(a, torch.Tensor):
                 p, t = unpack_dual(a, level=tracer.level)
+                any_fw_grad = any_fw_grad or t is not None
                 sym = None
                 if t is not None and not t._is_zerotensor():
                     sym = tracer.lookup(t)
@@ -289,7 +291,16 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
                 primals.append(a)
                 tangent_syms.append(None)
     if not has_tangent:
-        return _base_apply(cls, args, kwargs)
+        if any_fw_grad:
+            return _base_apply(cls, args, kwargs)
+        # No input carries a tangent: PyTorch's apply runs forward (forward AD off) and
+        # no jvp; the outputs carry no tangent. Primal code only: outside the mode where
+        # safe, as for the forward of a Function with tangent inputs (below).
+        with tracer.outside(args) as untraced:
+            out = _base_apply(cls, args, kwargs)
+        if untraced:
+            tracer.adopt([o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)], args)
+        return out
     if not _has_jvp(cls):
         raise NoForwardADError(
             f"linearize: custom autograd.Function {name} receives tangent inputs but does not "
