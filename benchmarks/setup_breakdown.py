@@ -16,7 +16,10 @@ A row beside them traces a new structure without folding scaling chains while tr
 held until the passes run). On the custom-Function workload, another traces a new
 structure with the Function's ``forward`` and ``setup_context`` run under the dispatch
 mode (``_trace.PRIMAL_CODE_OUTSIDE = False``: the tracer before stop 19; since then they
-run outside it, see ``Tracer.outside``).
+run outside it, see ``Tracer.outside``). The *custom, constant input* workload applies
+the same Function to a tensor without a tangent, ``x * NewtonCubic(c)``: forward AD calls
+no ``jvp`` there, and its ``forward`` has run outside the mode since stop 20 (the same
+row switches that off).
 
 One more row bounds a different tracer, one that would not run forward AD at all (JAX's
 design: a table of tangent rules, forward AD only for operations without a rule): ``f``
@@ -31,14 +34,28 @@ kernels forward AD runs. On the elementwise chain the bound is optimistic (compa
 is not.
 Medians in ms; *kernels*: the aten operations that touch data in one call of the step
 (``common.count_kernels``: views and metadata queries left out), counted once, untimed.
+
+A second table splits a structure's first linearization into its stages: the stage
+functions are wrapped with a timer while ``--stage-calls`` first linearizations run back
+to back (after warm-up; the garbage collector off: collecting before each call would
+make every call a cold one, whose Python runs slower, about 1.3x on the PDE here), and
+each stage's time per linearization is a median over them
+(the passes, ``_api._run_passes``, shown with their parts: the identity/CSE walks, the
+folds, and inside the folds the regions' coefficients). *trace and the rest* is the
+whole call less its timed stages: tracing ``f`` under forward AD and the dispatch mode,
+and the bookkeeping around it. The wrappers add about a microsecond per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -51,6 +68,7 @@ from common import MALLOC_HELP, choose_malloc, count_kernels, emit_report, inter
 
 import torch_linearize as tl
 import torch_linearize._api as _api
+import torch_linearize._passes as _passes
 import torch_linearize._trace as trace
 from torch_linearize._structure_cache import as_new_structure
 
@@ -96,6 +114,19 @@ class _RuleBound(TorchDispatchMode):
             tracked.add(id(out))
             self.keep.append(out)
         return out
+
+
+def make_custom_constant() -> bench_core.Workload:
+    """bench_core's custom workload with its Function applied to a tangent-free tensor:
+    ``x * NewtonCubic(c)``, ``c`` a constant (forward AD calls no jvp)."""
+    w = bench_core.make_custom()
+    c = w.x.clone() / 2
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x * bench_core.NewtonCubic.apply(c, 16)
+
+    w.f = f
+    return w
 
 
 def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[], object]]:
@@ -161,11 +192,84 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
     }
 
 
+# (module, function name, label): the stages of a first linearization, outermost first;
+# labels starting with two spaces are parts of the passes
+STAGES = [
+    (_api, "dead_code_elimination", "dead-code elimination before the passes"),
+    (_api, "_run_passes", "simplification passes"),
+    (_passes, "_rewrite_walk", "  identity and common-subexpression walks"),
+    (_passes, "fold_pointwise", "  pointwise folds"),
+    (_passes, "_region_coefficients", "    of which the regions' coefficients"),
+    (_api, "program_factory", "code generation"),
+]
+
+
+@contextmanager
+def _stage_timer(spent: dict[str, float]):
+    """Wrap the STAGES functions; each call adds its seconds to ``spent[label]``."""
+    saved = []
+    for mod, name, label in STAGES:
+        fn = getattr(mod, name)
+        saved.append((mod, name, fn))
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t0
+
+        setattr(mod, name, timed)
+    try:
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def stage_rows(name: str, f: Callable, x: torch.Tensor, calls: int, jvp_ms: float) -> list[str]:
+    """Rows of the stages table for one workload: median ms per first linearization."""
+    per_call: dict[str, list[float]] = {}
+    totals: list[float] = []
+    was_enabled = gc.isenabled()
+    gc.collect()  # (once: a collection before each call would time cold calls, see above)
+    gc.disable()
+    try:
+        for i in range(calls + 10):
+            spent: dict[str, float] = {}
+            with _stage_timer(spent), as_new_structure():
+                t0 = time.perf_counter()
+                tl.linearize(f, x)
+                total = time.perf_counter() - t0
+            if i < 10:  # (warm-up)
+                continue
+            totals.append(total)
+            top = sum(v for k, v in spent.items() if not k.startswith(" "))
+            spent["trace and the rest"] = total - top
+            for label, v in spent.items():
+                per_call.setdefault(label, []).append(v)
+    finally:
+        if was_enabled:
+            gc.enable()
+    rows = []
+    order = ["trace and the rest"] + [label for _, _, label in STAGES]
+    for label in order:
+        if label not in per_call:
+            continue
+        ms = statistics.median(per_call[label]) * 1e3
+        rows.append(f"| {name} | {label} | {ms:.3g} | {ms / jvp_ms:.2f}x |")
+    ms = statistics.median(totals) * 1e3
+    rows.append(f"| {name} | **the whole first linearization** | {ms:.3g} | {ms / jvp_ms:.2f}x |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=150)
     ap.add_argument("--malloc", choices=("pinned", "default"), default="default",
                     help=MALLOC_HELP)
+    ap.add_argument("--stage-calls", type=int, default=200,
+                    help="first linearizations timed per workload for the stages table")
     ap.add_argument("--out", default="", help="also write the table to this file")
     args = ap.parse_args(argv)
     malloc = choose_malloc(args.malloc)
@@ -179,19 +283,32 @@ def main(argv: list[str] | None = None) -> int:
         "| workload | step | ms | / torch.func.jvp | kernels |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
+    stages = [
+        "",
+        f"A structure's first linearization by stage ({args.stage_calls} linearizations per "
+        "workload, back to back after 10 warm-up ones, garbage collector off; median ms "
+        "per linearization; ratios to "
+        "the table's torch.func.jvp median):",
+        "",
+        "| workload | stage | ms | / torch.func.jvp |",
+        "| --- | --- | ---: | ---: |",
+    ]
     for make in (bench_core.make_mlp, bench_core.make_elementwise, bench_core.make_pde,
-                 bench_core.make_custom):
+                 bench_core.make_custom, make_custom_constant):
         w = make()
-        methods = _methods(w.f, w.x, custom=make is bench_core.make_custom)
+        methods = _methods(w.f, w.x, custom=make in (bench_core.make_custom, make_custom_constant))
         samples = interleave({k: (lambda i, fn=fn: fn()) for k, fn in methods.items()},
                              args.rounds, warmup=20)
         med = {k: s.median for k, s in samples.items()}
         ref = med["torch.func.jvp"]
-        name = make.__name__.removeprefix("make_")
+        name = make.__name__.removeprefix("make_").replace("_", ", ").replace(
+            "constant", "constant input")
         for k, v in med.items():
             kernels = sum(count_kernels(methods[k]).values())
             lines.append(f"| {name} | {k} | {v:.3g} | {v / ref:.2f}x | {kernels} |")
-    text = "\n".join(lines)
+        if args.stage_calls > 0:
+            stages.extend(stage_rows(name, w.f, w.x, args.stage_calls, ref))
+    text = "\n".join(lines + (stages if args.stage_calls > 0 else []))
     emit_report(text, args.out, __file__, argv)
     return 0
 
