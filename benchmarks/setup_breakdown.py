@@ -37,13 +37,15 @@ Medians in ms; *kernels*: the aten operations that touch data in one call of the
 
 A second table splits a structure's first linearization into its stages: the stage
 functions are wrapped with a timer while ``--stage-calls`` first linearizations run back
-to back (after warm-up; the garbage collector off: collecting before each call would
-make every call a cold one, whose Python runs slower, about 1.3x on the PDE here), and
-each stage's time per linearization is a median over them
+to back (after warm-up; the garbage collector off), and each stage's time per
+linearization is a median over them
 (the passes, ``_api._run_passes``, shown with their parts: the identity/CSE walks, the
 folds, and inside the folds the regions' coefficients). *trace and the rest* is the
 whole call less its timed stages: tracing ``f`` under forward AD and the dispatch mode,
-and the bookkeeping around it. The wrappers add about a microsecond per call.
+and the bookkeeping around it. The wrappers add about a microsecond per call. Each
+timed linearization alternates with one right after ``gc.collect()`` (its total only):
+a cold call, whose Python runs slower for the caches the collector evicted, as the
+first call of every interleaved round of the table above and of ``bench_core.py`` does.
 """
 
 from __future__ import annotations
@@ -231,8 +233,8 @@ def stage_rows(name: str, f: Callable, x: torch.Tensor, calls: int, jvp_ms: floa
     """Rows of the stages table for one workload: median ms per first linearization."""
     per_call: dict[str, list[float]] = {}
     totals: list[float] = []
+    cold: list[float] = []
     was_enabled = gc.isenabled()
-    gc.collect()  # (once: a collection before each call would time cold calls, see above)
     gc.disable()
     try:
         for i in range(calls + 10):
@@ -241,8 +243,14 @@ def stage_rows(name: str, f: Callable, x: torch.Tensor, calls: int, jvp_ms: floa
                 t0 = time.perf_counter()
                 tl.linearize(f, x)
                 total = time.perf_counter() - t0
+            gc.collect()  # a cold call: the first after a collection (stages not split)
+            with as_new_structure():
+                t0 = time.perf_counter()
+                tl.linearize(f, x)
+                cold_total = time.perf_counter() - t0
             if i < 10:  # (warm-up)
                 continue
+            cold.append(cold_total)
             totals.append(total)
             top = sum(v for k, v in spent.items() if not k.startswith(" "))
             spent["trace and the rest"] = total - top
@@ -260,6 +268,9 @@ def stage_rows(name: str, f: Callable, x: torch.Tensor, calls: int, jvp_ms: floa
         rows.append(f"| {name} | {label} | {ms:.3g} | {ms / jvp_ms:.2f}x |")
     ms = statistics.median(totals) * 1e3
     rows.append(f"| {name} | **the whole first linearization** | {ms:.3g} | {ms / jvp_ms:.2f}x |")
+    ms = statistics.median(cold) * 1e3
+    rows.append(f"| {name} | the same, right after a garbage collection | {ms:.3g} | "
+                f"{ms / jvp_ms:.2f}x |")
     return rows
 
 

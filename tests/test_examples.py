@@ -88,6 +88,7 @@ def test_setup_breakdown_stages_add_up_and_unwrap():
     assert [getattr(mod, name) for mod, name, _ in sb.STAGES] == before
     ms = {r.split(" | ")[1]: float(r.split(" | ")[2]) for r in rows}
     whole = ms.pop("**the whole first linearization**")
+    assert ms.pop("the same, right after a garbage collection") > 0
     assert {"trace and the rest", "simplification passes", "  pointwise folds",
             "    of which the regions' coefficients", "code generation"} <= set(ms)
     assert all(v >= 0 for v in ms.values()), ms
