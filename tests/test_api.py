@@ -342,6 +342,37 @@ def test_inference_mode_and_inference_tensors():
     torch.testing.assert_close(aux, w)
 
 
+def test_forward_ad_switched_off_and_inside_a_custom_functions_forward():
+    # PyTorch switches forward AD off inside every custom Function's forward; forward AD
+    # then records nothing and the map was silently zero. torch.func.jvp works there, and
+    # so does linearize: inside such a forward, called eagerly or itself linearized.
+    import torch.autograd.forward_ad as fwAD
+
+    x, c, t = (torch.randn(5, dtype=D) for _ in range(3))
+    with fwAD._set_fwd_grad_enabled(False):
+        _, jvp_fn = tl.linearize(torch.sin, x)
+        torch.testing.assert_close(jvp_fn(t), torch.func.jvp(torch.sin, (x,), (t,))[1])
+        assert not torch._C._is_fwd_grad_enabled()  # (left as it was)
+
+    class Slope(torch.autograd.Function):  # forward: cos(c), from a linearization of sin
+        @staticmethod
+        def forward(c):
+            _, j = tl.linearize(torch.sin, c)
+            return j(torch.ones_like(c))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, s):
+            return torch.zeros_like(s)
+
+    torch.testing.assert_close(Slope.apply(c), torch.cos(c))
+    _, jvp_fn = tl.linearize(lambda x: x * Slope.apply(c), x)
+    torch.testing.assert_close(jvp_fn(t), t * torch.cos(c))
+
+
 def test_the_bench_command_forwards_its_options_to_bench_core():
     import argparse
 

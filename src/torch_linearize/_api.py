@@ -102,6 +102,12 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         # torch.func.jvp works there, and so does linearize: f runs outside it
         with torch.inference_mode(False):
             return linearize(func, *primals, has_aux=has_aux)
+    if not torch._C._is_fwd_grad_enabled():
+        # Nor with forward AD switched off, as PyTorch does inside every custom Function's
+        # forward: linearize asks for derivatives explicitly (as torch.func.jvp, which
+        # works there), so f runs with it on
+        with fwAD._set_fwd_grad_enabled(True):
+            return linearize(func, *primals, has_aux=has_aux)
     flat, in_spec, leaf_specs = flatten_primals(_API, primals)
     outer = current_tracer()
     if outer is not None and outer.level is not None:
