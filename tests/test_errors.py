@@ -272,6 +272,38 @@ def test_linearize_inside_user_dual_level_raises_clearly():
     assert_clean_global_state()
 
 
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev"])
+@pytest.mark.parametrize("where", ["primal", "captured"])
+def test_linearize_inside_a_torch_func_transform_of_its_inputs_raises_clearly(transform, where):
+    # Eager forward AD does not compose with torch.func: before, a transformed primal or a
+    # transformed tensor captured by f gave "Batching rule not implemented" or a
+    # misleading "affine rather than linear" error.
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+
+    def inner(c):
+        if where == "primal":
+            _, jvp_fn = tl.linearize(torch.sin, c)
+        else:
+            _, jvp_fn = tl.linearize(lambda x: torch.sin(x) * c, x)
+        return jvp_fn(t).sum()
+
+    run = {"vmap": torch.vmap(inner), "grad": torch.func.grad(inner),
+           "jacrev": torch.func.jacrev(inner)}[transform]
+    what = r"primals\[0\] is" if where == "primal" else "f's output depends on"
+    with pytest.raises(tl.LinearizeError, match=what + r" a tensor being transformed by a "
+                       r"torch\.func transform .* Call linearize outside the transform"):
+        run(torch.randn(3, 5, dtype=D) if transform == "vmap" else x)
+    assert_clean_global_state()
+
+
+def test_linearize_inside_vmap_over_tangents_only_works():
+    # The composition that is supported: the primals are plain, torch.vmap maps the
+    # tangents (as torch.vmap(jvp_fn) outside would).
+    x, ts = torch.randn(5, dtype=D), torch.randn(3, 5, dtype=D)
+    out = torch.vmap(lambda t: tl.linearize(torch.sin, x)[1](t))(ts)
+    torch.testing.assert_close(out, torch.cos(x) * ts)
+
+
 def test_nested_linearize_on_tangent_carrying_input_raises():
     def f(x):
         y, _ = tl.linearize(torch.sin, x)

@@ -109,6 +109,9 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         with fwAD._set_fwd_grad_enabled(True):
             return linearize(func, *primals, has_aux=has_aux)
     flat, in_spec, leaf_specs = flatten_primals(_API, primals)
+    for leaf, ls in zip(flat, leaf_specs):
+        if _is_functorch_wrapped(leaf):
+            raise LinearizeError(_functorch_message(f"primals{ls.path} is"))
     outer = current_tracer()
     if outer is not None and outer.level is not None:
         for leaf, ls in zip(flat, leaf_specs):
@@ -171,6 +174,9 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                             f"{type(out).__name__}."
                         )
                     out, aux = out
+                if any(isinstance(o, torch.Tensor) and _is_functorch_wrapped(o)
+                       for o in tree_flatten(out)[0]):
+                    raise LinearizeError(_functorch_message("f's output depends on"))
                 # (an output viewing a buffer f later wrote with tangent data gets its
                 # tangent when first read: here, where the tracer records it)
                 materialize_view_tangents(tree_flatten(out)[0], level)
@@ -333,6 +339,18 @@ def _verify_hit(raw: Program, hit: Program, trace_values: dict) -> None:
     for a, b in zip(raw.residuals, hit.residuals):
         torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True,
                                    msg="structure cache: a replayed residual differs")
+
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _functorch_message(what: str) -> str:
+    return (f"{_API}: {what} a tensor being transformed by a torch.func transform (vmap, grad, "
+            "jacrev, jacfwd, ...) that encloses the call. linearize runs on PyTorch's eager "
+            "forward-mode AD, which does not compose with torch.func's transforms. Call "
+            "linearize outside the transform and transform its linear map instead "
+            "(torch.vmap(jvp_fn), jvp_fn.batched(T), jvp_fn.T), or use torch.func.jvp inside "
+            "the transform.")
 
 
 def _eager_stance() -> Any:
