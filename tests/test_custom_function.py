@@ -813,3 +813,39 @@ def test_function_without_tangent_inputs_writing_in_place(outside, guarded):
     y, jvp_fn = tl.linearize(f, x)
     torch.testing.assert_close(y, ry)
     torch.testing.assert_close(jvp_fn(t), rt)
+
+
+def test_implicit_layer_whose_forward_and_jvp_use_linearize():
+    # y(x) solves y + tanh(y)/2 = x by Newton steps whose derivative comes from linearize,
+    # inside the Function's forward (PyTorch switches forward AD off there) and inside its
+    # jvp (run when the outer map is applied). Before stop 20 the inner maps were silently
+    # zero there: the Newton step divided by 0.
+    def g(y, x):
+        return y + 0.5 * torch.tanh(y) - x
+
+    class Solve(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            y = x.clone()
+            for _ in range(30):
+                r, jy = tl.linearize(lambda y: g(y, x), y)
+                y = y - r / jy(torch.ones_like(y))  # (elementwise: the Jacobian's diagonal)
+            return y
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_forward(output)
+            ctx.x = inputs[0]
+
+        @staticmethod
+        def jvp(ctx, tx):
+            (y,) = ctx.saved_tensors
+            _, jy = tl.linearize(lambda y: g(y, ctx.x), y)
+            return tx / jy(torch.ones_like(y))
+
+    x, t = torch.randn(6, dtype=D), torch.randn(6, dtype=D)
+    y, jvp_fn = tl.linearize(lambda x: Solve.apply(x) ** 2, x)
+    s = Solve.apply(x)
+    torch.testing.assert_close(g(s, x), torch.zeros(6, dtype=D), atol=1e-12, rtol=0)
+    torch.testing.assert_close(y, s ** 2)
+    torch.testing.assert_close(jvp_fn(t), 2 * s * t / (1 + 0.5 / torch.cosh(s) ** 2))
