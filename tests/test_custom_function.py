@@ -849,3 +849,17 @@ def test_implicit_layer_whose_forward_and_jvp_use_linearize():
     torch.testing.assert_close(g(s, x), torch.zeros(6, dtype=D), atol=1e-12, rtol=0)
     torch.testing.assert_close(y, s ** 2)
     torch.testing.assert_close(jvp_fn(t), 2 * s * t / (1 + 0.5 / torch.cosh(s) ** 2))
+
+
+def test_activation_checkpointing_inside_f():
+    # Non-reentrant checkpointing is plain PyTorch code to forward AD: it linearizes. The
+    # reentrant one is a custom Function without a jvp (eager forward AD refuses it too):
+    # the error says which flag to use.
+    from torch.utils.checkpoint import checkpoint
+
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    block = lambda a: torch.sin(a) * a
+    _, jvp_fn = tl.linearize(lambda x: checkpoint(block, x, use_reentrant=False), x)
+    torch.testing.assert_close(jvp_fn(t), eager_jvp(block, (x,), (t,))[1])
+    with pytest.raises(tl.NoForwardADError, match="use_reentrant=False"):
+        tl.linearize(lambda x: checkpoint(block, x, use_reentrant=True), x)

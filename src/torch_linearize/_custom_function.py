@@ -302,6 +302,12 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
             tracer.adopt([o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)], args)
         return out
     if not _has_jvp(cls):
+        if cls.__module__ == "torch.utils.checkpoint":  # (CheckpointFunction: PyTorch's own)
+            raise NoForwardADError(
+                f"linearize: torch.utils.checkpoint.checkpoint(..., use_reentrant=True) runs "
+                f"{name}, which has no forward-mode (jvp) rule. Use use_reentrant=False, whose "
+                "checkpointing forward AD (and linearize) goes through."
+            )
         raise NoForwardADError(
             f"linearize: custom autograd.Function {name} receives tangent inputs but does not "
             "implement the staticmethod jvp(ctx, *tangents). Add a jvp (it may call any kernel: "
