@@ -35,6 +35,7 @@ def _run(args: list[str], tmp_path, timeout: float = 600, **env_extra) -> str:
     ("forum_custom_op.py", "linearize calls: {'kernel': 1, 'setup_context': 1, 'jvp': 5}"),
     ("forum_pure_pytorch.py", "gradient (transpose): [16.0, 4.0, 2.0, 1.0]"),
     ("custom_kernel_cpp.py", "64 tangents with vmap: tangent kernel calls: 1"),
+    ("implicit_layer.py", "checks passed"),
 ])
 def test_example_runs(script, expect, tmp_path):
     out = _run([os.path.join("examples", script)], tmp_path)
