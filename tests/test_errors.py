@@ -313,6 +313,48 @@ def test_nested_linearize_on_tangent_carrying_input_raises():
         tl.linearize(f, torch.randn(3, dtype=D))
 
 
+@pytest.mark.parametrize("where", ["f", "custom Function forward"])
+def test_nested_linearize_reading_a_captured_outer_tangent_raises(where):
+    # A linearize inside f (or inside a custom Function's forward there) whose function
+    # captures a tensor carrying the outer tangent: forward-over-forward. It was a
+    # misleading "reads the value of a tangent-dependent tensor" error inside f, and a
+    # silently wrong map and output inside a Function's forward.
+    x, t, c = (torch.randn(4, dtype=D) for _ in range(3))
+    box = {}
+
+    class Inner(torch.autograd.Function):
+        @staticmethod
+        def forward(c):
+            _, j = tl.linearize(lambda y: y * box["w"], c)
+            return j(torch.ones_like(c))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, tc):
+            return torch.zeros_like(tc)
+
+    def inner(c):
+        if where == "f":
+            _, j = tl.linearize(lambda y: y * box["w"], c)
+            return j(torch.ones_like(c))
+        return Inner.apply(c)
+
+    def f(x, detach=False):
+        box["w"] = (x * 2).detach() if detach else x * 2
+        return inner(c) * x
+
+    with pytest.raises(tl.LinearizeError, match=r"aten\.mul\.Tensor in a nested linearize .* "
+                       r"reads the enclosing linearization's tangent.*\.detach\(\)ed"):
+        tl.linearize(f, x)
+    assert_clean_global_state()
+    y, jvp_fn = tl.linearize(lambda x: f(x, detach=True), x)  # w a constant inside
+    torch.testing.assert_close(y, 2 * x * x)
+    torch.testing.assert_close(jvp_fn(t), 2 * x * t)
+
+
 def test_nested_linearize_leaves_no_global_state():
     # Whatever nesting does, the global state is restored afterwards.
     def f(x):

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import (
 )
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._errors import NoForwardADError, NonLinearTangentError
+from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError
 from ._forward_ad import unpack_dual
 from ._passes import _POINTWISE_LINEAR, _POINTWISE_LINEAR_BY_ID, _is_real_number
 from ._program import Eqn, Res, Var
@@ -417,6 +417,17 @@ _STRIDED = torch.strided
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _NO_DISPATCH = torch._C._DisableTorchDispatch
 
+def _enclosing_tangent_error(func) -> LinearizeError:
+    return LinearizeError(
+        f"linearize: {func} in a nested linearize (one called while another linearize traces: "
+        "inside its f, or inside a custom Function's forward there) reads the enclosing "
+        "linearization's tangent, carried by a tensor captured from the enclosing function. "
+        "Nested forward-mode AD (forward-over-forward) is not supported by PyTorch's eager "
+        "forward AD: pass such tensors .detach()ed to treat them as constants, or linearize "
+        "the composition once."
+    )
+
+
 def _needs_conj_keys(info: _OpInfo, args, kwargs) -> bool:
     """Complex operands, or a linear-algebra kernel (may make complex temporaries)."""
     if info.linalg:
@@ -477,11 +488,16 @@ class Tracer(TorchDispatchMode):
         self.dead_steps: list[int] = []
         self.released: dict[int, Eqn] = {}  # released equations by id (finish_chains drops them)
         self.written_groups: set[Any] = set()  # storages written in place so far
+        # tokens of the linearize calls this one runs inside (set when activated): their
+        # tangents must not flow into this trace (forward-over-forward)
+        self.enclosing: frozenset = frozenset()
 
     # ------------------------------------------------------------------ activation
     @contextmanager
     def activate(self) -> Iterator[Tracer]:
         prev = getattr(_local, "tracer", None)
+        if prev is not None:
+            self.enclosing = prev.enclosing | {prev.token}
         _local.tracer = self
         try:
             with self:
@@ -835,10 +851,11 @@ class Tracer(TorchDispatchMode):
                 dropped = True
         return (tuple(out), True) if dropped else (args, False)
 
-    def _scan(self, args, kwargs) -> tuple[bool, bool]:
+    def _scan(self, args, kwargs, func=None) -> tuple[bool, bool]:
         """(a positional argument is a structural zero, an argument is tracked), in one
-        pass: ``_has_zero(args)`` and ``_any_tracked(args, kwargs)``."""
-        token, promoted = self.token, self.promoted
+        pass: ``_has_zero(args)`` and ``_any_tracked(args, kwargs)``. Raises for a tangent
+        of an enclosing ``linearize`` (see ``enclosing``)."""
+        token, promoted, enclosing = self.token, self.promoted, self.enclosing
         zero = tracked = False
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -853,10 +870,12 @@ class Tracer(TorchDispatchMode):
                 d = b.__dict__
                 if not zero and (_ZERO_ATTR in d or b._is_zerotensor()):
                     zero = True
-                if not tracked:
+                if not tracked or enclosing:
                     entry = d.get(_ATTR)
-                    if (entry is not None and entry[0] is token) or (
-                            promoted and self.lookup(b) is not None):
+                    if enclosing and entry is not None and entry[0] in enclosing:
+                        raise _enclosing_tangent_error(func)
+                    if not tracked and ((entry is not None and entry[0] is token) or (
+                            promoted and self.lookup(b) is not None)):
                         tracked = True
         if not tracked and kwargs:
             tracked = self._any_tracked((), kwargs)
@@ -899,7 +918,7 @@ class Tracer(TorchDispatchMode):
                 if _ZERO_ATTR in t.__dict__:  # about to be written: give it real memory
                     del t.__dict__[_ZERO_ATTR]
                     t.set_(torch.zeros(t.shape, dtype=t.dtype, device=t.device))
-        zero, tracked = self._scan(args, kwargs)
+        zero, tracked = self._scan(args, kwargs, func)
         if tracked and self.zero_products and info.additive:
             args, dropped = self._drop_zero_products(func, args)
             zero = zero or dropped
