@@ -76,6 +76,46 @@ def test_vmap_over_custom_function(kind):
     assert dict(CALLS) == expected
 
 
+class _MultiOut(torch.autograd.Function):
+    """Three outputs: sin(x), an int, cos(x); jvp returns None for the int and, when
+    ``_MultiOut.drop`` is set, None (a zero tangent) for cos(x)."""
+
+    generate_vmap_rule = True
+    drop = False
+
+    @staticmethod
+    def forward(x):
+        return torch.sin(x), 3, torch.cos(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(output[2], -output[0])
+
+    @staticmethod
+    def jvp(ctx, tx):
+        CALLS["jvp"] += 1
+        c, ms = ctx.saved_tensors
+        return tx * c, None, None if _MultiOut.drop else tx * ms
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["all-tangents", "a-None-tangent"])
+def test_generated_vmap_rule_with_a_non_tensor_output_and_a_none_tangent(drop, monkeypatch):
+    # torch.vmap returns tensors only: the generated rule's None outputs (a non-tensor
+    # output of forward, a zero tangent) made vmap(jvp_fn) raise a ValueError.
+    monkeypatch.setattr(_MultiOut, "drop", drop)
+    x, t = torch.randn(4, dtype=D), torch.randn(5, 4, dtype=D)
+
+    def f(x):
+        a, n, b = _MultiOut.apply(x)
+        return a * n + b
+
+    _, jvp_fn = tl.linearize(f, x)
+    want = 3 * torch.cos(x) * t - (0 if drop else torch.sin(x) * t)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(t), want)
+    torch.testing.assert_close(jvp_fn.batched(t), want)
+    assert CALLS["jvp"] == 2  # one batched call each (the rule, not a loop)
+
+
 def test_nested_vmap_flattens_batch_dims_into_one_batched_call():
     Fn = make_scale(batched_jvp=True)
     x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)

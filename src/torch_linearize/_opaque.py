@@ -344,12 +344,22 @@ class _OpaqueNode:
             out = None
             if getattr(self.cls, "generate_vmap_rule", False) and not self.dirty:
                 in_dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in flat)
+                # (torch.vmap returns tensors only: None stays None where forward's output
+                # is not differentiable, and is a zero tangent where it is)
+                out_dims = tuple(None if m is None else 0 for m in self.out_meta)
+
+                def call(*xs):
+                    res = self._invoke(list(xs))
+                    return tuple(
+                        self._check(j, o, list(xs), ()) if m is None else
+                        torch.zeros(m[0], dtype=m[1], device=m[3]) if o is None else o
+                        for j, (o, m) in enumerate(zip(res, self.out_meta)))
+
                 try:
-                    out = self._as_tuple(
-                        torch.vmap(lambda *xs: self._invoke(list(xs)), in_dims=in_dims)(*flat))
+                    out = self._as_tuple(torch.vmap(call, in_dims=in_dims, out_dims=out_dims)(*flat))
                 except LinearizeError:
                     raise
-                except RuntimeError:
+                except (RuntimeError, ValueError):
                     out = None  # user code that vmap cannot batch (e.g. a raw kernel): loop
         if out is None:  # per-tangent loop: correct for any user code, one call per batch element
             per = []
