@@ -863,3 +863,51 @@ def test_activation_checkpointing_inside_f():
     torch.testing.assert_close(jvp_fn(t), eager_jvp(block, (x,), (t,))[1])
     with pytest.raises(tl.NoForwardADError, match="use_reentrant=False"):
         tl.linearize(lambda x: checkpoint(block, x, use_reentrant=True), x)
+
+
+class _TailView(torch.autograd.Function):
+    """forward returns a view of its input (offset 1): forward AD lays the output's tangent
+    out like the input's storage, a copy the program makes after the node's jvp."""
+
+    @staticmethod
+    def forward(x):
+        return x[1:]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.n = inputs[0].shape[0]
+
+    @staticmethod
+    def jvp(ctx, tx):
+        return tx[1:]
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.cat([g.new_zeros(ctx.n - g.shape[0]), g])
+
+
+@pytest.mark.parametrize("use", ["as-is", "scaled", "written-in-place"])
+def test_function_returning_a_view_of_its_input(use):
+    # The copy that lays the output's tangent out was recorded before the node's equation,
+    # so the generated code read the node's result before computing it (NameError).
+    def f(x):
+        if use == "as-is":
+            return _TailView.apply(x)
+        if use == "scaled":
+            return _TailView.apply(x) * 2
+        return _TailView.apply(x.clone()).mul_(2)
+
+    def ref(x):
+        y = x[1:]
+        return y if use == "as-is" else y * 2
+
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    y, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(y, ref(x))
+    torch.testing.assert_close(jvp_fn(t), eager_jvp(f, (x,), (t,))[1])
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(ref, (x,), (t,))[1])
+    ts = torch.randn(3, 5, dtype=D)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(ts), torch.vmap(
+        lambda s: torch.func.jvp(ref, (x,), (s,))[1])(ts))
+    u = torch.randn(4, dtype=D)
+    torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(ref, x)[1](u)[0])

@@ -382,6 +382,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
             results[j] = g
 
     out_vars: list[Var | None] = [None] * len(outs)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for j in diff_idx:
         with tracer.paused():
             primal = results[j]
@@ -391,9 +392,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
             out_vars[j] = tracer.new_var(placeholder)
             if primal is not results[j]:
                 tracer.note_created(primal)
-        # make_dual runs with the tracer recording: a layout fix-up it performs on the
-        # placeholder becomes part of the program.
-        results[j] = fwAD.make_dual(primal, placeholder, level=tracer.level)
+        pending.append((j, primal, placeholder))
 
     mutated = []
     dirty_tangents = {}
@@ -409,4 +408,9 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
                     name=node.display_name))
     for j, tangent in dirty_tangents.items():
         tracer.bind(tangent, out_vars[j])
+    # make_dual runs with the tracer recording, after the node's equation: a layout fix-up
+    # it performs on a placeholder (an output viewing an input's storage gets its tangent
+    # copied into a buffer laid out like that storage) reads the node's result.
+    for j, primal, placeholder in pending:
+        results[j] = fwAD.make_dual(primal, placeholder, level=tracer.level)
     return results[0] if single else tuple(results)
