@@ -175,6 +175,27 @@ def test_op_without_forward_ad_formula(f, op):
     assert_clean_global_state()
 
 
+def test_out_variant_raises_with_the_out_of_place_advice():
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+
+    def f(x):
+        y = torch.empty(5, dtype=D)
+        torch.sin(x, out=y)
+        return y * 2
+
+    with pytest.raises(tl.NoForwardADError, match=r"sin_out is an out= variant.*out-of-place"):
+        tl.linearize(f, x)
+    assert_clean_global_state()
+
+    def g(x):  # the advice: compute out of place, copy into the buffer
+        y = torch.empty(5, dtype=D)
+        y.copy_(torch.sin(x))
+        return y * 2
+
+    _, jvp_fn = tl.linearize(g, x)
+    torch.testing.assert_close(jvp_fn(t), 2 * torch.cos(x) * t)
+
+
 def test_op_without_formula_on_untracked_values_is_fine():
     # cdist on tensors that carry no tangent is primal work: no forward AD needed.
     x = torch.randn(6, dtype=D)

@@ -159,6 +159,13 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                     m = _NO_FWAD.search(str(e))
                     if m is None:
                         raise
+                    if "out= function" in str(e):
+                        raise NoForwardADError(
+                            f"{_API}: operator {m.group(1)} is an out= variant, which PyTorch's "
+                            "forward-mode AD does not support. Call the out-of-place form and use "
+                            "its result (y = torch.sin(x) rather than torch.sin(x, out=y)), or copy "
+                            "it into the buffer (y.copy_(torch.sin(x)))."
+                        ) from e
                     raise NoForwardADError(
                         f"{_API}: operator {m.group(1)} has no forward-mode AD formula in PyTorch, "
                         "so it cannot be linearized. Wrap that computation in a custom "
