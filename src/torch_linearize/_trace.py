@@ -417,6 +417,7 @@ _STRIDED = torch.strided
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _NO_DISPATCH = torch._C._DisableTorchDispatch
 
+
 def _enclosing_tangent_error(func) -> LinearizeError:
     return LinearizeError(
         f"linearize: {func} in a nested linearize (one called while another linearize traces: "
