@@ -60,6 +60,35 @@ def test_transformer_encoder_layer(mode):
                                atol=1e-7)
 
 
+@pytest.mark.parametrize("module", ["encoder_layer", "encoder", "mha"])
+@pytest.mark.parametrize("how", ["frozen", "no_grad"])
+def test_transformer_fast_path_is_off_while_tracing(module, how):
+    # In eval mode with parameters that do not require grad (a frozen model, or under
+    # torch.no_grad()), these modules select fused inference kernels without a forward-AD
+    # formula (torch.func.jvp fails there): while tracing they take their composite path.
+    torch.manual_seed(0)
+    mods = {
+        "encoder_layer": lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0,
+                                                            batch_first=True),
+        "encoder": lambda: nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+            enable_nested_tensor=False),
+        "mha": lambda: nn.MultiheadAttention(8, 2, batch_first=True),
+    }
+    m = mods[module]().double().eval().requires_grad_(how != "frozen")
+    f = (lambda x: m(x, x, x)[0]) if module == "mha" else m
+    x, t = torch.randn(2, 5, 8, dtype=D), torch.randn(2, 5, 8, dtype=D)
+    ctx = torch.no_grad() if how == "no_grad" else torch.enable_grad()
+    with ctx:
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            torch.func.jvp(f, (x,), (t,))  # (what PyTorch does: the fused kernel)
+        y, jvp_fn = tl.linearize(f, x)
+        torch.testing.assert_close(y, f(x))
+        assert torch.backends.mha.get_fastpath_enabled()  # (outside the trace: as it was)
+    torch.testing.assert_close(jvp_fn(t), central_difference(f, (x,), (t,)), rtol=1e-6,
+                               atol=1e-7)
+
+
 def test_sdpa_without_tangents_is_not_rerouted(monkeypatch):
     calls = []
     math = torch.ops.aten._scaled_dot_product_attention_math

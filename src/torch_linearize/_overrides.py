@@ -12,12 +12,16 @@ Found by the per-argument OpInfo sweep (``tests/opinfo_harness.py``, "each").
 ``scaled_dot_product_attention`` (to PyTorch's math implementation), 2-D
 ``grid_sample`` (to PyTorch's decomposition), ``embedding_bag`` and ``cdist`` (rebuilt
 from differentiable operations) are routed when a tangent is present: the kernels they
-would run have no forward-AD formula (torch.func.jvp fails on them too).
+would run have no forward-AD formula (torch.func.jvp fails on them too). For the same
+reason ``torch.backends.mha.get_fastpath_enabled()`` answers False in a tracing thread,
+so that ``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)`` in eval mode take
+their composite path instead of the fused inference kernels.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.backends.mha
 
 from ._forward_ad import has_tangent, unpack_dual
 from ._trace import current_tracer
@@ -137,12 +141,24 @@ def _cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
 
 # (namespace, attribute) -> override; the attribute is looked up at call time by callers
 # (torch.nn.functional's own multi_head_attention_forward included)
+def _mha_fastpath_enabled() -> bool:
+    tracer = current_tracer()
+    if tracer is not None and not tracer.paused_depth:
+        # The fused inference kernels that nn.MultiheadAttention and nn.TransformerEncoder(Layer)
+        # select in eval mode (_native_multi_head_attention, _transformer_encoder_layer_fwd)
+        # have no forward-AD formula (torch.func.jvp fails on them too): while this thread
+        # traces, the modules take their composite path, made of differentiable operations.
+        return False
+    return _originals["get_fastpath_enabled"]()
+
+
 _OVERRIDES = {
     (torch, "binary_cross_entropy_with_logits"): _bce_with_logits,
     (torch.nn.functional, "scaled_dot_product_attention"): _sdpa,
     (torch, "grid_sampler"): _grid_sampler,
     (torch, "embedding_bag"): _embedding_bag,
     (torch, "cdist"): _cdist,
+    (torch.backends.mha, "get_fastpath_enabled"): _mha_fastpath_enabled,
 }
 
 
