@@ -196,6 +196,23 @@ def test_out_variant_raises_with_the_out_of_place_advice():
     torch.testing.assert_close(jvp_fn(t), 2 * torch.cos(x) * t)
 
 
+def test_higher_order_control_flow_raises_with_the_python_advice():
+    # torch.cond inside f: PyTorch's dispatch has no rule for it under a mode (eager
+    # forward AD silently drops the tangent there). The error names it and the fix.
+    x, t = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+
+    def f(x):
+        return torch.cond(x.sum() > 0, torch.sin, torch.cos, (x,))
+
+    with pytest.raises(tl.LinearizeError, match=r"higher-order operator cond .* write the "
+                                                r"control flow in Python"):
+        tl.linearize(f, x)
+    assert_clean_global_state()
+    _, jvp_fn = tl.linearize(lambda x: torch.sin(x) if x.sum() > 0 else torch.cos(x), x)
+    want = torch.cos(x) * t if x.sum() > 0 else -torch.sin(x) * t
+    torch.testing.assert_close(jvp_fn(t), want)
+
+
 def test_op_without_formula_on_untracked_values_is_fine():
     # cdist on tensors that carry no tangent is primal work: no forward AD needed.
     x = torch.randn(6, dtype=D)

@@ -53,6 +53,7 @@ __all__ = ["linearize"]
 
 _API = "linearize(f, *primals)"
 _NO_FWAD = re.compile(r"Trying to use forward AD with (\S+) that does not support it")
+_HOP = re.compile(r"no rule registered for HigherOrderOperator (\S+) and mode")
 
 
 def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
@@ -158,6 +159,15 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                 except (NotImplementedError, RuntimeError) as e:
                     m = _NO_FWAD.search(str(e))
                     if m is None:
+                        hop = _HOP.search(str(e))
+                        if hop is not None:
+                            raise LinearizeError(
+                                f"{_API}: f calls the higher-order operator {hop.group(1)} "
+                                "(torch.cond, torch.while_loop, ... : graph-capture control flow), "
+                                "which linearize cannot trace. f runs eagerly, once: write the "
+                                "control flow in Python (if pred: ... else: ...), or call the branch "
+                                "functions directly."
+                            ) from e
                         raise
                     if "out= function" in str(e):
                         raise NoForwardADError(
