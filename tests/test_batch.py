@@ -561,3 +561,24 @@ def test_chunks_pay_off_only_for_cpu_programs_with_several_arithmetic_operations
     assert not chunks_pay_off(jvp_fn._program)  # one addition over two views
     assert auto_chunk_size(64, 1 << 20) == 2 and auto_chunk_size(8, 1 << 20) is None
     assert auto_chunk_size(64, 8 << 20) == 1 and auto_chunk_size(1000, 100) is None
+
+
+def test_batched_out_dims_with_an_output_that_does_not_depend_on_the_tangents():
+    # torch.vmap with out_dims != 0 mishandles an unbatched output (a zero tangent): it
+    # fails to expand one of shape (3,), and gives one of shape () a garbage shape.
+    # batched() batches first and moves the batch dimension itself.
+    x, c = torch.randn(4, dtype=D), torch.randn(3, dtype=D)
+    w = torch.randn(4, 2, dtype=D)
+    f = lambda x: (torch.sin(x) @ w, c * 2)
+    _, jvp_fn = tl.linearize(f, x)
+    T = torch.randn(5, 4, dtype=D)
+    want = ((torch.cos(x) * T) @ w, torch.zeros(5, 3, dtype=D))
+    for out_dims in (1, -1):
+        got = jvp_fn.batched(T.t(), in_dims=1, out_dims=out_dims)
+        torch.testing.assert_close(got[0], want[0].t())
+        torch.testing.assert_close(got[1], want[1].t())
+    g = lambda x: (torch.sin(x).sum() * 2, c.sum())
+    _, jvp_fn = tl.linearize(g, x)
+    with pytest.raises(IndexError, match="out of range"):
+        jvp_fn.batched(T, out_dims=1)
+    torch.testing.assert_close(jvp_fn.batched(T)[0], 2 * (torch.cos(x) * T).sum(1))

@@ -14,7 +14,7 @@ from torch._functorch.pyfunctorch import (
     retrieve_current_functorch_interpreter,
     temporarily_clear_interpreter_stack,
 )
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from ._checks import LeafSpec, flatten_tangents
 from ._errors import LinearizeError, ReleasedError, StaleResidualError
@@ -372,6 +372,13 @@ class LinearMap:
             # one chunk is no chunking: torch.vmap's chunked path would still split and
             # concatenate (a copy of every result)
             chunk_size = None
+        if type(out_dims) is int and out_dims != 0:
+            # torch.vmap mishandles an output that does not depend on the tangents (a zero
+            # tangent, unbatched) with out_dims != 0: it fails to expand it, or returns a
+            # tensor of a garbage shape; batch first, then move the batch dimension
+            out = torch.vmap(self, in_dims=in_dims, chunk_size=chunk_size)(*tangents)
+            return tree_map(lambda o: o.movedim(0, out_dims) if isinstance(o, _Tensor) else o,
+                            out)
         return torch.vmap(self, in_dims=in_dims, out_dims=out_dims,
                           chunk_size=chunk_size)(*tangents)
 
