@@ -195,6 +195,42 @@ def test_linearize_of_custom_op_without_rule_raises_then_works_with_one():
     torch.testing.assert_close(tl.linearize(no_rule, x)[1](t), t * torch.cos(x))
 
 
+@torch.library.custom_op("tl_test_op::twice_into", mutates_args=("out",))
+def twice_into(x: Tensor, out: Tensor) -> None:
+    out.copy_(2 * x)
+
+
+@torch.library.custom_op("tl_test_op::fill7", mutates_args=("out",))
+def fill7(out: Tensor) -> None:
+    out.fill_(7.0)
+
+
+def test_a_mutating_custom_op_that_returns_nothing_is_seen():
+    """An operator that writes in place and returns nothing: until stop 21 the tracer took
+    it for a metadata query and ran it unseen (a silently zero map where the tangent of
+    its input was dropped; a misleading StaleResidualError where it wrote a residual)."""
+    x, t = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+
+    def dropped(x):
+        out = torch.zeros(4, dtype=D)
+        twice_into(x, out)
+        return out
+
+    with pytest.raises(tl.NoForwardADError, match="twice_into.*register_jvp"):
+        tl.linearize(dropped, x)
+
+    def writes_a_residual(x):
+        w = torch.outer(x, x).detach().exp()
+        y = w @ x  # (w is read by y's tangent)
+        fill7(w)  # no tangent reaches it: a primal write, w is copied before it
+        return y
+
+    y, jvp_fn = tl.linearize(writes_a_residual, x)
+    _, want = eager_jvp(writes_a_residual, (x,), (t,))
+    torch.testing.assert_close(jvp_fn(t), want)
+    torch.testing.assert_close(jvp_fn(t), torch.outer(x, x).exp() @ t)
+
+
 def test_reverse_mode_and_torch_func_transforms_use_register_autograd():
     x, w = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
     # plain autograd

@@ -437,3 +437,48 @@ def test_a_step_whose_result_is_not_laid_out_like_its_base_is_recorded_as_it_is(
     assert recorded_with_result == [torch.ops.aten.mul.Tensor]
     t = torch.randn(3, 4, dtype=D)
     torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
+
+
+# ------------------------------------------------- in-place operators that return nothing
+def _foreach_scaled(x):
+    b, c = x.exp(), x.sin()
+    torch._foreach_mul_([b, c], 3.0)  # (the schema returns nothing)
+    torch._foreach_add_([b, c], [c, b])
+    return b - c
+
+
+def _foreach_scaled_once(x):
+    b, c = x.exp(), x.sin()
+    torch._foreach_mul_([b, c], 3.0)
+    return b + c
+
+
+def _foreach_into_residual(x):
+    w = x.detach().exp()
+    y = x * w  # (w is read by y's tangent)
+    torch._foreach_zero_([w])  # a write the program must not see later
+    return y
+
+
+@pytest.mark.parametrize("f", [_foreach_scaled, _foreach_scaled_once, _foreach_into_residual])
+def test_foreach_in_place_operators_are_seen(f):
+    """``_foreach_mul_`` and friends return nothing; until stop 21 the tracer took them
+    for metadata queries and ran them unseen: residuals they wrote were not copied first,
+    so the map was silently wrong (errors of 6-39 on these functions)."""
+    x = torch.randn(5, dtype=torch.float64)
+    assert_jvp_matches(f, x.clone(), reference="eager")
+    assert_jvp_matches(f, x.clone(), reference="func")
+
+
+def test_a_foreach_write_into_tangent_values_is_refused_by_name():
+    from torch_linearize._forward_ad import unpack_dual
+
+    def f(x):
+        y = x * 2
+        t = unpack_dual(y, level=0).tangent  # (tangent values themselves, by hand)
+        if t is not None:
+            torch._foreach_mul_([t], 3.0)
+        return y
+
+    with pytest.raises(tl.NoForwardADError, match="_foreach_mul_"):
+        tl.linearize(f, torch.randn(3, dtype=torch.float64))

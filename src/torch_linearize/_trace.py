@@ -102,7 +102,7 @@ class _OpInfo:
     returns_tensor: bool  # False for metadata queries (is_same_size, ...) and data reads
     custom: bool  # an operator outside aten/prims (torch.library custom ops, extensions)
     # Derived once per operator (the checks of every call read only these):
-    passthrough: bool = False  # returns no tensor and reads no data: run as is
+    passthrough: bool = False  # returns no tensor, reads no data, writes nothing: run as is
     data_read: bool = False  # in _DATA_READS
     linalg: bool = False  # linalg kernel: may build complex temporaries (conj keys)
     value_independent: bool = False  # name in _VALUE_INDEPENDENT
@@ -141,7 +141,9 @@ def _op_info(func) -> _OpInfo:
     nl_base = base[:-1] if base.endswith("_") else base
     info = _OpInfo(
         base, tuple(writes), fresh, random, returns_tensor, custom,
-        passthrough=not returns_tensor and func not in _DATA_READS,
+        # (an operator that writes in place is never one: _foreach_mul_ and mutating custom
+        # ops return nothing, but their writes must be seen)
+        passthrough=not returns_tensor and not writes and func not in _DATA_READS,
         data_read=func in _DATA_READS,
         linalg=func.__name__.startswith(("linalg_", "_linalg")),
         value_independent=base in _VALUE_INDEPENDENT,
@@ -1112,6 +1114,14 @@ class Tracer(TorchDispatchMode):
         out_flat, out_spec = tree_flatten(out)
         tensors = [o for o in out_flat if isinstance(o, torch.Tensor)]
         if not tensors:
+            if written:
+                # (an in-place operator that returns nothing, _foreach_mul_ say, applied
+                # to tangent values themselves; forward AD never does that, its tangent
+                # formulas for those operators write one tensor at a time)
+                raise NoForwardADError(
+                    f"linearize: {func} writes in place into tangent-carrying tensors and "
+                    "returns nothing; linearize cannot record it. Use the per-tensor "
+                    "operations (a loop of mul_, add_, ...) on tangents instead.")
             # Metadata queries (is_same_size, ...) return Python values that do not
             # depend on tangent data; data reads were rejected above.
             return out
