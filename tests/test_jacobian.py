@@ -93,3 +93,20 @@ def test_bad_arguments():
         jvp_fn.jacobian(chunk_size=0)
     with pytest.raises(ValueError, match="argnums must be an int or a non-empty tuple"):
         jvp_fn.jacobian(argnums=())
+
+
+@pytest.mark.parametrize("argnums", [None, 0, 1, (0, 1)])
+def test_zero_dimensional_inputs_and_outputs(argnums):
+    """0-d input and 0-d output (the forum example's shape): the block reshape was called
+    with no sizes at all (a TypeError until stop 21)."""
+    a = torch.tensor(0.3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+
+    def f(a, b):
+        return torch.sin(a) * 2, (a * b).sum(), a * b
+
+    _, jvp_fn = tl.linearize(f, a, b)
+    want = torch.func.jacfwd(f, argnums=(0, 1) if argnums is None else argnums)(a, b)
+    torch.testing.assert_close(jvp_fn.jacobian(argnums=argnums), want)
+    _, single = tl.linearize(torch.sin, a)
+    torch.testing.assert_close(single.jacobian(), torch.func.jacfwd(torch.sin)(a))

@@ -112,9 +112,9 @@ def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
                 if i in sel_pos and out is not None and out_flat[j] is not None:
                     k = sel_pos[i]
                     block = out_flat[j][offsets[k]:offsets[k] + sizes[k]]  # (n_in, *out)
-                    block = block.reshape(*ls_in.shape, *oshape)
+                    block = block.reshape((*ls_in.shape, *oshape))
                     nd_in = len(ls_in.shape)
-                    block = block.permute(*range(nd_in, nd_in + len(oshape)), *range(nd_in))
+                    block = block.permute((*range(nd_in, nd_in + len(oshape)), *range(nd_in)))
                 else:
                     dtype = ls_out.dtype if ls_out is not None else ls_in.dtype
                     block = torch.zeros((*oshape, *ls_in.shape), dtype=dtype, device=ls_in.device)
