@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._program import Eqn, Program, Res, Var
+from ._program import Eqn, Program, Res, Var, _takes_storage_offset
 from ._residuals import STRUCTURAL_ZERO
 
 aten = torch.ops.aten
@@ -1177,12 +1177,15 @@ def _renamed(x: Any, rename: dict) -> Any:
 
 
 def collapse_fresh_copies(prog: Program) -> int:
-    """``buf = zeros(n); view = as_strided(buf, full); copy_(view, src)`` -> ``clone(src)``.
+    """``buf = zeros(n); view = as_strided(buf, ...); copy_(view, src)`` -> ``clone(src)``.
 
     Forward AD sets a tangent that needs a different layout (e.g. a conjugate view)
     by copying it into a fresh buffer; the tracer records that as a promoted buffer.
     When the buffer is only that copy, it is a plain clone, whose result is free of
-    in-place aliasing and can take part in folding.
+    in-place aliasing and can take part in folding. The view may be part of the buffer
+    (a primal that is a row of a larger tensor gets a tangent buffer the size of that
+    tensor's storage): where no operation reads an absolute storage offset of it, the
+    rest of the buffer is never seen, and a contiguous view is a contiguous clone.
     """
     # Every alias of a promoted buffer is made from its root Var, so "the root has one
     # use (the full view) and the view one use (the copy)" means nothing else sees it.
@@ -1194,6 +1197,13 @@ def collapse_fresh_copies(prog: Program) -> int:
         if isinstance(o, Var):
             uses[o.id] = uses.get(o.id, 0) + 1
     by_out = {e.outs.id: e for e in prog.eqns if isinstance(e.outs, Var)}
+    # (per group, the operations taking an absolute storage offset that read it:
+    # as_strided, set_, ...; the view below is one)
+    absolute: dict[int, int] = {}
+    for e in prog.eqns:
+        if _takes_storage_offset(e.fn):
+            for g in {v.group for v in e.in_vars()}:
+                absolute[g] = absolute.get(g, 0) + 1
     rewrites: dict[int, Eqn] = {}
     dead: set[int] = set()
     for e in prog.eqns:
@@ -1206,7 +1216,7 @@ def collapse_fresh_copies(prog: Program) -> int:
         if ve is None or ve.fn is not aten.as_strided.default or len(ve.args) != 4:
             continue
         root, shape, stride, offset = ve.args
-        if not isinstance(root, Var) or uses.get(root.id) != 1 or offset != 0:
+        if not isinstance(root, Var) or uses.get(root.id) != 1:
             continue
         re_ = by_out.get(root.id)
         if re_ is None or re_.name != "fresh_zeros":
@@ -1215,9 +1225,11 @@ def collapse_fresh_copies(prog: Program) -> int:
         for d in shape:
             numel *= d
         contiguous = tuple(torch.empty(tuple(shape), device="meta").stride())
-        if (tuple(root.shape) != (numel,) or tuple(stride) != contiguous
-                or tuple(src.shape) != tuple(shape) or src.dtype != view.dtype):
+        if (tuple(stride) != contiguous or tuple(src.shape) != tuple(shape)
+                or src.dtype != view.dtype):
             continue
+        if (tuple(root.shape) != (numel,) or offset != 0) and absolute.get(root.group, 0) > 1:
+            continue  # (another operation reads where in the buffer the view began)
         # The clone's result keeps the buffer's group: later views of it (and in-place
         # writes through them) must still be seen as aliasing it.
         rewrites[id(e)] = Eqn(aten.clone.default, (src,), {"memory_format": torch.contiguous_format},
@@ -1249,6 +1261,30 @@ def simplify(prog: Program) -> None:
     """
     from ._program import dead_code_elimination
 
+    before = [o.id if isinstance(o, Var) else None for o in prog.outputs]
+    try:
+        _simplify(prog, dead_code_elimination)
+    finally:
+        _keep_outputs_distinct(prog, before)
+
+
+def _keep_outputs_distinct(prog: Program, before: list) -> None:
+    """Outputs that were different values before the passes stay different tensors: where
+    the passes merged two (``y`` and ``y.clone()``, ``2 * x`` and ``x * 2``), the later
+    output is a copy, so that writing into one result in place leaves the other alone
+    (as ``torch.func.jvp``'s results)."""
+    first: dict[int, int] = {}  # var id after -> var id before, of the first output
+    for k, (o, was) in enumerate(zip(prog.outputs, before)):
+        if not isinstance(o, Var) or was is None:
+            continue
+        seen = first.setdefault(o.id, was)
+        if seen != was:
+            copy = Var(o.shape, o.dtype, o.stride, group=None, device=o.device)
+            prog.eqns.append(Eqn(aten.clone.default, (o,), {}, copy))
+            prog.outputs[k] = copy
+
+
+def _simplify(prog: Program, dead_code_elimination) -> None:
     # Only the tracer names a buffer "fresh_zeros" (no pass makes one).
     fresh = any(e.name == "fresh_zeros" for e in prog.eqns)
     walk_ident = walk_cse = run_fold = True
