@@ -457,6 +457,111 @@ def test_torch_compile_still_works_for_training():
     torch.testing.assert_close(g, torch.cos(x) * w)
 
 
+# ----------------------------------------------------------------------------- None results, defaults
+def _check_every_path(f, ref, primals, tangents):
+    """f's JVP through linearize (one and batched tangents), eager forward AD,
+    torch.func.jvp, vmap of it and jacfwd equals torch.func.jvp of the pure-PyTorch ref."""
+    _, want = torch.func.jvp(ref, primals, tangents)
+    torch.testing.assert_close(eager_jvp(f, primals, tangents)[1], want)
+    torch.testing.assert_close(torch.func.jvp(f, primals, tangents)[1], want)
+    _, jvp_fn = tl.linearize(f, *primals)
+    torch.testing.assert_close(jvp_fn(*tangents), want)
+    gen = torch.Generator().manual_seed(1)
+    T = tuple(torch.randn(3, *t.shape, dtype=D, generator=gen) for t in tangents)
+    want_b = torch.vmap(lambda *t: torch.func.jvp(ref, primals, t)[1])(*T)
+    torch.testing.assert_close(torch.vmap(lambda *t: torch.func.jvp(f, primals, t)[1])(*T), want_b)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(*T), want_b)
+    argnums = tuple(range(len(primals)))
+    torch.testing.assert_close(torch.func.jacfwd(f, argnums)(*primals),
+                               torch.func.jacfwd(ref, argnums)(*primals))
+
+
+@torch.library.custom_op("tl_test_op::floor_mul", mutates_args=())
+def floor_mul(x: Tensor, s: Tensor) -> Tensor:
+    return x * torch.floor(s)
+
+
+@torch.library.custom_op("tl_test_op::floor_split", mutates_args=())
+def floor_split(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return x * torch.floor(s), 2 * torch.floor(s), (s > 0).long()
+
+
+def _floor_setup(ctx, inputs, output):
+    ctx.save_for_forward(inputs[1])
+
+
+def _floor_tangent(ctx, tx):
+    return None if tx is None else tx * torch.floor(ctx.saved_tensors[0])
+
+
+# (floor has derivative zero: a rule returning None for a tangent of s alone is exact)
+tl.register_jvp(floor_mul, lambda ctx, tx, ts: _floor_tangent(ctx, tx), setup_context=_floor_setup)
+tl.register_jvp(floor_split, lambda ctx, tx, ts: (_floor_tangent(ctx, tx), None, None),
+                setup_context=_floor_setup)
+
+
+_FLOOR_OPS = {
+    "one": (floor_mul, lambda x, s: x * torch.floor(s)),
+    "several": (lambda x, s: floor_split(x, s)[:2],
+                lambda x, s: (x * torch.floor(s), 2 * torch.floor(s))),
+}
+
+
+@pytest.mark.parametrize("outputs", ["one", "several"])
+@pytest.mark.parametrize("which", ["s", "x", "xs"])
+def test_rule_returning_none_is_a_zero_tangent_everywhere(outputs, which):
+    """None from the rule (documented as zero) reached PyTorch's forward AD, whose
+    Function machinery asserted (eager forward AD, torch.func.jvp, jacfwd)."""
+    op, ref = _FLOOR_OPS[outputs]
+    gen = torch.Generator().manual_seed(0)
+    x, s, tx, ts = (torch.randn(4, dtype=D, generator=gen) * 3 for _ in range(4))
+    if which == "s":
+        _check_every_path(lambda s: op(x, s), lambda s: ref(x, s), (s,), (ts,))
+    elif which == "x":
+        _check_every_path(lambda x: op(x, s), lambda x: ref(x, s), (x,), (tx,))
+    else:
+        _check_every_path(op, ref, (x, s), (tx, ts))
+    if outputs == "several":  # the integer output keeps no tangent
+        with fwAD.dual_level():
+            out = floor_split(x, fwAD.make_dual(s, ts))
+            assert fwAD.unpack_dual(out[2]).tangent is None
+
+
+def test_rule_gets_a_tangent_for_every_input_left_at_its_default():
+    """The dispatcher drops trailing arguments equal to their defaults; setup_context got
+    them back but the rule got fewer tangents (TypeError for a rule with one per input)."""
+    seen = []
+
+    @torch.library.custom_op("tl_test_op::powk", mutates_args=())
+    def powk(x: Tensor, k: int = 2, w: Tensor | None = None, *, c: float = 1.0) -> Tensor:
+        return c * x**k * (1 if w is None else w)
+
+    def setup(ctx, inputs, keyword_only_inputs, output):
+        x, ctx.k, w = inputs
+        ctx.c, ctx.has_w = keyword_only_inputs["c"], w is not None
+        ctx.save_for_forward(x, *([w] if w is not None else []))
+
+    def jvp(ctx, tx, tk, tw):
+        seen.append(tk)
+        x, *w = ctx.saved_tensors
+        w = w[0] if ctx.has_w else 1
+        out = None if tx is None else ctx.c * ctx.k * x ** (ctx.k - 1) * w * tx
+        if tw is not None:
+            out = ctx.c * x**ctx.k * tw if out is None else out + ctx.c * x**ctx.k * tw
+        return out
+
+    tl.register_jvp(powk, jvp, setup_context=setup)
+    gen = torch.Generator().manual_seed(0)
+    x, w, tx, tw = (torch.randn(5, dtype=D, generator=gen) for _ in range(4))
+    _check_every_path(powk, lambda x: x**2, (x,), (tx,))
+    _check_every_path(lambda x: powk(x, 3), lambda x: x**3, (x,), (tx,))
+    _check_every_path(lambda x: powk(x, c=0.5), lambda x: 0.5 * x**2, (x,), (tx,))
+    _check_every_path(lambda x, w: powk(x, 2, w, c=0.5), lambda x, w: 0.5 * x**2 * w,
+                      (x, w), (tx, tw))
+    _check_every_path(lambda w: powk(x, 3, w), lambda w: x**3 * w, (w,), (tw,))
+    assert seen and all(tk is None for tk in seen)
+
+
 # ----------------------------------------------------------------------------- C++ kernels
 CPP_SOURCE = r"""
 #include <cmath>

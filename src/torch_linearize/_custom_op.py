@@ -18,8 +18,11 @@ requires grad **or carries a forward-mode tangent** at the current
 * ``setup_context`` calls the op's ``register_autograd`` setup_context and the
   jvp ``setup_context`` (read at call time, so ``register_autograd`` may come
   later);
-* ``jvp`` calls the rule, with ``None`` for inputs without a tangent, and checks
-  the structure, shapes and dtypes of what it returns;
+* ``jvp`` calls the rule with one tangent per positional schema input (``None``
+  for inputs without a tangent, including trailing ones the dispatcher dropped
+  because they equal their defaults), checks the structure, shapes and dtypes
+  of what it returns, and, outside ``linearize``, turns ``None`` for a
+  differentiable output into zeros (PyTorch's forward AD rejects ``None``);
 * ``backward`` calls the op's registered backward (with materialized zero
   gradients, as ``register_autograd`` promises) or raises PyTorch's "no
   autograd formula" error;
@@ -47,6 +50,7 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch._library import utils as _lib_utils
 from torch._library.custom_ops import CustomOpDef
 
+from ._custom_function import LinearizeCtx
 from ._forward_ad import has_tangent
 
 __all__ = ["register_jvp"]
@@ -135,6 +139,7 @@ def _make_function(opdef: CustomOpDef, jvp: Callable, jvp_setup: Callable | None
     schema = op._schema
     single = len(schema.returns) == 1
     kwonly = _lib_utils.has_kwarg_only_args(schema)
+    n_inputs = sum(not a.kwarg_only for a in schema.arguments)
 
     def call_setup(fn: Callable, ctx: Any, args: tuple, kwargs: dict, output: Any) -> None:
         if kwonly:
@@ -164,7 +169,19 @@ def _make_function(opdef: CustomOpDef, jvp: Callable, jvp_setup: Callable | None
             call_setup(jvp_setup, ctx, args, kwargs, output)
 
     def jvp_(ctx, *tangents):
-        return _check_jvp_result(qualname, single, ctx._tl_op_outputs, jvp(ctx, *tangents[:-1]))
+        # (drop _Meta's; the dispatcher drops trailing arguments equal to their defaults:
+        # the rule gets None for those, one tangent per positional input in every path)
+        tangents = tangents[:-1]
+        if len(tangents) < n_inputs:
+            tangents += (None,) * (n_inputs - len(tangents))
+        outputs = ctx._tl_op_outputs
+        result = _check_jvp_result(qualname, single, outputs, jvp(ctx, *tangents))
+        if isinstance(ctx, LinearizeCtx):
+            return result  # linearize takes None as a zero tangent
+        # PyTorch's forward AD (eager, torch.func) asserts on None for a differentiable output.
+        if single:
+            return _zero_if_none(result, outputs[0])
+        return tuple(_zero_if_none(t, o) for t, o in zip(result, outputs))
 
     def backward(ctx, *grads):
         backward_fn = opdef._backward_fn
@@ -199,6 +216,13 @@ def _make_function(opdef: CustomOpDef, jvp: Callable, jvp_setup: Callable | None
     })
     cls.__qualname__ = qualname  # names the op in linearize's errors and LinearMap repr
     return cls
+
+
+def _zero_if_none(tangent: Any, output: tuple) -> Any:
+    shape, dtype, device = output
+    if tangent is None and _differentiable(dtype):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return tangent
 
 
 def _check_jvp_result(qualname: str, single: bool, outputs: tuple, result: Any) -> Any:
@@ -282,11 +306,13 @@ def register_jvp(
       keyword_only_inputs, output)`` for ops with keyword-only arguments) runs
       once, after the op's kernel; it saves what the rule needs on ``ctx``
       (tensors with ``ctx.save_for_forward`` or as attributes);
-    * ``jvp(ctx, *input_tangents)`` gets one tangent per positional input
-      (``None`` for non-tensor inputs and inputs without a tangent) and returns
-      the output tangent(s) with the op's output structure (a Tensor, or a tuple
-      with one Tensor or ``None`` per output). Inside ``jvp``,
-      ``ctx.saved_tensors`` is what ``save_for_forward`` received.
+    * ``jvp(ctx, *input_tangents)`` gets one tangent per positional input of
+      the schema (``None`` for non-tensor inputs, inputs without a tangent and
+      arguments left at their defaults) and returns the output tangent(s) with
+      the op's output structure (a Tensor, or a tuple with one Tensor or
+      ``None`` per output; ``None`` is a zero tangent in every transform).
+      Inside ``jvp``, ``ctx.saved_tensors`` is what ``save_for_forward``
+      received.
 
     Afterwards the op supports ``torch_linearize.linearize`` (kernel once, rule
     per tangent on the saved ``ctx`` with plain tensors, so the rule may call
