@@ -124,3 +124,17 @@ def test_a_transpose_outliving_its_map_rebuilds_it_without_transposing_again(mon
     del jvp_fn
     with pytest.raises(tl.ReleasedError, match="the map this one transposes was released"):
         vjp_fn.transpose()
+
+
+def test_a_lazily_conjugated_complex_tangent_is_resolved():
+    """A tangent with the conjugate (or negative) bit set: torch.func resolves it; until
+    stop 21 the map passed it on and view_as_real refused it."""
+    z = torch.randn(3, dtype=torch.complex128)
+    f = lambda a: torch.view_as_real(a) * 2
+    _, jvp_fn = tl.linearize(f, z)
+    for t in (torch.randn(3, dtype=torch.complex128).conj(),
+              torch._neg_view(torch.randn(3, dtype=torch.complex128))):
+        want = torch.func.jvp(f, (z,), (t,))[1]
+        torch.testing.assert_close(jvp_fn(t), want)
+        torch.testing.assert_close(torch.vmap(jvp_fn)(t[None])[0], want)
+        torch.testing.assert_close(jvp_fn.batched(t[None])[0], want)

@@ -576,6 +576,11 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
     for k, v in enumerate(prog.inputs):
         stride, offset = prog.input_layouts[k] if prog.input_layouts else (None, 0)
         name = nm.var(v)
+        if v.dtype.is_complex:
+            # a lazily conjugated (or negated) tangent is resolved, as torch.func does:
+            # some operations (view_as_real) refuse one
+            body.append(f"if {name}.is_conj() or {name}.is_neg(): "
+                        f"{name} = {name}.resolve_conj().resolve_neg()")
         if stride is not None:
             s = nm.lit(tuple(stride))
             cond = f"{name}.stride() != {s}"
