@@ -402,3 +402,43 @@ def test_in_place_update_of_a_fresh_buffer_survives_simplification():
         torch.testing.assert_close(jvp_fn.transpose()(u), ref(u))
         # A plain tuple for the named tuple is accepted too (torch.func.vjp refuses it).
         torch.testing.assert_close(jvp_fn.transpose()(tuple(u)), ref(u))
+
+
+# ------------------------------------------- one buffer written as complex and read as real
+def _real_parts_written(x):
+    z = torch.zeros(4, dtype=torch.complex128)
+    z.real.copy_(x)
+    z.imag.copy_(x.exp())
+    return torch.view_as_real(z * z)
+
+
+def _complex_view_written(x):
+    z = torch.zeros(4, 2, dtype=torch.float64)
+    torch.view_as_complex(z).add_(x * 1j)
+    return z.sum(1) * z[:, 1]
+
+
+@pytest.mark.parametrize("f", [_real_parts_written, _complex_view_written])
+def test_a_buffer_written_through_views_of_two_dtypes(f):
+    """A buffer receiving tangent data through a real and a complex view of it: until
+    stop 21 linearize raised NotImplementedError (eager forward AD handles it)."""
+    x = torch.randn(4, dtype=torch.float64)
+    y, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(y, f(x))
+    for _ in range(2):
+        t, ct = torch.randn_like(x), torch.randn_like(y)
+        torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
+        torch.testing.assert_close(jvp_fn.T(ct)[0], torch.func.vjp(f, x)[1](ct)[0])
+    T = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(T), torch.stack([jvp_fn(t) for t in T]))
+
+
+def test_an_operation_autograd_calls_not_differentiable_is_refused_not_dropped(monkeypatch):
+    """Without its differentiable form, ``view(dtype)`` cuts the autograd graph the
+    transpose is recorded from: that part of the transpose would be silently zero."""
+    from torch_linearize import _transpose
+
+    monkeypatch.delitem(_transpose._LOCAL_DECOMPOSITIONS, torch.ops.aten.view.dtype)
+    _, jvp_fn = tl.linearize(_real_parts_written, torch.randn(4, dtype=torch.float64))
+    with pytest.raises(tl.LinearizeError, match=r"view\.dtype.*not differentiable"):
+        jvp_fn.transpose()

@@ -807,10 +807,16 @@ class Tracer(TorchDispatchMode):
     def _alias_of_promoted(self, t: torch.Tensor, k: int) -> Var:
         root = self.promoted[k][1]
         if t.dtype != root.dtype:
-            raise NotImplementedError(
-                "linearize: a buffer that receives tangent data is viewed with two dtypes "
-                f"({root.dtype} and {t.dtype}); this is not supported."
-            )
+            # the buffer seen as another dtype (z.real of a complex buffer, view_as_complex
+            # of a real one): the same bytes, read as t's elements (t's geometry counts them)
+            if root.stride != (1,) or (root.shape[0] * root.dtype.itemsize) % t.dtype.itemsize:
+                raise NotImplementedError(
+                    "linearize: a buffer that receives tangent data is viewed with two dtypes "
+                    f"({root.dtype} and {t.dtype}) in a way linearize cannot replay.")
+            n = root.shape[0] * root.dtype.itemsize // t.dtype.itemsize
+            retyped = Var((n,), t.dtype, (1,), group=k, device=t.device)
+            self.emit(Eqn(aten.view.dtype, (root, t.dtype), {}, retyped))
+            root = retyped
         v = Var.like(t, group=k)
         self.emit(Eqn(aten.as_strided.default,
                       (root, tuple(t.shape), tuple(t.stride()), t.storage_offset()), {}, v))

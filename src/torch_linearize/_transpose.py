@@ -40,7 +40,7 @@ from ._program import (
     interpret,
 )
 from ._residuals import ctx_tensors, distinct_storage_bytes
-from ._trace import Tracer
+from ._trace import Tracer, _op_info
 
 __all__ = ["differentiable_impl", "transpose_map"]
 
@@ -54,8 +54,19 @@ def _glu_jvp(glu, x, dx, dim):
     return dx.narrow(dim, 0, n) * sig_b + glu * (1 - sig_b) * dx.narrow(dim, n, n)
 
 
+def _view_dtype(x, dtype):
+    # x.view(dtype) between a complex dtype and its real one (the tracer reads a buffer
+    # written through z.real as complex): autograd calls that view non-differentiable,
+    # view_as_real / view_as_complex are the same views, differentiable
+    if x.is_complex() and dtype == x.real.dtype:
+        return torch.view_as_real(x).flatten(-2)
+    if dtype.is_complex and not x.is_complex() and torch.empty(0, dtype=dtype).real.dtype == x.dtype:
+        return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return x.view(dtype)
+
+
 # Forward-AD helper operations without a backward formula, and their differentiable forms.
-_LOCAL_DECOMPOSITIONS = {aten.glu_jvp.default: _glu_jvp}
+_LOCAL_DECOMPOSITIONS = {aten.glu_jvp.default: _glu_jvp, aten.view.dtype: _view_dtype}
 
 # Pointwise helpers that forward-AD formulas apply to the incoming tangent (their first
 # argument; every other tensor argument is a residual): each is ``g * c(x)`` elementwise,
@@ -174,9 +185,29 @@ def _transposable_impl(lm: LinearMap, nodes):
             if e.fn in div_ops and isinstance(b, Res) and b.index in bad:
                 f, op = factor(b.index, True), div_ops[e.fn]
                 return lambda u, _v, f=f, op=op: op(u, f)
-        return differentiable_impl(e.fn)
+        return _graph_kept(e.fn, differentiable_impl(e.fn))
 
     return impl
+
+
+def _graph_kept(op, fn):
+    """``fn``, refusing to cut the autograd graph: an operation PyTorch calls
+    non-differentiable would silently drop its part of the transpose."""
+    if not isinstance(op, torch._ops.OpOverload) or _op_info(op).value_independent:
+        return fn  # (custom-Function nodes: zeros of the right shape here, by design;
+        # factories such as new_zeros read no values)
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and not out.requires_grad and \
+                (out.is_floating_point() or out.is_complex()) and any(
+                    isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            raise LinearizeError(
+                f"transpose: the linear program applies {op}, which PyTorch's autograd "
+                "treats as not differentiable, so its transpose cannot be recorded.")
+        return out
+
+    return run
 
 
 def differentiable_impl(fn):
