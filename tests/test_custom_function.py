@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 import custom_functions as cf
 import torch_linearize as tl
-from helpers import check_random_program, eager_jvp, mutating_programs, rand_like_tree
+from helpers import (
+    central_difference,
+    check_random_program,
+    eager_jvp,
+    mutating_programs,
+    rand_like_tree,
+)
 
 D = torch.float64
 
@@ -911,3 +917,170 @@ def test_function_returning_a_view_of_its_input(use):
         lambda s: torch.func.jvp(ref, (x,), (s,))[1])(ts))
     u = torch.randn(4, dtype=D)
     torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(ref, x)[1](u)[0])
+
+
+class _Rows(torch.autograd.Function):
+    """forward returns a view of its input (rows 1:), old style; jvp the same view."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.n = a.shape[0]
+        return a[1:]
+
+    @staticmethod
+    def jvp(ctx, ta):
+        return ta[1:]
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.cat([g.new_zeros(ctx.n - g.shape[0], *g.shape[1:]), g])
+
+
+class _AsIs(torch.autograd.Function):
+    """forward returns its input as is (eager: a view of it); jvp a view of its tangent."""
+
+    @staticmethod
+    def forward(a):
+        return a
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def jvp(ctx, ta):
+        return ta.view_as(ta)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _ViewAndSin(torch.autograd.Function):
+    """Two outputs: a view of the input (transposed rows :2) and sin of it."""
+
+    @staticmethod
+    def forward(a):
+        return a[:2].t(), a.sin()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[0])
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, ta):
+        (a,) = ctx.saved_tensors
+        return ta[:2].t(), ta * a.cos()
+
+    @staticmethod
+    def backward(ctx, gv, gs):
+        (a,) = ctx.saved_tensors
+        g = gs * a.cos()
+        return torch.cat([g[:2] + gv.t(), g[2:]])
+
+
+class _ScaleAndView(torch.autograd.Function):
+    """Doubles its input in place (mark_dirty) and returns it with a view of it."""
+
+    @staticmethod
+    def forward(ctx, a):
+        a.mul_(2)
+        ctx.mark_dirty(a)
+        return a, a[1:]
+
+    @staticmethod
+    def jvp(ctx, ta):
+        ta.mul_(2)
+        return ta, ta[1:]
+
+    @staticmethod
+    def backward(ctx, ga, gv):
+        g = ga.clone()
+        g[1:] += gv
+        return 2 * g
+
+
+def _write_view_read_base(x):
+    y = x.exp()
+    _Rows.apply(y).mul_(2)
+    return y
+
+
+def _write_base_read_view(x):
+    y = x.exp()
+    v = _Rows.apply(y)
+    y.mul_(3)
+    return v * 1.0
+
+
+def _as_is_write_base_read_view(x):
+    y = x.sin()
+    v = _AsIs.apply(y)
+    y.mul_(3)
+    return v
+
+
+def _as_is_write_view_read_base(x):
+    y = x.sin()
+    _AsIs.apply(y).mul_(2)
+    return y.cos() + y
+
+
+def _view_of_the_primal_input(x):
+    _Rows.apply(x).mul_(2)
+    return x
+
+
+def _two_outputs(x):
+    y = x * 3
+    v, s = _ViewAndSin.apply(y)
+    v.add_(s[:2].t())
+    return y, s
+
+
+def _dirty_and_a_view(x):
+    y = x.exp()
+    a, v = _ScaleAndView.apply(y)
+    v.mul_(3)
+    return a.sin(), y
+
+
+@pytest.mark.parametrize("f", [
+    _write_view_read_base, _write_base_read_view, _as_is_write_base_read_view,
+    _as_is_write_view_read_base, _view_of_the_primal_input, _two_outputs, _dirty_and_a_view,
+], ids=lambda f: f.__name__.strip("_"))
+def test_output_viewing_an_input_shares_its_tangent(f):
+    # An opaque Function's output that is a view of an input (or the input as is) got a
+    # fresh tangent: an in-place write through the output did not reach the input's
+    # tangent, nor one through the input the output's (silently wrong maps, errors 1-30).
+    # Eager forward AD makes jvp return the view of the input's tangent: the tangents
+    # alias. The output's tangent is now that view of the input's tangent.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, dtype=D, generator=gen)
+    ts = torch.randn(3, 4, 4, dtype=D, generator=gen)
+    y, jvp_fn = tl.linearize(f, x.clone())
+    torch.testing.assert_close(y, f(x.clone()))
+    got = [jvp_fn(t) for t in ts]
+    for t, g in zip(ts, got):
+        torch.testing.assert_close(g, eager_jvp(f, (x.clone(),), (t.clone(),))[1])
+        torch.testing.assert_close(g, central_difference(f, (x,), (t,)), rtol=1e-6, atol=1e-6)
+    stacked = _tree_stack(got)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(ts), stacked)
+    torch.testing.assert_close(jvp_fn.batched(ts), stacked)
+    # the transpose: <T(u), t> == <u, jvp(t)>, one cotangent at a time and under vmap
+    us = [rand_like_tree(y, gen) for _ in range(3)]
+    cots = [jvp_fn.T(u)[0] for u in us]
+    for u, c in zip(us, cots):
+        for t, g in zip(ts, got):
+            torch.testing.assert_close((c * t).sum(), _inner(u, g))
+    torch.testing.assert_close(torch.vmap(jvp_fn.T)(_tree_stack(us))[0], torch.stack(cots))
+
+
+def _tree_stack(trees):
+    return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *trees)
+
+
+def _inner(u, v):
+    flat_u, flat_v = torch.utils._pytree.tree_leaves(u), torch.utils._pytree.tree_leaves(v)
+    return sum((a * b).sum() for a, b in zip(flat_u, flat_v))

@@ -7,7 +7,7 @@ import torch
 
 import custom_functions as cf
 import torch_linearize as tl
-from helpers import eager_jvp, rand_like_tree
+from helpers import central_difference, eager_jvp, rand_like_tree
 
 D = torch.float64
 CALLS = collections.Counter()
@@ -205,6 +205,97 @@ def test_loop_fallback_for_opaque_kernels_under_vmap():
     torch.testing.assert_close(torch.vmap(jvp_fn)(ts), 2 * x * ts)
     torch.testing.assert_close(torch.vmap(jvp_fn.transpose())(ts)[0], 2 * x * ts)
     assert CALLS["jvp"] == 3 and CALLS["backward"] == 3
+    # jacfwd reaches the node's jvp rule with its own batched tangents: these go through
+    # the node's vmap rule too (before, numpy got a batched tensor and raised)
+    jac = torch.diag(2 * x)
+    torch.testing.assert_close(torch.func.jacfwd(jvp_fn)(ts[0]), jac)
+    torch.testing.assert_close(torch.func.jacfwd(lambda u: jvp_fn.transpose()(u)[0])(ts[0]), jac)
+
+
+class _Mul(torch.autograd.Function):
+    """An old-style Function (forward(ctx, ...), no setup_context): functorch refuses it."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a * b
+
+
+class _SquareViaMul(torch.autograd.Function):
+    """y = x * x, old style; its jvp and backward call _Mul."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.x = x
+        return x * x
+
+    @staticmethod
+    def jvp(ctx, t):
+        return _Mul.apply(2 * ctx.x, t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _Mul.apply(2 * ctx.x, g)
+
+
+@pytest.mark.parametrize("f", [
+    _SquareViaMul.apply, lambda x: _SquareViaMul.apply(x.sin()) * x,
+], ids=["alone", "in-a-program"])
+def test_jvp_and_backward_calling_an_old_style_function_under_vmap(f):
+    # The per-tangent loop calls jvp / backward on plain tensors, but inside vmap's layer,
+    # where Function.apply refuses a Function without setup_context: vmap(jvp_fn) and
+    # vmap(jvp_fn.T) raised (jvp_fn.batched did not). The loop now runs with functorch's
+    # stack cleared, and the node's jvp/backward rules, reached with a transform's own
+    # tensors (jacfwd), go through its vmap rule down to plain tensors.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, dtype=D, generator=gen)
+    ts = torch.randn(3, 4, dtype=D, generator=gen)
+    _, jvp_fn = tl.linearize(f, x)
+    got = [jvp_fn(t) for t in ts]
+    for t, g in zip(ts, got):
+        torch.testing.assert_close(g, eager_jvp(f, (x,), (t,))[1])
+        torch.testing.assert_close(g, central_difference(f, (x,), (t,)), rtol=1e-6, atol=1e-6)
+    want = torch.stack(got)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(ts), want)
+    torch.testing.assert_close(torch.vmap(torch.vmap(jvp_fn))(ts.expand(2, 3, 4)),
+                               want.expand(2, 3, 4))
+    torch.testing.assert_close(jvp_fn.batched(ts), want)
+    vjp_fn = jvp_fn.T
+    cots = torch.stack([vjp_fn(u)[0] for u in ts])
+    for u, c in zip(ts, cots):  # <T(u), t> == <u, jvp(t)>
+        for t, g in zip(ts, got):
+            torch.testing.assert_close((c * t).sum(), (u * g).sum())
+    torch.testing.assert_close(torch.vmap(vjp_fn)(ts)[0], cots)
+    torch.testing.assert_close(vjp_fn.batched(ts)[0], cots)
+    jac = torch.stack([jvp_fn(e) for e in torch.eye(4, dtype=D)], dim=1)
+    torch.testing.assert_close(torch.func.jacfwd(jvp_fn)(ts[0]), jac)
+    torch.testing.assert_close(torch.func.jacrev(jvp_fn)(ts[0]), jac)
+    torch.testing.assert_close(torch.func.jacfwd(lambda u: vjp_fn(u)[0])(ts[0]), jac.T)
+
+
+class _SquareViaMulBatched(_SquareViaMul):
+    """The same with batched_jvp / batched_vjp, which call _Mul too."""
+
+    @staticmethod
+    def batched_jvp(ctx, t):
+        return _Mul.apply(2 * ctx.x, t)
+
+    @staticmethod
+    def batched_vjp(ctx, g):
+        return _Mul.apply(2 * ctx.x, g)
+
+
+def test_batched_jvp_calling_an_old_style_function_under_vmap():
+    # vmap(jvp_fn) runs an elementwise program's batch directly (LinearMap._under_one_vmap)
+    # with the vmap still on functorch's stack: batched_jvp's _Mul.apply raised there.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, dtype=D, generator=gen)
+    ts = torch.randn(3, 4, dtype=D, generator=gen)
+    _, jvp_fn = tl.linearize(_SquareViaMulBatched.apply, x)
+    want = torch.stack([eager_jvp(_SquareViaMulBatched.apply, (x,), (t,))[1] for t in ts])
+    torch.testing.assert_close(torch.vmap(jvp_fn)(ts), want)
+    torch.testing.assert_close(jvp_fn.batched(ts), want)
+    torch.testing.assert_close(torch.vmap(jvp_fn.T)(ts)[0], torch.stack([jvp_fn.T(u)[0] for u in ts]))
+    torch.testing.assert_close(torch.vmap(jvp_fn.T)(ts)[0], 2 * x * ts)
 
 
 def test_mark_dirty_function_under_vmap():

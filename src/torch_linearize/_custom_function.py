@@ -15,7 +15,9 @@ For a Function whose inputs carry tangents we
    *tangents)`` with plain tensors at application time, so ``jvp`` may read
    data pointers, call numpy, C++/CUDA/Triton kernels;
 3. give every differentiable output a placeholder tangent so that the rest of
-   ``f`` is traced as usual.
+   ``f`` is traced as usual; an output that is (a view of) an input carrying a
+   tangent gets the same view of that input's tangent instead, as eager forward AD
+   requires of ``jvp``, so that writes through either reach the other.
 
 Inside ``torch.func`` transforms (e.g. ``linearize(torch.func.grad(f), x)``)
 custom Functions keep PyTorch's own semantics (``jvp`` runs at trace time and
@@ -260,6 +262,28 @@ class _ReverseGuard(torch.autograd.Function):
         )
 
 
+def _alias_outputs(outs: tuple, diff_idx: list[int], primal_index: dict[int, int],
+                   tangent_syms: list[Any]) -> dict[int, int]:
+    """Output index -> input index, for each differentiable output that ``forward``
+    returned as a view of (or as) an input whose tangent is traced.
+
+    Eager forward AD requires ``jvp`` to return, for such an output, the matching view
+    of that input's tangent: the output's tangent is given by the view alone and aliases
+    the input's (an in-place write through either changes both). A view with internal
+    overlap (``expand``) cannot carry a tangent and keeps the node's result on a copy.
+    """
+    aliases: dict[int, int] = {}
+    for j in diff_idx:
+        o = outs[j]
+        i = primal_index.get(id(o))
+        if i is None and o._is_view():
+            i = primal_index.get(id(o._base))
+        if i is not None and isinstance(tangent_syms[i], Var) and \
+                torch._debug_has_internal_overlap(o) != 1:
+            aliases[j] = i
+    return aliases
+
+
 def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     """``cls.apply(*args, **kwargs)`` while ``tracer`` records."""
     # Function.apply has already bound default arguments for setup_context-style Functions.
@@ -320,7 +344,10 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     ctx = LinearizeCtx(cls, needs)
     # (forward and setup_context compute primal values only: outside the dispatch mode
     # where that is safe, at eager speed; see Tracer.outside)
+    # (original view tracking: an output viewing an input replays its view ops on that
+    # input's tangent, see _alias_outputs, rather than an absolute as_strided)
     with torch.no_grad(), fwAD._set_fwd_grad_enabled(False), \
+            torch.autograd._force_original_view_tracking(True), \
             tracer.outside(primals) as untraced:
         if _uses_setup_context(cls):
             out = cls.forward(*primals)
@@ -374,6 +401,7 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
 
     results: list[Any] = list(outs)
     diff_idx = [j for j, m in enumerate(metas) if m is not None and j not in dirty]
+    aliases = _alias_outputs(outs, diff_idx, primal_index, tangent_syms)
     if reverse_live and diff_idx:
         req = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
         with tracer.paused(), torch.enable_grad(), fwAD._set_fwd_grad_enabled(False):
@@ -384,6 +412,8 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     out_vars: list[Var | None] = [None] * len(outs)
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for j in diff_idx:
+        if j in aliases:
+            continue  # (its tangent is a view of the input's, taken below: not the node's)
         with tracer.paused():
             primal = results[j]
             if torch._debug_has_internal_overlap(primal) == 1:
@@ -408,6 +438,14 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
                     name=node.display_name))
     for j, tangent in dirty_tangents.items():
         tracer.bind(tangent, out_vars[j])
+    # The view of the input's tangent is recorded (after any in-place write of the node:
+    # it views the written tangent), and is the output's tangent itself: laid out like
+    # the output, make_dual keeps it, so the two tangents share their buffer as in eager.
+    for j, i in aliases.items():
+        tangent = unpack_dual(args[i], level=tracer.level).tangent
+        o = outs[j]
+        view = tangent.view_as(tangent) if o is primals[i] else o._view_func(tangent)
+        results[j] = fwAD.make_dual(results[j], view, level=tracer.level)
     # make_dual runs with the tracer recording, after the node's equation: a layout fix-up
     # it performs on a placeholder (an output viewing an input's storage gets its tangent
     # copied into a buffer laid out like that storage) reads the node's result.

@@ -323,7 +323,12 @@ class LinearMap:
         if not run_b:
             return None
         level, size, stacked = unwrapped
-        return tuple(_ft._add_batch_dim(o, 0, level) for o in run_b(size, *stacked))
+        # (plain tensors: run with functorch's stack cleared, as a custom Function's
+        # batched_jvp would be in eager code; Function.apply under a transform refuses
+        # old-style Functions it may call)
+        with temporarily_clear_interpreter_stack():
+            outs = run_b(size, *stacked)
+        return tuple(_ft._add_batch_dim(o, 0, level) for o in outs)
 
     def _run_flat(self, flat: list) -> tuple:
         """The program on validated flat tangents (reverse mode through it: its transpose)."""

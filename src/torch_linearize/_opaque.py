@@ -10,7 +10,9 @@ rest of the library needs:
   Function's ``batched_jvp`` / ``batched_vjp`` staticmethod (one call for the
   whole batch; the natural place for a CUDA kernel), ``torch.vmap`` over
   ``jvp``/``backward`` when the Function declares ``generate_vmap_rule = True``,
-  or a per-tangent loop (correct, slower);
+  or a per-tangent loop (correct, slower). User code always gets plain tensors,
+  run with functorch's interpreter stack cleared (so it may call old-style
+  Functions, which ``Function.apply`` refuses under a transform);
 * **transposition** -- :class:`_OpaqueApply` is an ``autograd.Function`` whose
   backward is the user's ``backward`` on the same ctx (the transpose of
   ``jvp``), so autograd through a linear program works, and
@@ -37,7 +39,10 @@ from typing import Any
 import torch
 import torch._C._functorch as _ft
 import torch.autograd.forward_ad as fwAD
-from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+from torch._functorch.pyfunctorch import (
+    retrieve_current_functorch_interpreter,
+    temporarily_clear_interpreter_stack,
+)
 
 from ._errors import LinearizeError, ReleasedError
 from ._forward_ad import has_tangent as _carries_tangent
@@ -74,6 +79,14 @@ def _has_forward_grad(args) -> bool:
     AD, or inside linearize: the node's own JVP is the node, see _OpaqueApply.jvp)."""
     level = fwAD._current_level
     return any(_carries_tangent(a, level) for a in args)
+
+
+def _plain(args) -> bool:
+    """No argument is a functorch-wrapped tensor (batched, grad-tracking, ...)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and _ft.is_functorch_wrapped_tensor(a):
+            return False
+    return True
 
 
 def _needs_autograd_wrapper(args) -> bool:
@@ -304,7 +317,22 @@ class _OpaqueNode:
 
     def run(self, nbatch: int, args) -> tuple:
         """Apply the node; the leading ``nbatch`` dimensions of tensor arguments are batch dims."""
-        args = list(args)
+        if _ft.peek_interpreter_stack() is None:
+            return self._run(nbatch, list(args))
+        if _plain(args):
+            # Plain tensors under functorch transforms: a vmap's batch unwrapped (see
+            # _run_under_one_vmap, LinearMap's runB) with the vmap still on functorch's
+            # stack, where Function.apply requires setup_context, so user code calling an
+            # old-style Function (forward(ctx, ...)) would fail. No transform sees plain
+            # tensors: the user code runs with the stack cleared, as eager code would.
+            with temporarily_clear_interpreter_stack():
+                return self._run(nbatch, list(args))
+        # Tensors of a transform (the jvp or backward rule of _OpaqueApply inside an
+        # enclosing one, jacfwd say): through _OpaqueApply, whose rules unwrap them level
+        # by level down to a call on plain tensors (above).
+        return _OpaqueApply.apply(self, nbatch, *args)
+
+    def _run(self, nbatch: int, args: list) -> tuple:
         if self.shape_only:  # building an autograd graph: values are irrelevant (linear map)
             # (an argument written in place is returned itself, as _OpaqueApply marks it dirty)
             batch = _batch_shape(args, nbatch)
