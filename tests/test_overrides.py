@@ -189,3 +189,113 @@ def test_cdist_zero_distances(compute_mode):
     assert torch.isfinite(jvp_fn(torch.randn_like(x))).all()
     u = torch.randn(6, 6, dtype=D)
     torch.testing.assert_close(jvp_fn.transpose()(u)[0], torch.func.vjp(f, x)[1](u)[0])
+
+
+def _loss_cases():
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, dtype=D, generator=gen)
+    x, w = r(4, 5), torch.rand(5, dtype=D, generator=gen) + 0.5
+    idx = torch.tensor([0, -100, 4, 1])  # (one ignored)
+    x4, idx4 = r(2, 5, 3, 3), torch.randint(0, 5, (2, 3, 3), generator=gen)
+    idx4[0, 0, 0] = -100
+    p, q = torch.sigmoid(r(4, 5)), torch.rand(4, 5, dtype=D, generator=gen)
+    # name -> (f(*primals, reduction), primals); the last primal is the weight or target
+    return {
+        "nll_loss": (lambda x, w, red: F.nll_loss(x, idx, weight=w, reduction=red), (x, w)),
+        "nll_loss_1d": (lambda x, w, red: F.nll_loss(x, idx[2], weight=w, reduction=red),
+                        (x[0], w)),
+        "nll_loss_3d": (lambda x, w, red: F.nll_loss(x, idx4[:, 0], weight=w, reduction=red),
+                        (x4[:, :, 0], w)),
+        "nll_loss_4d": (lambda x, w, red: F.nll_loss(x, idx4, weight=w, reduction=red),
+                        (x4, w)),
+        "cross_entropy": (lambda x, w, red: F.cross_entropy(x, idx, weight=w, reduction=red),
+                          (x, w)),
+        "cross_entropy_smoothing": (lambda x, w, red: F.cross_entropy(
+            x, idx, weight=w, reduction=red, label_smoothing=0.2), (x, w)),
+        "cross_entropy_4d_smoothing": (lambda x, w, red: F.cross_entropy(
+            x, idx4, weight=w, reduction=red, label_smoothing=0.2), (x4, w)),
+        "cross_entropy_1d_smoothing": (lambda x, w, red: F.cross_entropy(
+            x, idx[3], weight=w, reduction=red, label_smoothing=0.3), (x[0], w)),
+        "binary_cross_entropy": (lambda p, w, red: F.binary_cross_entropy(
+            p, q, weight=w, reduction=red), (p, w)),
+        "binary_cross_entropy_target": (lambda p, q, w, red: F.binary_cross_entropy(
+            p, q, weight=w, reduction=red), (p, q, w)),
+        "soft_margin_loss": (lambda x, y, red: F.soft_margin_loss(x, y, reduction=red),
+                             (x, r(4, 5))),
+    }
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("primals", ["all", "last"])
+@pytest.mark.parametrize("case", list(_loss_cases()))
+def test_loss_tangent_on_weight_or_target(case, primals, reduction):
+    # PyTorch's forward-AD formulas for these losses drop the tangent of the weight (nll_loss,
+    # and cross_entropy with class indices, binary_cross_entropy) or of the target
+    # (soft_margin_loss), and fail when the input has one too (torch.func.jvp alike): with
+    # such a tangent the call runs PyTorch's decomposition.
+    loss, every = _loss_cases()[case]
+    if primals == "all":
+        f, args = (lambda *a: loss(*a, reduction)), every
+    else:
+        f, args = (lambda last: loss(*every[:-1], last, reduction)), every[-1:]
+    y, jvp_fn = tl.linearize(f, *args)
+    torch.testing.assert_close(y, f(*args))
+    gen = torch.Generator().manual_seed(1)
+    t = tuple(torch.randn(a.shape, dtype=D, generator=gen) for a in args)
+    jt = jvp_fn(*t)
+    torch.testing.assert_close(jt, central_difference(f, args, t), rtol=1e-6, atol=1e-7)
+    u = torch.randn(y.shape, dtype=D, generator=gen)
+    ut = jvp_fn.T(u)
+    torch.testing.assert_close(sum((a * b).sum() for a, b in zip(ut, t)), (u * jt).sum())
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("mask", ["bool", "float", "unchecked_not_left_aligned",
+                                  "checked_not_left_aligned"])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("how", ["frozen", "no_grad"])
+def test_transformer_encoder_nested_path(mask, norm, how):
+    # In eval mode with a key padding mask, nn.TransformerEncoder converts its input to a
+    # nested tensor of each sequence's first n positions (n: its unpadded count) and pads
+    # the result with zeros (before its norm). While tracing the layers take their
+    # composite path (no forward-AD formula for the fused kernels); the result is that of
+    # eager, zeros included.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    m = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8) if norm else None)
+    m = m.double().eval().requires_grad_(how != "frozen")
+    kpm = torch.arange(5) >= torch.tensor([3, 5, 1]).unsqueeze(-1)  # (left-aligned)
+    if mask == "float":
+        kpm = torch.zeros(kpm.shape, dtype=D).masked_fill(kpm, float("-inf"))
+    elif mask.endswith("not_left_aligned"):
+        # checked: eager takes the composite path; unchecked: keeps each sequence's first n
+        kpm = kpm.roll(1, -1)
+        m.mask_check = mask == "checked_not_left_aligned"
+    f = lambda x: m(x, src_key_padding_mask=kpm)
+    x, t = torch.randn(3, 5, 8, dtype=D), torch.randn(3, 5, 8, dtype=D)
+    ctx = torch.no_grad() if how == "no_grad" else torch.enable_grad()
+    with ctx:
+        y, jvp_fn = tl.linearize(f, x)
+        torch.testing.assert_close(y, f(x))
+        assert torch.backends.mha.get_fastpath_enabled()
+        fd = central_difference(f, (x,), (t,))  # (of eager on the nested path)
+    jt = jvp_fn(t)
+    torch.testing.assert_close(jt, fd, rtol=1e-6, atol=1e-7)
+    u = torch.randn(y.shape, dtype=D)
+    torch.testing.assert_close((jvp_fn.T(u)[0] * t).sum(), (u * jt).sum())
+
+
+def test_losses_without_tangent_on_weight_or_target_are_not_rerouted(monkeypatch):
+    from torch_linearize import _overrides
+
+    calls = []
+    decomposition = _overrides._decomposition
+    monkeypatch.setattr(_overrides, "_decomposition", lambda op: calls.append(op) or decomposition(op))
+    x, w = torch.randn(4, 5, dtype=D), torch.rand(5, dtype=D)
+    idx = torch.tensor([0, 3, 4, 1])
+    tl.linearize(lambda x: F.cross_entropy(x, idx, weight=w, label_smoothing=0.1), x)
+    tl.linearize(lambda x: F.binary_cross_entropy(x.sigmoid(), w.expand(4, 5), weight=w), x)
+    tl.linearize(lambda x: F.soft_margin_loss(x, w.expand(4, 5)), x)
+    assert calls == []
+    tl.linearize(lambda w: F.nll_loss(x, idx, weight=w), w)
+    assert calls == [torch.ops.aten.nll_loss_forward.default]
