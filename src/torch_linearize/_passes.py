@@ -1118,6 +1118,11 @@ def _rewrite_walk(prog: Program, identities: bool = True, cse: bool = True) -> t
         input_groups = {v.group for v in prog.inputs}
         outputs = {id(o) for o in prog.outputs if isinstance(o, Var)}
         zero_cache: dict[int, bool] = {}
+        # Groups read by an operation taking an absolute storage offset (as_strided):
+        # a copy's result there cannot become its source, which may begin elsewhere in
+        # a larger storage (x[1:].clone().as_strided(..., offset) reads the copy's own).
+        absolute = {v.group for e in prog.eqns if _takes_storage_offset(e.fn)
+                    for v in e.in_vars()}
     seen: dict[tuple, Var] = {}
     rename: dict[int, Var] = {}
     kept: list[Eqn] = []
@@ -1131,6 +1136,8 @@ def _rewrite_walk(prog: Program, identities: bool = True, cse: bool = True) -> t
         out = e.outs
         if identities:
             src = _identity_source(prog, e, zero_cache)
+            if src is not None and out.group != src.group and out.group in absolute:
+                src = None
             if src is not None and out.group not in mutated and src.group not in mutated:
                 if id(out) in outputs and src.group in input_groups:
                     # Never hand the caller's own tangent back as an output: a copy
