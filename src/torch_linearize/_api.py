@@ -285,12 +285,13 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     if has_aux:
         reachable |= {storage_key(t) for t in tree_flatten(aux)[0] if isinstance(t, torch.Tensor)}
     watch = []
+    paths = _primal_paths(flat, leaf_specs)
     for i, r in enumerate(prog.residuals):
         if r._is_zerotensor() or r.device.type == "meta":
             continue
         k = storage_key(r)
         if k is not None and (k not in created or k in reachable or k in tracer.unverified):
-            watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs)))
+            watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs, paths)))
     watched = {id(w[0]) for w in watch}
     for n, t in ctx_read:
         k = storage_key(t)
@@ -447,11 +448,23 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
     return outputs, y_flat, out_spec
 
 
-def _describe_residual(prog: Program, i: int, primals: list, leaf_specs) -> str:
+def _primal_paths(primals: list, leaf_specs) -> dict:
+    paths: dict = {}
+    for p, ls in zip(primals, leaf_specs):
+        if isinstance(p, torch.Tensor):
+            paths.setdefault(storage_key(p), ls.path)
+    return paths
+
+
+def _describe_residual(prog: Program, i: int, primals: list, leaf_specs,
+                       paths: dict | None = None) -> str:
+    """How an error names residual ``i``: the primal it is (``paths``: storage key -> path
+    of the first primal there, made once per map; the primals are searched otherwise)."""
     r = prog.residuals[i]
     k = storage_key(r)
-    for p, ls in zip(primals, leaf_specs):
-        if storage_key(p) == k:
-            return f"primals{ls.path}"
+    if paths is None:
+        paths = _primal_paths(primals, leaf_specs)
+    if k in paths:
+        return f"primals{paths[k]}"
     origin = prog.residual_names[i] if i < len(prog.residual_names) else ""
     return f"a tensor saved for the tangent program (residual r{i}, read by {origin})"
