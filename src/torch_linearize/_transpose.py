@@ -202,9 +202,16 @@ def _graph_kept(op, fn):
         if isinstance(out, torch.Tensor) and not out.requires_grad and \
                 (out.is_floating_point() or out.is_complex()) and any(
                     isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            raise LinearizeError(
-                f"transpose: the linear program applies {op}, which PyTorch's autograd "
-                "treats as not differentiable, so its transpose cannot be recorded.")
+            # A decomposition may read an argument for its shape only (the derivative in
+            # it is zero); the operator itself says whether autograd cuts the graph.
+            try:
+                cut = fn is op or not op(*args, **kwargs).requires_grad
+            except Exception:
+                cut = False
+            if cut:
+                raise LinearizeError(
+                    f"transpose: the linear program applies {op}, which PyTorch's autograd "
+                    "treats as not differentiable, so its transpose cannot be recorded.")
         return out
 
     return run
