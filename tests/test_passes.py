@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torch_linearize as tl
-from helpers import OpCounter, check_random_program, mutating_programs
+from helpers import OpCounter, check_random_program, eager_jvp, mutating_programs
 
 D = torch.float64
 
@@ -390,17 +390,19 @@ def test_random_programs_match_func_jvp_vjp_and_vmap(f, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(4, 4, dtype=D, generator=gen)
     y = torch.randn(4, 4, dtype=D, generator=gen)
+    # (exp of exp can overflow: a NaN where the reference has one is agreement)
     out, jvp_fn = tl.linearize(f, x, y)
-    torch.testing.assert_close(out, f(x, y))
+    torch.testing.assert_close(out, f(x, y), equal_nan=True)
     tx, ty = torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
-    torch.testing.assert_close(jvp_fn(tx, ty), torch.func.jvp(f, (x, y), (tx, ty))[1])
+    torch.testing.assert_close(jvp_fn(tx, ty), torch.func.jvp(f, (x, y), (tx, ty))[1],
+                               equal_nan=True)
     u = torch.randn(out.shape, dtype=D, generator=gen)
     got = jvp_fn.transpose()(u)
     want = torch.func.vjp(f, x, y)[1](u)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, equal_nan=True)
     batch = torch.randn(3, 4, 4, dtype=D, generator=gen)
     torch.testing.assert_close(torch.vmap(jvp_fn, in_dims=(0, None))(batch, ty),
-                               torch.stack([jvp_fn(b, ty) for b in batch]))
+                               torch.stack([jvp_fn(b, ty) for b in batch]), equal_nan=True)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -550,3 +552,56 @@ def test_a_copy_read_at_an_absolute_offset_is_not_replaced_by_its_source(f):
         torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
         u = torch.randn_like(jvp_fn(t))
         torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(f, x)[1](u)[0])
+
+
+# ------------------------------------------------------- in-place writes made functional
+def _scaled_in_place(u):
+    r = u.clone()
+    r.mul_(2)
+    r.add_(u.sin())
+    r.sub_(u)
+    return r
+
+
+def _scaled_out_of_place(u):
+    return u * 2 + u.sin() - u
+
+
+def test_in_place_writes_that_nothing_else_sees_become_the_out_of_place_program():
+    """Forward AD writes an in-place operation's tangent back with copy_ (clone, op,
+    copy_): until stop 21 the map of _scaled_in_place ran 10 operations where that of the
+    same function written out of place runs one (9-14x slower per application)."""
+    u = torch.randn(30, 20, dtype=torch.float64)
+    _, in_place = tl.linearize(_scaled_in_place, u)
+    _, out_of_place = tl.linearize(_scaled_out_of_place, u)
+    assert len(in_place._program.eqns) == len(out_of_place._program.eqns) == 1, str(in_place)
+    for _ in range(2):
+        t = torch.randn_like(u)
+        torch.testing.assert_close(in_place(t), torch.func.jvp(_scaled_in_place, (u,), (t,))[1])
+        torch.testing.assert_close(in_place.T(t)[0], torch.func.vjp(_scaled_in_place, u)[1](t)[0])
+
+
+@pytest.mark.parametrize("f", [
+    # the buffer read after the write through an older view of it
+    lambda x: (lambda y: (y.mul_(2), y.view(-1)[3:9].sum() + y)[1])(x * 1.5),
+    # a view taken before, read after
+    lambda x: (lambda y, v: (y.add_(x.sin()), v * 2 + y.sum())[1])(*(lambda y: (y, y[1:]))(x * 1.5)),
+    # the written value read again after the copy
+    lambda x: (lambda y, z: (y.copy_(z), y + z)[1])(x * 1.5, x.exp()),
+    # partial writes (slices) and a later write into the written value
+    lambda x: (lambda y: (y[:2].mul_(3), y.mul_(x.cos()), y[::2].add_(x[1::2]), y)[3])(x.clone()),
+    # an absolute storage offset read after the write
+    lambda x: (lambda y: (y.mul_(x[1:].cos()), y.as_strided((2, 2), (1, 3), 1))[1])(x[1:].clone()),
+], ids=["old-view-read-after", "view-read-after", "source-read-again", "slices", "as-strided"])
+def test_in_place_writes_others_see_are_kept(f):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    _, jvp_fn = tl.linearize(f, x)
+    for _ in range(2):
+        t = torch.randn_like(x)
+        torch.testing.assert_close(jvp_fn(t), eager_jvp(f, (x,), (t,))[1])
+        torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
+        y = jvp_fn(t)
+        u = torch.randn_like(y)
+        torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(f, x)[1](u)[0])
+    T = torch.randn(3, *x.shape, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(jvp_fn)(T), torch.stack([jvp_fn(t) for t in T]))

@@ -1183,6 +1183,93 @@ def _renamed(x: Any, rename: dict) -> Any:
     return x
 
 
+def functionalize_copies(prog: Program) -> int:
+    """``b2 = copy_(b, r)`` -> ``b2`` renamed to ``r``, where nothing reads ``b``'s storage
+    after the copy but through ``b2``.
+
+    Forward AD writes an in-place operation's tangent back with ``copy_``
+    (``copy_(b, op(clone(b)))``), so a function written with ``mul_``/``add_`` leaves a
+    program three times as long as its out-of-place form, whose buffers are written in
+    place, which keeps identities and folding away. Renaming the copy's result to ``r``
+    is exact where, after the copy, no Var of ``b``'s storage is read but ``b2`` (and
+    what later operations make of it), ``r`` is read by the copy only, no other Var of
+    ``r``'s storage is read either (later writes into ``b2`` then write ``r``'s storage,
+    which nothing else reads), both have one layout, and no operation reads an absolute
+    storage offset of either storage (``b2`` and ``r`` may begin at different offsets).
+    A group (a trace-time storage address) may hold unrelated Vars whose storages came
+    and went at one address; they were dead before the copy, or are born after it, and
+    neither kind is read across it, so the conditions hold for them too. Returns the
+    number of copies removed.
+    """
+    eqns = prog.eqns
+    reads: dict[int, list[int]] = {}
+    members: dict[Any, list[Var]] = {}  # group -> its Vars
+    produced: dict[int, int] = {}  # var id -> position of its equation (inputs: -1)
+    absolute: set = set()  # groups an operation taking an absolute storage offset reads
+    for v in prog.inputs:
+        members.setdefault(v.group, []).append(v)
+        produced[v.id] = -1
+    for k, e in enumerate(eqns):
+        offsets = _takes_storage_offset(e.fn)
+        for v in e.in_vars():
+            reads.setdefault(v.id, []).append(k)
+            if offsets:
+                absolute.add(v.group)
+        for v in e.out_vars():
+            members.setdefault(v.group, []).append(v)
+            produced[v.id] = k
+    n = len(eqns)
+    for o in prog.outputs:
+        if isinstance(o, Var):
+            reads.setdefault(o.id, []).append(n)
+    fixed = {v.group for v in prog.inputs}
+
+    def read_after(group, k: int, skip) -> bool:
+        for w in members.get(group, ()):
+            if w not in skip and produced.get(w.id, -1) <= k and \
+                    any(p > k for p in reads.get(w.id, ())):
+                return True
+        return False
+
+    rename: dict[int, Var] = {}
+    dead: set[int] = set()
+    for k, e in enumerate(eqns):
+        if rename:
+            e.args = tuple(_renamed(a, rename) for a in e.args)
+            e.kwargs = {kk: _renamed(v, rename) for kk, v in e.kwargs.items()}
+            if e.mutates:
+                e.mutates = tuple(rename.get(m.id, m) for m in e.mutates)
+        if e.fn is not aten.copy_.default or len(e.args) != 2 or e.kwargs or \
+                not isinstance(e.outs, Var) or e.poison is not None:
+            continue
+        dst, src = e.args
+        out = e.outs
+        if not (isinstance(dst, Var) and isinstance(src, Var)):
+            continue
+        g, gs = dst.group, src.group
+        if g is None or gs is None or g == gs or g in fixed or gs in fixed \
+                or g in absolute or gs in absolute:
+            continue
+        if (src.shape != dst.shape or src.dtype != dst.dtype or src.stride != dst.stride
+                or src.device != dst.device or src.lazy or out.lazy):
+            continue
+        if reads.get(src.id) != [k] or read_after(g, k, (out,)) or read_after(gs, k, (src,)):
+            continue
+        dead.add(id(e))
+        rename[out.id] = src
+        moved = [w for w in members[g] if produced.get(w.id, -1) > k]
+        for w in moved:  # (written into the copy's result later: now r's storage)
+            w.group = gs
+        members[g] = [w for w in members[g] if produced.get(w.id, -1) <= k and w is not out]
+        members[gs] = members[gs] + moved
+        reads[src.id] = reads.get(out.id, [])
+    if not dead:
+        return 0
+    prog.eqns = [e for e in eqns if id(e) not in dead]
+    prog.outputs = [_renamed(o, rename) if isinstance(o, Var) else o for o in prog.outputs]
+    return len(dead)
+
+
 def collapse_fresh_copies(prog: Program) -> int:
     """``buf = zeros(n); view = as_strided(buf, ...); copy_(view, src)`` -> ``clone(src)``.
 
@@ -1294,9 +1381,12 @@ def _keep_outputs_distinct(prog: Program, before: list) -> None:
 def _simplify(prog: Program, dead_code_elimination) -> None:
     # Only the tracer names a buffer "fresh_zeros" (no pass makes one).
     fresh = any(e.name == "fresh_zeros" for e in prog.eqns)
+    copies = any(e.fn is aten.copy_.default for e in prog.eqns)
     walk_ident = walk_cse = run_fold = True
     for rnd in range(4):
         collapsed = collapse_fresh_copies(prog) if fresh else 0
+        if copies:
+            collapsed += functionalize_copies(prog)
         if collapsed:  # a new clone, and a buffer no longer written in place
             walk_ident = walk_cse = run_fold = True
         renamed = 0
