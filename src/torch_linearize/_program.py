@@ -425,6 +425,19 @@ def _takes_storage_offset(fn: Any) -> bool:
     return answer
 
 
+def _layout_free_inputs(prog: Program) -> set[int]:
+    """The inputs whose layout the program's results do not depend on: all of them when
+    every operation is an elementwise aten operation (no views, no custom-Function node,
+    whose kernel may assume the traced layout, no in-place write); none otherwise. A
+    tangent laid out unlike the primal (a transposed or channels-last primal, a
+    contiguous tangent) then runs as it is, without a copy into the traced layout."""
+    from ._batch import _eqn_broadcasts
+
+    if not prog.eqns or any(is_node(e.fn) or not _eqn_broadcasts(e) for e in prog.eqns):
+        return set()
+    return set(range(len(prog.inputs)))
+
+
 def offset_sensitive(prog: Program) -> bool:
     """Whether an input's storage offset can change the program's result.
 
@@ -573,6 +586,7 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
     node_checks: list[str] = []  # run1's entry conditions for its inlined calls
     inlined = _inlined_nodes(prog)
     check_offsets = offset_sensitive(prog)
+    layout_free = _layout_free_inputs(prog)
     for k, v in enumerate(prog.inputs):
         stride, offset = prog.input_layouts[k] if prog.input_layouts else (None, 0)
         name = nm.var(v)
@@ -581,7 +595,9 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
             # some operations (view_as_real) refuse one
             body.append(f"if {name}.is_conj() or {name}.is_neg(): "
                         f"{name} = {name}.resolve_conj().resolve_neg()")
-        if stride is not None:
+        if k in layout_free:
+            pass  # (elementwise operations only: any layout gives the same values)
+        elif stride is not None:
             s = nm.lit(tuple(stride))
             cond = f"{name}.stride() != {s}"
             if check_offsets:
