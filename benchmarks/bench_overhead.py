@@ -15,6 +15,12 @@ of interleaved batches of calls, microseconds):
 Workloads: the forum quadratic ``a x^2 + b x + c`` (four 0-d float64 tensors, plain
 PyTorch and as a custom autograd.Function), and an 8-op elementwise chain on 16 float32
 elements (folded into one multiply by linearize).
+
+A second table times the setup on the same workloads: ``linearize`` (a structure seen
+before, as in a Newton loop; and a structure's first linearization, passes and code
+generation included) against one ``torch.func.jvp`` call. On problems this small both
+are interpreter work, and ``linearize``'s tracer pays a Python round trip for every
+operation forward AD dispatches (design.md, "What tracing costs").
 """
 
 from __future__ import annotations
@@ -102,6 +108,8 @@ def _time(fns: dict[str, Callable[[], Any]], calls: int, batch: int = 100) -> di
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=20000, help="calls per method and workload")
+    ap.add_argument("--setup-calls", type=int, default=1000,
+                    help="linearize calls per method and workload for the setup table")
     ap.add_argument("--out", default="", help="also write the table to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -128,6 +136,33 @@ def main(argv: list[str] | None = None) -> int:
             f"{med['func.jvp']:.1f} | {med['func.linearize']:.1f} | {med['mul']:.1f} | "
             f"{jvp_fn.num_ops} |"
         )
+    lines += [
+        "",
+        "Setup, microseconds per call (median over batches of 20 calls, methods interleaved), "
+        "and the ratio to one torch.func.jvp call.",
+        "",
+        "| workload | torch.func.jvp | linearize (structure seen before) | ratio | "
+        "linearize (new structure) | ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    from torch_linearize._structure_cache import as_new_structure
+
+    for name, f, primals, _ in _workloads():
+        gen = torch.Generator().manual_seed(0)
+        t = tuple(torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals)
+
+        def new(f=f, primals=primals):
+            with as_new_structure():
+                return tl.linearize(f, *primals)
+
+        for _ in range(3):
+            tl.linearize(f, *primals)
+        med = _time({"jvp": lambda f=f, primals=primals, t=t: torch.func.jvp(f, primals, t),
+                     "seen": lambda f=f, primals=primals: tl.linearize(f, *primals),
+                     "new": new}, args.setup_calls, batch=20)
+        lines.append(f"| {name} | {med['jvp']:.0f} | {med['seen']:.0f} | "
+                     f"{med['seen'] / med['jvp']:.2f}x | {med['new']:.0f} | "
+                     f"{med['new'] / med['jvp']:.2f}x |")
     text = "\n".join(lines)
     emit_report(text, args.out, __file__, argv)
     return 0

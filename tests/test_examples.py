@@ -97,3 +97,18 @@ def test_setup_breakdown_stages_add_up_and_unwrap():
     assert ms["  pointwise folds"] <= ms["simplification passes"]
     top = sum(v for k, v in ms.items() if not k.startswith(" "))
     assert top == pytest.approx(whole, rel=0.5), (top, whole)
+
+
+def test_overhead_benchmark_runs_and_checks_its_maps(tmp_path):
+    """``benchmarks/bench_overhead.py`` checks every map against torch.func.jvp before
+    timing it; both tables (per call, setup) come out with a row per workload."""
+    results = tmp_path / "overhead.md"
+    _run([os.path.join("benchmarks", "bench_overhead.py"), "--calls", "200", "--setup-calls",
+          "40", "--out", str(results)], tmp_path)
+    text = results.read_text()
+    assert text.count("| forum quadratic, 4 scalars (plain PyTorch) |") == 2, text
+    assert text.count("| elementwise chain, 8 ops, 16 elements |") == 2, text
+    setup = text.split("Setup, microseconds")[1]
+    ratios = [float(c.strip()[:-1]) for line in setup.splitlines() if line.startswith("| ")
+              and "x |" in line for c in line.split("|")[1:-1] if c.strip().endswith("x")]
+    assert len(ratios) == 6 and all(r > 0 for r in ratios), setup
