@@ -462,3 +462,48 @@ def test_what_f_writes_into_a_strided_view_primal_reaches_the_callers_tensor():
     # (eager forward AD doubles the tangent with the primal; torch.func.jvp does not)
     _, want = eager_jvp(f, (base[:, 1].clone() / 2,), (t.clone(),))  # (it writes t)
     torch.testing.assert_close(jvp_fn(t), want)
+
+
+def test_concurrent_traces_leave_torch_compile_as_they_found_it():
+    """A trace runs torch.compile'd functions eagerly (the compiler's stance, which is
+    process-wide). Until stop 21 each trace set and restored it on its own: two threads
+    whose traces overlapped first-in-first-out (A enters, B enters, A leaves, B leaves)
+    left the process in "force_eager", every compiled function silently eager from then
+    on."""
+    import threading
+
+    import torch._dynamo.eval_frame as eval_frame
+
+    compiled = torch.compile(lambda x: x.sin() * 2, backend="eager")
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    results: dict[str, tuple] = {}
+
+    def f_a(x):
+        a_in.set()
+        b_in.wait(timeout=30)  # (B's trace has begun: A leaves first)
+        return compiled(x)
+
+    def f_b(x):
+        b_in.set()
+        a_done.wait(timeout=30)
+        return compiled(x)
+
+    def run(name, f):
+        x = torch.randn(3, dtype=D)
+        _, jvp_fn = tl.linearize(f, x)
+        results[name] = (jvp_fn(torch.ones(3, dtype=D)), 2 * x.cos())
+        if name == "a":
+            a_done.set()
+
+    before = eval_frame._stance.stance
+    a = threading.Thread(target=run, args=("a", f_a))
+    b = threading.Thread(target=run, args=("b", f_b))
+    a.start()
+    assert a_in.wait(timeout=30)
+    b.start()
+    for t in (a, b):
+        t.join(timeout=60)
+    assert set(results) == {"a", "b"}
+    for got, want in results.values():
+        torch.testing.assert_close(got, want)
+    assert eval_frame._stance.stance == before == "default"

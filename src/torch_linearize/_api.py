@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -382,14 +383,40 @@ def _functorch_message(what: str) -> str:
             "the transform.")
 
 
-def _eager_stance() -> Any:
+_stance_lock = threading.Lock()
+_stance_users = 0
+_stance_restore: Any = None  # the set_stance context that the last user leaving exits
+
+
+@contextmanager
+def _eager_stance() -> Iterator[None]:
     """Compiled functions (torch.compile) inside f run eagerly while it is traced, so that
     the tracer sees their operations (Dynamo would otherwise try to compile the tracer's
     dispatch mode, and fail). Dynamo is only consulted if it was imported: a compiled
-    function cannot exist before."""
+    function cannot exist before.
+
+    The stance is process-wide, so concurrent traces share it, reference-counted: the
+    first sets it, the last restores what was there before. (Each trace setting and
+    restoring its own, as until stop 21, interleaved across threads and could leave
+    the process in "force_eager": every torch.compile'd function silently eager.)"""
+    global _stance_users, _stance_restore
     if "torch._dynamo" not in sys.modules:
-        return nullcontext()
-    return torch.compiler.set_stance("force_eager")
+        yield
+        return
+    with _stance_lock:
+        if _stance_users == 0:
+            stance = torch.compiler.set_stance("force_eager")
+            stance.__enter__()
+            _stance_restore = stance
+        _stance_users += 1
+    try:
+        yield
+    finally:
+        with _stance_lock:
+            _stance_users -= 1
+            if _stance_users == 0:
+                stance, _stance_restore = _stance_restore, None
+                stance.__exit__(None, None, None)
 
 
 def _describe_ctx_tensor(node: Any) -> str:
