@@ -582,3 +582,23 @@ def test_batched_out_dims_with_an_output_that_does_not_depend_on_the_tangents():
     with pytest.raises(IndexError, match="out of range"):
         jvp_fn.batched(T, out_dims=1)
     torch.testing.assert_close(jvp_fn.batched(T)[0], 2 * (torch.cos(x) * T).sum(1))
+
+
+def test_vmap_of_a_map_that_writes_its_input_leaves_the_callers_batch_alone():
+    """f writes its (transposed) input in place, so the program writes its tangent input:
+    under vmap the copy that protects the caller's tangents was .contiguous(), which
+    returns an example that is contiguous already as the caller's own batch (until stop
+    21 vmap(jvp_fn) and jvp_fn.batched overwrote it, and the next call was wrong)."""
+    def f(x):
+        x.mul_(2)
+        return x.sin()
+
+    x = torch.randn(4, 5, dtype=torch.float64).T
+    T = torch.randn(3, 5, 4, dtype=torch.float64)
+    T0 = T.clone()
+    _, jvp_fn = tl.linearize(f, x.clone())
+    want = torch.stack([jvp_fn(t) for t in T])
+    for batched in (torch.vmap(jvp_fn), jvp_fn.batched):
+        for _ in range(2):
+            torch.testing.assert_close(batched(T), want)
+            torch.testing.assert_close(T, T0)

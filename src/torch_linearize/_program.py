@@ -298,11 +298,14 @@ def format_eqn(e: Eqn) -> str:
 
 
 def _relayout(t: torch.Tensor, stride: tuple) -> torch.Tensor:
-    """A copy of ``t`` with the strides (and zero storage offset) the program was traced with."""
+    """A copy of ``t`` with the strides (and zero storage offset) the program was traced with
+    (always a new tensor: the program may write it in place)."""
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         # Under vmap/grad transforms layouts are per-example and logical: a fresh
         # contiguous copy is what the traced placeholders (contiguous) looked like.
-        return t.contiguous() if t.stride() != stride else t.clone()
+        # (Not .contiguous(): an example that is contiguous already comes back as the
+        # caller's own batch, which an input written in place would then overwrite.)
+        return t.clone(memory_format=torch.contiguous_format)
     out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
     out.copy_(t)
     return out
