@@ -131,7 +131,6 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     # Primals and their placeholder tangents (ones: a traced value is then a coefficient),
     # made before the tracer's dispatch mode is on.
     prepared = []
-    copies: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (leaf, copy, its version)
     for leaf, ls in zip(flat, leaf_specs):
         p = leaf.detach()
         if not ls.differentiable:
@@ -139,20 +138,10 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
             continue
         if torch._debug_has_internal_overlap(p) == 1 or p.is_inference():
             p = p.clone()  # (forward AD cannot give an inference tensor a tangent)
-        elif _strided_part_of_larger_storage(p):
-            # Forward AD lays the tangent of a view out over its whole storage: a column of
-            # a 4000x4000 matrix would make every application allocate and zero 64 MB (a
-            # contiguous view's buffer collapses to a clone in the passes; a strided one
-            # cannot, its strides are traced). f runs on a compact copy instead; what f
-            # writes into it in place is copied back into the caller's tensor at the end.
-            p = p.clone()
-            copies.append((leaf, p, p._version))
         prepared.append((p, torch.ones_like(p, memory_format=torch.preserve_format)))
 
-    with shared_dual_level() as level, function_patch(), _copied_back(copies):
+    with shared_dual_level() as level, function_patch():
         tracer = Tracer(level)
-        for _, c, _ in copies:
-            tracer.note_created(c)
         changed: list[int] = []
         try:
             with tracer.activate():
@@ -484,30 +473,6 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
             )
         y_flat.append(primal.detach())
     return outputs, y_flat, out_spec
-
-
-def _strided_part_of_larger_storage(p: torch.Tensor) -> bool:
-    """``p`` is a non-contiguous view of a storage that holds more than it does
-    (``base[:, 1]``, ``base.diagonal()``)."""
-    if p.layout != torch.strided or p.is_contiguous():
-        return False
-    try:
-        return p.untyped_storage().nbytes() > p.numel() * p.element_size()
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-@contextmanager
-def _copied_back(copies: list) -> Iterator[None]:
-    """On exit, copy each compact copy f ran on (see linearize) that f wrote in place back
-    into the caller's tensor, as if f had written it."""
-    try:
-        yield
-    finally:
-        for leaf, copy, version in copies:
-            if copy._version != version:
-                with torch.no_grad():
-                    leaf.copy_(copy)
 
 
 def _primal_paths(primals: list, leaf_specs) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._program import Eqn, Program, Res, Var, _takes_storage_offset
+from ._program import Eqn, Program, Res, Var, _takes_storage_offset, is_node
 from ._residuals import STRUCTURAL_ZERO
 
 aten = torch.ops.aten
@@ -1270,6 +1270,30 @@ def functionalize_copies(prog: Program) -> int:
     return len(dead)
 
 
+def _elementwise_but_buffers(prog: Program) -> bool:
+    """Every operation of ``prog`` is elementwise (``_batch``'s broadcasting table, or a
+    ``clone``), except the promoted buffers' ``fresh_zeros``/``as_strided``/``copy_``."""
+    from ._batch import _eqn_broadcasts
+
+    roots: set[int] = set()
+    views: set[int] = set()
+    for e in prog.eqns:
+        first = e.args[0] if e.args else None
+        if e.name in ("fresh_zeros", "fresh_copy"):
+            roots.update(v.id for v in e.out_vars())
+            continue
+        if e.fn is aten.as_strided.default and isinstance(first, Var) and first.id in roots:
+            views.update(v.id for v in e.out_vars())
+            continue
+        if e.fn is aten.copy_.default and isinstance(first, Var) and first.id in views:
+            continue
+        if e.fn is aten.clone.default and not e.mutates:
+            continue
+        if is_node(e.fn) or not _eqn_broadcasts(e):
+            return False
+    return True
+
+
 def collapse_fresh_copies(prog: Program) -> int:
     """``buf = zeros(n); view = as_strided(buf, ...); copy_(view, src)`` -> ``clone(src)``.
 
@@ -1300,6 +1324,7 @@ def collapse_fresh_copies(prog: Program) -> int:
                 absolute[g] = absolute.get(g, 0) + 1
     rewrites: dict[int, Eqn] = {}
     dead: set[int] = set()
+    layout_free: bool | None = None  # (computed when first needed, see below)
     for e in prog.eqns:
         if e.fn is not aten.copy_.default or len(e.args) != 2 or not isinstance(e.outs, Var):
             continue
@@ -1319,9 +1344,16 @@ def collapse_fresh_copies(prog: Program) -> int:
         for d in shape:
             numel *= d
         contiguous = tuple(torch.empty(tuple(shape), device="meta").stride())
-        if (tuple(stride) != contiguous or tuple(src.shape) != tuple(shape)
-                or src.dtype != view.dtype):
+        if tuple(src.shape) != tuple(shape) or src.dtype != view.dtype:
             continue
+        if tuple(stride) != contiguous:
+            # A strided view (a primal that is a column of a matrix): a contiguous clone
+            # has other strides than the traced ones, which only a program of elementwise
+            # operations (besides such buffers) cannot tell apart.
+            if layout_free is None:
+                layout_free = _elementwise_but_buffers(prog)
+            if not layout_free:
+                continue
         if (tuple(root.shape) != (numel,) or offset != 0) and absolute.get(root.group, 0) > 1:
             continue  # (another operation reads where in the buffer the view began)
         # The clone's result keeps the buffer's group: later views of it (and in-place
