@@ -141,6 +141,7 @@ def _eager_jvp(f, primals, tangents):
 _DROPS_A_TANGENT = {
     "nn.functional.nll_loss": "nll_loss drops the tangent of weight",
     "nn.functional.cross_entropy": "cross_entropy (class indices) drops the tangent of weight",
+    "nn.functional.linear_cross_entropy": "its cross_entropy drops the tangent of weight",
     "nn.functional.binary_cross_entropy": "binary_cross_entropy drops the tangent of weight",
     "nn.functional.soft_margin_loss": "soft_margin_loss drops the tangent of target",
 }
