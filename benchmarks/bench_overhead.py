@@ -83,6 +83,12 @@ def _workloads() -> list[tuple[str, Callable, tuple, Callable[[], Callable]]]:
     ]
 
 
+def _tangents(primals: tuple) -> tuple:
+    """One seeded random tangent per primal (the same for every workload run)."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals)
+
+
 def _methods(f, primals, t, floor, jvp_fn, func_lin) -> dict[str, Callable[[], Any]]:
     a, b = t[0], primals[0]
     return {
@@ -122,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, f, primals, make_floor in _workloads():
-        gen = torch.Generator().manual_seed(0)
-        t = tuple(torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals)
+        t = _tangents(primals)
         _, jvp_fn = tl.linearize(f, *primals)
         _, func_lin = torch.func.linearize(f, *primals)
         floor = make_floor()
@@ -148,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch_linearize._structure_cache import as_new_structure
 
     for name, f, primals, _ in _workloads():
-        gen = torch.Generator().manual_seed(0)
-        t = tuple(torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals)
+        t = _tangents(primals)
 
         def new(f=f, primals=primals):
             with as_new_structure():

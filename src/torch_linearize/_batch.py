@@ -92,6 +92,13 @@ def _eqn_broadcasts(e: Eqn) -> bool:
     return True
 
 
+def elementwise(e: Eqn) -> bool:
+    """``e`` is an elementwise aten operation (of ``_BROADCASTING``, operands of its rank):
+    its values do not depend on its operands' layouts (a custom-Function node, which
+    :func:`_eqn_broadcasts` also accepts, may)."""
+    return not is_node(e.fn) and _eqn_broadcasts(e)
+
+
 def broadcasts_batch(prog: Program) -> bool:
     """Whether every operation of ``prog`` broadcasts a leading batch dimension (see the
     module docstring), so that :func:`batched_program` applies."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._program import Eqn, Program, Res, Var, _takes_storage_offset, is_node
+from ._program import Eqn, Program, Res, Var, _takes_storage_offset
 from ._residuals import STRUCTURAL_ZERO
 
 aten = torch.ops.aten
@@ -1121,8 +1121,7 @@ def _rewrite_walk(prog: Program, identities: bool = True, cse: bool = True) -> t
         # Groups read by an operation taking an absolute storage offset (as_strided):
         # a copy's result there cannot become its source, which may begin elsewhere in
         # a larger storage (x[1:].clone().as_strided(..., offset) reads the copy's own).
-        absolute = {v.group for e in prog.eqns if _takes_storage_offset(e.fn)
-                    for v in e.in_vars()}
+        absolute = _offset_readers(prog)
     seen: dict[tuple, Var] = {}
     rename: dict[int, Var] = {}
     kept: list[Eqn] = []
@@ -1183,6 +1182,17 @@ def _renamed(x: Any, rename: dict) -> Any:
     return x
 
 
+def _offset_readers(prog: Program) -> dict:
+    """Group -> the number of operations taking an absolute storage offset (``as_strided``,
+    ``set_``, ...) that read a Var of it."""
+    readers: dict = {}
+    for e in prog.eqns:
+        if _takes_storage_offset(e.fn):
+            for g in {v.group for v in e.in_vars()}:
+                readers[g] = readers.get(g, 0) + 1
+    return readers
+
+
 def functionalize_copies(prog: Program) -> int:
     """``b2 = copy_(b, r)`` -> ``b2`` renamed to ``r``, where nothing reads ``b``'s storage
     after the copy but through ``b2``.
@@ -1205,16 +1215,13 @@ def functionalize_copies(prog: Program) -> int:
     reads: dict[int, list[int]] = {}
     members: dict[Any, list[Var]] = {}  # group -> its Vars
     produced: dict[int, int] = {}  # var id -> position of its equation (inputs: -1)
-    absolute: set = set()  # groups an operation taking an absolute storage offset reads
+    absolute = _offset_readers(prog)
     for v in prog.inputs:
         members.setdefault(v.group, []).append(v)
         produced[v.id] = -1
     for k, e in enumerate(eqns):
-        offsets = _takes_storage_offset(e.fn)
         for v in e.in_vars():
             reads.setdefault(v.id, []).append(k)
-            if offsets:
-                absolute.add(v.group)
         for v in e.out_vars():
             members.setdefault(v.group, []).append(v)
             produced[v.id] = k
@@ -1273,7 +1280,7 @@ def functionalize_copies(prog: Program) -> int:
 def _elementwise_but_buffers(prog: Program) -> bool:
     """Every operation of ``prog`` is elementwise (``_batch``'s broadcasting table, or a
     ``clone``), except the promoted buffers' ``fresh_zeros``/``as_strided``/``copy_``."""
-    from ._batch import _eqn_broadcasts
+    from ._batch import elementwise
 
     roots: set[int] = set()
     views: set[int] = set()
@@ -1289,7 +1296,7 @@ def _elementwise_but_buffers(prog: Program) -> bool:
             continue
         if e.fn is aten.clone.default and not e.mutates:
             continue
-        if is_node(e.fn) or not _eqn_broadcasts(e):
+        if not elementwise(e):
             return False
     return True
 
@@ -1315,13 +1322,7 @@ def collapse_fresh_copies(prog: Program) -> int:
         if isinstance(o, Var):
             uses[o.id] = uses.get(o.id, 0) + 1
     by_out = {e.outs.id: e for e in prog.eqns if isinstance(e.outs, Var)}
-    # (per group, the operations taking an absolute storage offset that read it:
-    # as_strided, set_, ...; the view below is one)
-    absolute: dict[int, int] = {}
-    for e in prog.eqns:
-        if _takes_storage_offset(e.fn):
-            for g in {v.group for v in e.in_vars()}:
-                absolute[g] = absolute.get(g, 0) + 1
+    absolute = _offset_readers(prog)  # (the view below is one such reader)
     rewrites: dict[int, Eqn] = {}
     dead: set[int] = set()
     layout_free: bool | None = None  # (computed when first needed, see below)
@@ -1388,10 +1389,8 @@ def simplify(prog: Program) -> None:
     from ._program import dead_code_elimination
 
     before = [o.id if isinstance(o, Var) else None for o in prog.outputs]
-    try:
-        _simplify(prog, dead_code_elimination)
-    finally:
-        _keep_outputs_distinct(prog, before)
+    _simplify(prog, dead_code_elimination)
+    _keep_outputs_distinct(prog, before)
 
 
 def _keep_outputs_distinct(prog: Program, before: list) -> None:

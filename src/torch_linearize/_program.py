@@ -434,9 +434,9 @@ def _layout_free_inputs(prog: Program) -> set[int]:
     whose kernel may assume the traced layout, no in-place write); none otherwise. A
     tangent laid out unlike the primal (a transposed or channels-last primal, a
     contiguous tangent) then runs as it is, without a copy into the traced layout."""
-    from ._batch import _eqn_broadcasts
+    from ._batch import elementwise
 
-    if not prog.eqns or any(is_node(e.fn) or not _eqn_broadcasts(e) for e in prog.eqns):
+    if not prog.eqns or not all(elementwise(e) for e in prog.eqns):
         return set()
     return set(range(len(prog.inputs)))
 

@@ -58,9 +58,9 @@ def _view_dtype(x, dtype):
     # x.view(dtype) between a complex dtype and its real one (the tracer reads a buffer
     # written through z.real as complex): autograd calls that view non-differentiable,
     # view_as_real / view_as_complex are the same views, differentiable
-    if x.is_complex() and dtype == x.real.dtype:
+    if x.is_complex() and dtype == x.dtype.to_real():
         return torch.view_as_real(x).flatten(-2)
-    if dtype.is_complex and not x.is_complex() and torch.empty(0, dtype=dtype).real.dtype == x.dtype:
+    if dtype.is_complex and not x.is_complex() and dtype.to_real() == x.dtype:
         return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     return x.view(dtype)
 
