@@ -605,3 +605,68 @@ def test_in_place_writes_others_see_are_kept(f):
         torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(f, x)[1](u)[0])
     T = torch.randn(3, *x.shape, dtype=torch.float64)
     torch.testing.assert_close(torch.vmap(jvp_fn)(T), torch.stack([jvp_fn(t) for t in T]))
+
+
+def _in_place_program(x_g, y_g, w_g):
+    """The raw trace of _scaled_in_place, with the storage groups (trace-time addresses)
+    of three fresh tangents chosen: each may reuse the address of one that died before."""
+    from torch_linearize._program import Eqn, Program, Res, Var
+
+    aten = torch.ops.aten
+    s, d = (30, 20), torch.float64
+
+    def var(group):
+        return Var(s, d, (20, 1), group=group)
+
+    u = torch.randn(s, dtype=d)
+    t = var("input")
+    a, b, c, dd, e = (var(g) for g in "ABCDE")
+    groups = {"new": None, "B": "B", "C": "C", "D": "D", "E": "E"}
+    x = var(groups.get(x_g, "X"))
+    y = var(x.group if y_g == "X" else groups.get(y_g, "Y"))
+    w_group = {"X": x.group, "Y": y.group}.get(w_g, groups.get(w_g, "W"))
+    v5, v9, v10, w, v12 = var("A"), var("A"), var("Z"), var(w_group), var("A")
+    eqns = [
+        Eqn(aten.clone.default, (t,), {}, a),
+        Eqn(aten.clone.default, (a,), {}, b),
+        Eqn(aten.mul.Tensor, (b, 2), {}, c),
+        Eqn(aten.add.Tensor, (Res(0), c), {}, dd),
+        Eqn(aten.copy_.default, (a, dd), {}, v5, mutates=(a,)),
+        Eqn(aten.mul.Tensor, (t, Res(1)), {}, x),
+        Eqn(aten.clone.default, (v5,), {}, e),
+        Eqn(aten.add.Tensor, (e, x), {}, y),
+        Eqn(aten.copy_.default, (v5, y), {}, v9, mutates=(v5,)),
+        Eqn(aten.clone.default, (v9,), {}, v10),
+        Eqn(aten.sub.Tensor, (v10, t), {}, w),
+        Eqn(aten.copy_.default, (v9, w), {}, v12, mutates=(v9,)),
+    ]
+    for v in (x, y, w):
+        if v.group is None:
+            v.group = object()
+    residuals = [torch.zeros(()).to(d).expand(s), u.cos()]
+    return Program(inputs=[t], eqns=eqns, outputs=[v12], residuals=residuals,
+                   input_layouts=[((20, 1), 0)])
+
+
+@pytest.mark.parametrize("x_g,y_g,w_g", [
+    ("new", "new", "new"), ("D", "new", "D"), ("new", "D", "new"), ("B", "C", "X"),
+    ("C", "D", "Y"), ("D", "B", "E"), ("new", "C", "D"), ("B", "D", "Y"),
+])
+def test_copies_become_renames_wherever_the_allocator_put_the_tangents(x_g, y_g, w_g):
+    """Groups are trace-time storage addresses, and a tangent allocated after another
+    died may get its address. Until stop 22 functionalize_copies moved such unrelated
+    tensors along with the copy's aliases (and left those born at the renamed source's
+    address in its group), so whether _scaled_in_place's map ran 1 or 8 operations
+    depended on the allocator (a third of the runs in one process)."""
+    import copy
+
+    from torch_linearize._passes import simplify
+    from torch_linearize._program import interpret
+
+    prog = _in_place_program(x_g, y_g, w_g)
+    raw = copy.deepcopy(prog)
+    simplify(prog)
+    assert [e.fn for e in prog.eqns] == [torch.ops.aten.mul.Tensor], [str(e) for e in prog.eqns]
+    for _ in range(2):
+        t = torch.randn(30, 20, dtype=torch.float64)
+        torch.testing.assert_close(interpret(prog, [t])[0], interpret(raw, [t.clone()])[0])
