@@ -165,6 +165,21 @@ def test_identity_operations_are_removed():
     assert {str(e.fn) for e in jvp_fn._program.eqns} <= {"aten.mm.default", "aten.t.default"}
 
 
+@pytest.mark.parametrize("f", [
+    lambda x: torch.cat([x[:1] - 1.0, x[1:-1].sin(), x[-1:] + 2]),
+    lambda x: torch.stack([x[0] - 3, 2 - x[-1]]),
+], ids=["shifted-ends", "shifted-scalars"])
+def test_adding_a_number_leaves_no_operation(f):
+    """The tangent of ``u - 1.0`` is recorded as ``t - 0.0`` (forward AD's formula with
+    the number's zero tangent): until stop 22 only a zero *residual* made ``add``/``sub``
+    an identity, so boundary conditions (``u[0] - a``) each kept a subtraction."""
+    x = torch.randn(6, dtype=D)
+    jvp_fn = _check(f, x)
+    subs = [e for e in jvp_fn._program.eqns if e.fn in (torch.ops.aten.sub.Tensor,
+                                                        torch.ops.aten.add.Tensor)]
+    assert all(not isinstance(e.args[1], (int, float)) for e in subs), str(jvp_fn)
+
+
 def test_in_place_updates_block_unsafe_rewrites():
     x = torch.randn(8, dtype=D)
 

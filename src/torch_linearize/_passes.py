@@ -128,10 +128,9 @@ def _identity_candidate(prog: Program, e: Eqn, zero_cache: dict[int, bool]) -> V
     x = a[0] if a else None
     if fn in (aten.add.Tensor, aten.sub.Tensor) and len(a) == 2 and kw.get("alpha", 1) == 1:
         for var, other, ok in ((a[0], a[1], True), (a[1], a[0], fn is aten.add.Tensor)):
-            if (ok and isinstance(var, Var) and isinstance(other, Res)
-                    and var.shape == out.shape and var.dtype == out.dtype
-                    and _is_zero_residual(prog, other, zero_cache)):
-                return var
+            if (ok and isinstance(var, Var) and var.shape == out.shape
+                    and var.dtype == out.dtype and _is_zero_literal(prog, other, zero_cache)):
+                return var  # (x + 0, x - 0: a zero residual or a zero number)
         return None
     if not isinstance(x, Var) or x.shape != out.shape or x.dtype != out.dtype:
         return None
