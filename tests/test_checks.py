@@ -231,3 +231,20 @@ def test_structure_mismatch_names_the_path_where_it_differs():
         jvp_fn(torch.randn(3, dtype=D), {"w": torch.randn(4, dtype=D)})
     msg = str(info.value)
     assert "tangents[1]" in msg and "'b'" in msg, msg
+
+
+@pytest.mark.parametrize("f", [lambda a: a.sin() * 2, lambda a: a.sum(0), torch.tanh,
+                               lambda a: a], ids=["scaled", "sum", "tanh", "identity"])
+def test_sparse_tangents_and_cotangents_are_rejected_naming_layout(f):
+    """Until stop 22 a sparse tangent passed the checks: some maps returned a sparse
+    result, others failed inside PyTorch (copy_ between dense and sparse, no sparse
+    tanh_backward) with nothing naming the tangent."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    y, jvp_fn = tl.linearize(f, x)
+    sparse = torch.randn(4, 5, dtype=torch.float64).to_sparse()
+    with pytest.raises(ValueError, match=r"tangents\[0\] has layout torch.sparse_coo.*strided"):
+        jvp_fn(sparse)
+    with pytest.raises(ValueError, match=r"has layout torch.sparse_coo.*strided"):
+        jvp_fn.T(torch.randn_like(y).to_sparse())
+    with pytest.raises(ValueError, match=r"has layout torch.sparse_coo.*strided"):
+        jvp_fn.batched(torch.stack([sparse.to_dense()] * 2).to_sparse())

@@ -110,3 +110,39 @@ def test_zero_dimensional_inputs_and_outputs(argnums):
     torch.testing.assert_close(jvp_fn.jacobian(argnums=argnums), want)
     _, single = tl.linearize(torch.sin, a)
     torch.testing.assert_close(single.jacobian(), torch.func.jacfwd(torch.sin)(a))
+
+
+def test_a_transpose_with_an_integer_primal_batches_and_has_a_jacobian():
+    """J.T's result has None for an integer primal's cotangent, which torch.vmap refuses
+    as an output: until stop 22 J.T.batched(U) and J.T.jacobian() raised (unless the
+    program was elementwise and took the direct batched path)."""
+    x, idx = torch.randn(4, 5, dtype=D), torch.tensor([1, 3])
+    f = lambda a, i: a[i] * 2 + a[i].sin()  # (a gather: not the elementwise direct path)
+    _, jvp_fn = tl.linearize(f, x, idx)
+    U = torch.randn(3, 2, 5, dtype=D)
+    got = jvp_fn.T.batched(U)
+    assert got[1] is None
+    _, vjp = torch.func.vjp(lambda a: f(a, idx), x)
+    want = torch.stack([vjp(u)[0] for u in U])
+    torch.testing.assert_close(got[0], want)
+    torch.testing.assert_close(jvp_fn.T.batched(U.movedim(0, 2), in_dims=2, out_dims=1)[0],
+                               want.movedim(0, 1))
+    jac = jvp_fn.T.jacobian()
+    assert jac[1] is None
+    torch.testing.assert_close(jac[0], torch.func.jacrev(f)(x, idx).permute(2, 3, 0, 1))
+
+
+@pytest.mark.parametrize("f", [torch.imag, torch.abs, torch.conj_physical, torch.sin],
+                         ids=["imag", "abs", "conj", "sin"])
+def test_a_complex_input_is_refused_not_given_a_real_direction_jacobian(f):
+    """Until stop 22 the basis tangents were real: for a complex input the result held
+    the derivative along the real direction only (all zeros for z.imag), silently."""
+    z = torch.randn(3, dtype=torch.complex128)
+    _, jvp_fn = tl.linearize(f, z)
+    with pytest.raises(ValueError, match=r"tangents\[0\] is complex.*real-linear"):
+        jvp_fn.jacobian()
+    # a real input with a complex output is fine: column i is J e_i
+    x = torch.randn(3, dtype=D)
+    g = lambda x: torch.polar(x.exp(), x)
+    cols = [torch.func.jvp(g, (x,), (e,))[1] for e in torch.eye(3, dtype=D)]
+    torch.testing.assert_close(tl.linearize(g, x)[1].jacobian(), torch.stack(cols, -1))

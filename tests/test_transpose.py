@@ -442,3 +442,20 @@ def test_an_operation_autograd_calls_not_differentiable_is_refused_not_dropped(m
     _, jvp_fn = tl.linearize(_real_parts_written, torch.randn(4, dtype=torch.float64))
     with pytest.raises(tl.LinearizeError, match=r"view\.dtype.*not differentiable"):
         jvp_fn.transpose()
+
+
+def test_reverse_mode_through_a_map_with_an_integer_output():
+    """Until stop 22 autograd through J.T (and jacfwd of jacrev through J) failed when f
+    also returned an integer tensor: the map's program returns zeros for it, which went
+    back to autograd as an extra gradient (and as a tangent of an integer output)."""
+    x = torch.randn(4, dtype=D)
+    f = lambda a: (a.sin() * 2, a.argmax())
+    _, jvp_fn = tl.linearize(f, x)
+    u = torch.randn(4, dtype=D, requires_grad=True)
+    g, = jvp_fn.T((u, None))
+    w = torch.randn(4, dtype=D)
+    got, = torch.autograd.grad((g * w).sum(), u)
+    torch.testing.assert_close(got, 2 * x.cos() * w)  # J is diag(2 cos x): J^T = J
+    t = torch.randn(4, dtype=D)
+    H = torch.func.jacfwd(torch.func.jacrev(lambda t: (jvp_fn(t)[0] ** 2).sum()))(t)
+    torch.testing.assert_close(H, torch.diag(8 * x.cos() ** 2))

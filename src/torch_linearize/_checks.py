@@ -135,6 +135,9 @@ def _leaf_problem(api: str, arg: str, ref: str, ls: LeafSpec, t: Any) -> str | N
                 f"{ls.dtype}; {arg} must have the same dtype.")
     if t.device != ls.device:
         return f"{api}: {arg}{ls.path} is on device {t.device}, but {ref}{ls.path} is on {ls.device}."
+    if t.layout != torch.strided:
+        return (f"{api}: {arg}{ls.path} has layout {t.layout}, but {arg} must be strided "
+                f"(dense) tensors, as {ref}{ls.path} is; convert it with .to_dense().")
     return None
 
 

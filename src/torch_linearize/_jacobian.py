@@ -39,6 +39,10 @@ def _concat(parts: list) -> Any:
     return tree_unflatten(joined, spec)
 
 
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
 def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
     """See :meth:`LinearMap.jacobian`."""
     api = "jvp_fn.jacobian()"
@@ -54,6 +58,15 @@ def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
     leaves = lm._in_leaves
     selected = [i for a in nums for i in range(starts[a], starts[a] + counts[a])
                 if leaves[i].differentiable]
+    for i in selected:
+        if leaves[i].dtype.is_complex:
+            raise ValueError(
+                f"{api}: {lm._arg_name}{leaves[i].path} is complex ({leaves[i].dtype}). The map "
+                "of a complex input is only real-linear in general (complex-linear only where "
+                "f is holomorphic), so no complex matrix represents it; torch.func.jacfwd "
+                "refuses complex inputs too. Take the Jacobian with respect to the real and "
+                "imaginary parts instead (torch.view_as_real / torch.view_as_complex around f)."
+            )
     sizes = [int(torch.Size(leaves[i].shape).numel()) for i in selected]
     total = sum(sizes)
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
@@ -100,10 +113,15 @@ def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
     else:
         out = torch.func.vmap(apply_basis, chunk_size=chunk_size)(basis)
 
-    out_flat = tree_flatten(out)[0] if out is not None else []
-    per_output = []
+    # (None leaves kept: an output without a tangent, e.g. a transpose's cotangent of an
+    # integer primal, is None in the map's result and stays None here)
+    out_flat = tree_flatten(out, is_leaf=_is_none)[0] if out is not None else []
+    per_output: list[Any] = []
     for j, ls_out in enumerate(lm._out_leaves):
-        oshape = ls_out.shape if ls_out is not None else ()
+        if ls_out is None:
+            per_output.append(None)
+            continue
+        oshape = ls_out.shape
         blocks = []
         for a in nums:
             arg_blocks = []
@@ -116,8 +134,8 @@ def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
                     nd_in = len(ls_in.shape)
                     block = block.permute((*range(nd_in, nd_in + len(oshape)), *range(nd_in)))
                 else:
-                    dtype = ls_out.dtype if ls_out is not None else ls_in.dtype
-                    block = torch.zeros((*oshape, *ls_in.shape), dtype=dtype, device=ls_in.device)
+                    block = torch.zeros((*oshape, *ls_in.shape), dtype=ls_out.dtype,
+                                        device=ls_in.device)
                 arg_blocks.append(block)
             blocks.append(tree_unflatten(arg_blocks, children[a]))
         per_output.append(tuple(blocks) if wrap else blocks[0])

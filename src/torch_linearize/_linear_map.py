@@ -14,7 +14,13 @@ from torch._functorch.pyfunctorch import (
     retrieve_current_functorch_interpreter,
     temporarily_clear_interpreter_stack,
 )
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import (
+    TreeSpec,
+    _broadcast_to_and_flatten,
+    tree_flatten,
+    tree_map,
+    tree_unflatten,
+)
 
 from ._checks import LeafSpec, flatten_tangents
 from ._errors import LinearizeError, ReleasedError, StaleResidualError
@@ -59,6 +65,7 @@ def _loop_over_vmap_batch(run: Callable[..., tuple], flat: list) -> tuple | None
 
 
 _grad_enabled = torch.is_grad_enabled
+_STRIDED = torch.strided
 _functorch_active = torch._C._are_functorch_transforms_active
 _fwAD = torch.autograd.forward_ad
 
@@ -97,7 +104,9 @@ class _ThroughTranspose(torch.autograd.Function):
         lm = ctx.lm
         flat = [t if t is not None else torch.zeros(ls.shape, dtype=ls.dtype, device=ls.device)
                 for t, ls in zip(tangents, (lm._in_leaves[i] for i in lm._diff_positions))]
-        return tuple(ctx.run(*flat))
+        # (an integer or bool output is not differentiable: autograd wants None there)
+        return tuple(o if lm._out_leaves[k].differentiable else None
+                     for o, k in zip(ctx.run(*flat), lm._out_positions))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -109,7 +118,11 @@ class _ThroughTranspose(torch.autograd.Function):
                 cots.append(g if g is not None else
                             torch.zeros(ls.shape, dtype=ls.dtype, device=ls.device))
         t = lm.transpose()
-        return (None, None, *t._run_flat(cots))
+        # one gradient per input of forward: lm's differentiable tangents, which are t's
+        # differentiable outputs (t's program also returns zeros for integer outputs)
+        outs = t._run_flat(cots)
+        return (None, None, *(o for o, k in zip(outs, t._out_positions)
+                              if t._out_leaves[k].differentiable))
 
 
 def _same_meta(program: Any, meta: tuple) -> bool:
@@ -377,6 +390,8 @@ class LinearMap:
             # one chunk is no chunking: torch.vmap's chunked path would still split and
             # concatenate (a copy of every result)
             chunk_size = None
+        if len(self._out_positions) != self._n_out:
+            return self._vmap_present(tangents, in_dims, out_dims, chunk_size)
         if type(out_dims) is int and out_dims != 0:
             # torch.vmap mishandles an output that does not depend on the tangents (a zero
             # tangent, unbatched) with out_dims != 0: it fails to expand it, or returns a
@@ -386,6 +401,33 @@ class LinearMap:
                             out)
         return torch.vmap(self, in_dims=in_dims, out_dims=out_dims,
                           chunk_size=chunk_size)(*tangents)
+
+    def _vmap_present(self, tangents: tuple, in_dims: Any, out_dims: Any,
+                      chunk_size: int | None) -> Any:
+        """``batched`` through ``torch.vmap`` for a map whose result has None leaves (a
+        transpose's cotangent of an integer primal), which torch.vmap refuses as outputs:
+        the tensor leaves are batched, the None leaves put back."""
+        pos = self._out_positions
+        if type(out_dims) is int:
+            dims: list = [out_dims] * len(pos)
+        else:
+            every = _broadcast_to_and_flatten(out_dims, self._out_spec)
+            if every is None:
+                raise ValueError(
+                    f"{self._api}.batched(): out_dims {out_dims!r} does not match the "
+                    f"structure of the map's result ({self._out_spec}).")
+            dims = [every[k] for k in pos]
+
+        def present(*ts: Any) -> tuple:
+            leaves = tree_flatten(self(*ts), is_leaf=lambda x: x is None)[0]
+            return tuple(leaves[k] for k in pos)
+
+        outs = torch.vmap(present, in_dims=in_dims, out_dims=tuple(
+            None if d is None else 0 for d in dims), chunk_size=chunk_size)(*tangents)
+        full: list[Any] = [None] * self._n_out
+        for k, o, d in zip(pos, outs, dims):
+            full[k] = o.movedim(0, d) if d else o
+        return tree_unflatten(full, self._out_spec)
 
     def _auto_chunk(self, tangents: tuple, in_dims: int) -> int | None:
         """``batched``'s chunk size when the caller gives none: chunks of a few tangents
@@ -430,7 +472,8 @@ class LinearMap:
             if in_dims % t.dim():
                 t = t.movedim(in_dims, 0)
             if t.shape[1:] != shape or t.dtype != dtype or t.device != device or \
-                    (grad and t.requires_grad) or (size is not None and t.shape[0] != size):
+                    t.layout is not _STRIDED or (grad and t.requires_grad) or \
+                    (size is not None and t.shape[0] != size):
                 return NotImplemented
             size = t.shape[0]
             stacked.append(t)
@@ -463,7 +506,7 @@ class LinearMap:
         if self._flat_args and len(args) == len(self._metas):
             for t, (shape, dtype, device) in zip(args, self._metas):
                 if type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or \
-                        t.device != device or t.requires_grad:
+                        t.device != device or t.requires_grad or t.layout is not _STRIDED:
                     break
             else:
                 return args

@@ -317,6 +317,7 @@ class _Namer:
             "torch": torch,
             "_relayout": _relayout,
             "_Tensor": torch.Tensor,
+            "_STRIDED": torch.strided,
             "_grad_enabled": torch.is_grad_enabled,
             "_functorch_active": torch._C._are_functorch_transforms_active,
             "_fwAD": torch.autograd.forward_ad,
@@ -632,7 +633,7 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
     lines.append("        return (" + "".join(r + ", " for r in rets) + ")")
     if len(prog.inputs) == 1 and len(rets) == 1:
         # run1(t): the one-tensor call in one frame, for LinearMap's commonest call. It
-        # checks what LinearMap checks (type, shape, dtype, device, and that no gradient
+        # checks what LinearMap checks (type, shape, dtype, device, layout, and that no gradient
         # is to be recorded; NotImplemented when any differs), then runs the same body
         # and returns the one output itself. (A call made between other heavy work pays
         # every frame and lookup in cache misses.)
@@ -641,7 +642,7 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
         dev = f"not {name}.is_cpu" if v.device == _CPU else f"{name}.device != {nm.glob(v.device)}"
         lines.append(f"    def run1({name}):")
         lines.append(f"        if type({name}) is not _Tensor or {name}.shape != {nm.lit(v.shape)} or "
-                     f"{name}.dtype is not {nm.glob(v.dtype)} or {dev} or "
+                     f"{name}.dtype is not {nm.glob(v.dtype)} or {dev} or {name}.layout is not _STRIDED or "
                      f"({name}.requires_grad and _grad_enabled())"
                      + "".join(" or " + c for c in node_checks) + ": return NotImplemented")
         if len(prog.eqns) <= _ENTRY1_MAX_EQNS:
