@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import custom_functions as cf
 import torch_linearize as tl
-from helpers import OpCounter, rand_like_tree
+from helpers import OpCounter, eager_jvp, rand_like_tree
 
 D = torch.float64
 
@@ -459,3 +459,66 @@ def test_reverse_mode_through_a_map_with_an_integer_output():
     t = torch.randn(4, dtype=D)
     H = torch.func.jacfwd(torch.func.jacrev(lambda t: (jvp_fn(t)[0] ** 2).sum()))(t)
     torch.testing.assert_close(H, torch.diag(8 * x.cos() ** 2))
+
+
+def _custom_chain(x):
+    y = cf.NumpyCube.apply(x)
+    for _ in range(3):
+        y = (y @ _W).sin()
+    return y
+
+
+_W = torch.randn(6, 6, dtype=D, generator=torch.Generator().manual_seed(3)) / 3
+
+
+def test_a_map_applied_while_another_thread_transposes_it():
+    """Building a transpose runs the map's custom-Function nodes in a shape-only mode
+    (they output zeros: only the graph matters). Until stop 22 that mode was a flag on the
+    shared nodes, so another thread applying the same map meanwhile got zeros for their
+    tangents (silently; a probe saw it in 20 of 20 trials). It is now per thread."""
+    import threading
+
+    from torch_linearize._opaque import shape_only
+
+    x, t = torch.randn(6, dtype=D), torch.randn(6, dtype=D)
+    _, jvp_fn = tl.linearize(_custom_chain, x)
+    want = eager_jvp(_custom_chain, (x,), (t,))[1]
+    T = torch.randn(3, 6, dtype=D)
+    inside, done = threading.Event(), threading.Event()
+
+    def transposing():  # (holds the mode as a transposition in progress would)
+        with shape_only(jvp_fn._opaque_nodes):
+            inside.set()
+            done.wait(30)
+
+    th = threading.Thread(target=transposing)
+    th.start()
+    try:
+        assert inside.wait(30)
+        got, got_b = jvp_fn(t), jvp_fn.batched(T)
+        got_T = jvp_fn.T(t)[0]
+    finally:
+        done.set()
+        th.join()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_b, torch.stack([eager_jvp(_custom_chain, (x,), (s,))[1]
+                                                   for s in T]))
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(got_T, torch.autograd.grad(_custom_chain(xg), xg, t)[0])
+    # and a real transposition racing applications
+    _, jvp_fn = tl.linearize(_custom_chain, x)
+    results, stop = [], threading.Event()
+
+    def applying():
+        while not stop.is_set():
+            results.append(jvp_fn(t))
+
+    th = threading.Thread(target=applying)
+    th.start()
+    try:
+        jvp_fn.T(t)
+    finally:
+        stop.set()
+        th.join()
+    for r in results:
+        torch.testing.assert_close(r, want)

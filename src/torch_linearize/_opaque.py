@@ -33,7 +33,10 @@ same for ``backward``.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -71,6 +74,54 @@ def _requires_grad(args) -> bool:
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+
+
+class _ShapeOnly(threading.local):
+    """Per thread: the nodes (by id) that output zeros of their results' shapes, while an
+    autograd graph of a program is built (or its linearity checked), each mapped to that
+    build's :class:`RecordingBox`. Per thread, since the same nodes serve every other
+    thread's applications of the map meanwhile."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, RecordingBox] = {}
+
+
+class RecordingBox:
+    """Where the backward of the graph built under one :func:`shape_only` records the
+    nodes' transposes (``tracer``; None: they run). Held by each node call's autograd ctx,
+    since the autograd engine may run backward on another thread (a device's)."""
+
+    __slots__ = ("tracer",)
+
+    def __init__(self) -> None:
+        self.tracer: Any = None
+
+
+_shape_only = _ShapeOnly()
+# How many threads have nodes in shape-only mode: the per-call check reads this first.
+_active = [0]
+_active_lock = threading.Lock()
+
+
+@contextmanager
+def shape_only(nodes: list) -> Iterator[RecordingBox]:
+    """In this thread, ``nodes`` output zeros of their results' shapes (values are
+    irrelevant: an autograd graph of the linear program is being built). Yields the box
+    through which that graph's backward can record the nodes' transposes."""
+    box = RecordingBox()
+    mine = {id(n): box for n in nodes if id(n) not in _shape_only.nodes}
+    with _active_lock:
+        _active[0] += 1
+    _shape_only.nodes.update(mine)
+    try:
+        yield box
+    finally:
+        for k in mine:
+            _shape_only.nodes.pop(k, None)
+        with _active_lock:
+            _active[0] -= 1
+
+
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -143,8 +194,6 @@ class _OpaqueNode:
         self.out_meta = out_meta
         self.dirty = dirty  # result index -> argument index modified in place
         self.single_output = single_output
-        self.recorder = None  # set while _transpose records this node's transpose
-        self.shape_only = False  # set while _transpose builds the autograd graph
         self._zeros: dict[int, torch.Tensor] = {}
         self._zero_versions: dict[int, int] = {}
         # OpaqueJvp: a weak reference to its transposed node; OpaqueVjp: the node it transposes
@@ -160,6 +209,12 @@ class _OpaqueNode:
                 tuple(shape), dtype, None if stride is None else tuple(stride),
             )
 
+    @property
+    def shape_only(self) -> bool:
+        """Whether this node outputs zeros of its results' shapes, in this thread
+        (:func:`shape_only`)."""
+        return id(self) in _shape_only.nodes if _active[0] else False
+
     # ---------------------------------------------------------------- entry point
     def __call__(self, *args):
         ctx = self.ctx
@@ -167,7 +222,7 @@ class _OpaqueNode:
             raise ReleasedError(f"{self.display_name}: the linear map was released.")
         lean = self._lean
         if lean is not None and not _functorch_active() and fwAD._current_level < 0 and \
-                not self.shape_only:
+                not (_active[0] and self.shape_only):
             # The per-tangent call with plain tensors, in as few steps (frames, lookups) as
             # possible, since a call between other heavy work pays each in cache misses:
             # what run(0, args) does when no transform or autograd is involved, every
@@ -410,11 +465,10 @@ class _OpaqueNode:
     def transposed(self) -> _OpaqueNode:
         raise NotImplementedError
 
-    def record_transpose(self, grads: tuple) -> tuple:
-        """Record this node's transpose into ``self.recorder``; return placeholder cotangents."""
+    def record_transpose(self, grads: tuple, tracer: Any) -> tuple:
+        """Record this node's transpose into ``tracer``; return placeholder cotangents."""
         from ._program import Eqn
 
-        tracer = self.recorder
         node = self.transposed()
         syms = [None if g is None else tracer.symbolic(g, node.display_name) for g in grads]
         outs, results = [], []
@@ -522,6 +576,7 @@ class _OpaqueApply(_Function):
         node = inputs[0]
         if node.dirty:
             ctx.mark_dirty(*[inputs[2 + i] for i in node.dirty.values()])
+        ctx.box = _shape_only.nodes.get(id(node)) if _active[0] else None
 
     @staticmethod
     def jvp(ctx, _node, _nbatch, *tangents):
@@ -532,8 +587,9 @@ class _OpaqueApply(_Function):
     @staticmethod
     def backward(ctx, *grads):
         node = ctx.node
-        if node.recorder is not None:
-            cots = node.record_transpose(grads)
+        tracer = ctx.box.tracer if ctx.box is not None else None
+        if tracer is not None:
+            cots = node.record_transpose(grads, tracer)
         else:
             cots = node.transposed().run(ctx.nbatch, grads)
         return (None, None, *cots)

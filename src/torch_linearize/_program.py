@@ -766,6 +766,7 @@ def check_linear_at_zero(prog: Program, run: Callable[..., tuple], nodes, what: 
     own linearity is their author's contract.
     """
     from ._errors import NonLinearTangentError
+    from ._opaque import shape_only
 
     zeros = []
     for k, v in enumerate(prog.inputs):
@@ -773,14 +774,8 @@ def check_linear_at_zero(prog: Program, run: Callable[..., tuple], nodes, what: 
         z = (torch.zeros(v.shape, dtype=v.dtype, device=v.device) if stride is None else
              torch.empty_strided(v.shape, stride, dtype=v.dtype, device=v.device).zero_())
         zeros.append(z)
-    for n in nodes:
-        n.shape_only = True
-    try:
-        with torch.no_grad():
-            outs = run(*zeros)
-    finally:
-        for n in nodes:
-            n.shape_only = False
+    with shape_only(nodes), torch.no_grad():
+        outs = run(*zeros)
     for k, o in enumerate(outs):
         # Only finite non-zeros are evidence of an added constant (0 * inf residuals
         # give NaN without any constant).

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_structure
 
 from ._errors import LinearizeError
 from ._linear_map import LinearMap
+from ._opaque import shape_only
 from ._passes import simplify
 from ._program import (
     Program,
@@ -149,14 +150,8 @@ def _transposable_impl(lm: LinearMap, nodes):
             probe.append(x if not prog.input_layouts else
                          torch.empty_strided(v.shape, prog.input_layouts[k][0], dtype=v.dtype,
                                              device=v.device).copy_(x))
-        for n in nodes:
-            n.shape_only = True
-        try:
-            with torch.no_grad():
-                outs = lm._run(*probe)
-        finally:
-            for n in nodes:
-                n.shape_only = False
+        with shape_only(nodes), torch.no_grad():
+            outs = lm._run(*probe)
         masked = all(bool(torch.isfinite(o).all()) for o in outs if isinstance(o, torch.Tensor))
     cache: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -255,17 +250,11 @@ def transpose_map(lm: LinearMap) -> LinearMap:
         stride = layout[0] if layout else None
         ins.append(_placeholder(v.shape, v.dtype, v.device, stride).requires_grad_())
     impl = _transposable_impl(lm, nodes)
-    for n in nodes:
-        n.shape_only = True
-    try:
-        with torch.enable_grad():
-            # inputs the program writes in place run on copies (as compile_program's
-            # run does): autograd refuses in-place writes into a leaf
-            outs = interpret(prog, [x.clone() if k in prog.mutated_inputs else x
-                                    for k, x in enumerate(ins)], impl)
-    finally:
-        for n in nodes:
-            n.shape_only = False
+    with shape_only(nodes) as box, torch.enable_grad():
+        # inputs the program writes in place run on copies (as compile_program's run
+        # does): autograd refuses in-place writes into a leaf
+        outs = interpret(prog, [x.clone() if k in prog.mutated_inputs else x
+                                for k, x in enumerate(ins)], impl)
 
     # 2. Record the backward pass. Program inputs of the transpose: one cotangent per
     # differentiable output leaf of the forward map.
@@ -282,8 +271,7 @@ def transpose_map(lm: LinearMap) -> LinearMap:
         if isinstance(prog.outputs[lm._out_positions.index(k)], Var) and o.requires_grad:
             targets.append(o)
             grad_outputs.append(ph)
-    for n in nodes:
-        n.recorder = tracer
+    box.tracer = tracer  # (the nodes' backward records their transposes into it)
     try:
         with tracer.activate():
             if targets:
@@ -305,8 +293,7 @@ def transpose_map(lm: LinearMap) -> LinearMap:
                             "but is not zero; the recorded program is not linear."
                         )
     finally:
-        for n in nodes:
-            n.recorder = None
+        box.tracer = None
         changed = tracer.residuals.end_trace()
 
     tprog = Program(
