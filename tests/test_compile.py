@@ -6,6 +6,7 @@ from torch._dynamo.utils import counters
 
 import custom_functions as cf
 import torch_linearize as tl
+from helpers import eager_jvp
 
 D = torch.float64
 
@@ -178,3 +179,32 @@ def test_a_map_of_custom_function_nodes_only_compiles_to_itself(monkeypatch):
     jvp_fn.release()
     with pytest.raises(tl.ReleasedError):
         c(t)
+
+
+def test_releasing_one_handle_releases_every_handle_that_shares_the_map():
+    """A map, its compile() copies and its copy.copy handles share residuals, program
+    and custom-Function contexts. Until stop 22 releasing the copy (never called: nothing
+    compiled) emptied them under the original, which still reported released == False
+    and failed with KeyError, NameError or ReleasedError from a node. Releasing any
+    handle now releases all of them: each says so and raises ReleasedError."""
+    import copy
+
+    x, t = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    plain = lambda x: x.sin() * x.exp()
+    custom = lambda x: cf.SinCosPair.apply(x)[0] * x  # (a custom Function node)
+    only_custom = lambda x: cf.SinCosPair.apply(x)[0]  # (compile() copies the map)
+    for f in (plain, custom, only_custom):
+        for which in range(3):
+            _, jvp_fn = tl.linearize(f, x)
+            handles = [jvp_fn, jvp_fn.compile(), copy.copy(jvp_fn)]
+            nodes = list(jvp_fn._opaque_nodes)
+            torch.testing.assert_close(handles[2](t), eager_jvp(f, (x,), (t,))[1])
+            handles[which].release()
+            for h in handles:
+                assert h.released and h.residual_bytes == 0
+                for use in (lambda h=h: h(t), lambda h=h: h.T(t), lambda h=h: h.jacobian(),
+                            lambda h=h: h.batched(t[None])):
+                    with pytest.raises(tl.ReleasedError):
+                        use()
+            assert all(n.ctx is None for n in nodes)
+            handles[which].release()  # (a second release is a no-op)

@@ -256,6 +256,9 @@ class LinearMap:
         # whether batches run faster in chunks (_batch.chunks_pay_off): None until needed
         self._chunk_rule: bool | None = None
         self._lock = threading.Lock()
+        # The handles sharing this map's residuals, program and custom-Function contexts
+        # (a map and its compile() copies, weakly): release() releases them all.
+        self._share = [weakref.ref(self)]
 
     # ------------------------------------------------------------------ application
     def __call__(self, *args: Any) -> Any:
@@ -596,13 +599,19 @@ class LinearMap:
         same function again at a new point with the same shapes reuses the compiled
         code without recompiling. Compilation happens on the first call.
         ``compile_kwargs`` go to ``torch.compile`` (default ``fullgraph=True,
-        dynamic=False``; e.g. ``mode="max-autotune"``).
+        dynamic=False``; e.g. ``mode="max-autotune"``). The copy shares this map's
+        residuals and custom-Function contexts: :meth:`release` of either releases both.
         """
         if self._run is None:
             raise self._released_error(".compile()")
         from ._compile import compile_map
 
-        return compile_map(self, **compile_kwargs)
+        other = compile_map(self, **compile_kwargs)
+        if other._share is not self._share:  # (a new map; a copy.copy is registered)
+            with self._lock:
+                other._share = self._share
+                self._share.append(weakref.ref(other))
+        return other
 
     def cuda_graph(self, clone_outputs: bool = True):
         """Capture one application in a CUDA graph; calls replay it (CUDA tensors only).
@@ -643,13 +652,25 @@ class LinearMap:
 
     # ------------------------------------------------------------------ memory
     def release(self) -> None:
-        """Free the residuals and custom-Function contexts; later calls raise ``ReleasedError``."""
+        """Free the residuals and custom-Function contexts; later calls raise ``ReleasedError``.
+
+        A map and its :meth:`compile` copies share them: releasing one releases all."""
+        self._release_handle()
+        for ref in list(self._share):
+            h = ref()
+            if h is not None:
+                h._release_handle()
+
+    def _release_handle(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
         self._fast1 = None
         self._run = None
         self._batched_run = None
         self._eager_run = None
         self._driver = None
-        self._released = True
         for node in self._opaque_nodes:
             node.release()
         self._opaque_nodes = []
@@ -690,9 +711,13 @@ class LinearMap:
         return len(self._program.eqns)
 
     def __copy__(self) -> LinearMap:
-        """Another handle on the same map (the same residuals and program)."""
+        """Another handle on the same map (the same residuals and program; releasing one
+        releases both)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
+        new._lock = threading.Lock()
+        with self._lock:
+            self._share.append(weakref.ref(new))
         return new
 
     def __reduce_ex__(self, protocol):
