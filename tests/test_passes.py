@@ -668,18 +668,20 @@ def _in_place_program(x_g, y_g, w_g):
     ("C", "D", "Y"), ("D", "B", "E"), ("new", "C", "D"), ("B", "D", "Y"),
 ])
 def test_copies_become_renames_wherever_the_allocator_put_the_tangents(x_g, y_g, w_g):
-    """Groups are trace-time storage addresses, and a tangent allocated after another
-    died may get its address. Until stop 22 functionalize_copies moved such unrelated
-    tensors along with the copy's aliases (and left those born at the renamed source's
-    address in its group), so whether _scaled_in_place's map ran 1 or 8 operations
-    depended on the allocator (a third of the runs in one process)."""
+    """The tracer's groups are trace-time storage addresses, and a tangent allocated
+    after another died may get its address. Until stop 22 the passes read a shared address
+    as a shared storage (functionalize_copies moved such unrelated tensors along with a
+    copy's aliases), so whether _scaled_in_place's map ran 1 or 8 operations depended on
+    the allocator (a third of the runs in one process). exact_groups now turns addresses
+    into storages before the passes run."""
     import copy
 
     from torch_linearize._passes import simplify
-    from torch_linearize._program import interpret
+    from torch_linearize._program import exact_groups, interpret
 
     prog = _in_place_program(x_g, y_g, w_g)
     raw = copy.deepcopy(prog)
+    exact_groups(prog)
     simplify(prog)
     assert [e.fn for e in prog.eqns] == [torch.ops.aten.mul.Tensor], [str(e) for e in prog.eqns]
     for _ in range(2):

@@ -66,6 +66,29 @@ def test_newton_loop_reuses_the_simplified_program(verify):
         _assert_map(_pde, (u,), m, seed=1)
 
 
+def _bratu(u):
+    r = torch.empty_like(u)
+    r[1:-1] = (u[:-2] - 2 * u[1:-1] + u[2:]) * 49**2 + torch.exp(u[1:-1])
+    r[0] = u[0]
+    r[-1] = u[-1]
+    return r
+
+
+def test_a_newton_loop_whose_residual_writes_in_place_reuses_the_program(verify):
+    """Keys number the storages a mutating program writes. Until stop 22 those were
+    trace-time addresses, which the allocator reuses differently from one trace to the
+    next: the Bratu residual (boundary rows written through slices) recorded a new
+    template at almost every Newton step (0 hits in 6 steps) and never reused one."""
+    u = torch.zeros(50, dtype=D)
+    keep = []
+    for step in range(6):
+        keep.append(torch.empty(step * 37 + 1, dtype=D))  # (moves the allocator around)
+        r, jvp_fn = tl.linearize(_bratu, u)
+        _assert_map(_bratu, (u,), jvp_fn)
+        u = u - torch.linalg.solve(jvp_fn.jacobian(), r)
+    assert sc.stats == {"hits": 4, "recorded": 1, "refused": 0}
+
+
 def test_a_scalar_newton_loop_reuses_at_every_point(verify):
     # The forum's quadratic on four 0-d tensors at random points: one-element coefficients
     # stay tensors (not baked-in constants) and their cancellation is judged by the probe

@@ -34,6 +34,7 @@ from ._program import (
     bind_program,
     check_linear_at_zero,
     dead_code_elimination,
+    exact_groups,
     program_factory,
     program_nodes,
 )
@@ -218,6 +219,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         mutated_inputs=set(tracer.mutated_inputs),
         residual_names=tracer.residuals.origin,
     )
+    exact_groups(prog)  # (storages, not addresses: the passes and the cache key read them)
     # A structure seen before (a Newton loop re-linearizing at a new point) reuses its
     # simplified program and code if the passes' value-based decisions come out the same
     # on the new residuals (_structure_cache); otherwise the passes run, and record from

@@ -1205,12 +1205,9 @@ def functionalize_copies(prog: Program) -> int:
     ``r``'s storage is read either (later writes into ``b2`` then write ``r``'s storage,
     which nothing else reads), both have one layout, and no operation reads an absolute
     storage offset of either storage (``b2`` and ``r`` may begin at different offsets).
-    A group (a trace-time storage address) may hold unrelated Vars whose storages came
-    and went at one address; they were dead before the copy, or are born after it, and
-    neither kind is read across it, so the conditions hold for them too. After a rename,
-    the copy's result's aliases (views of it, writes into it) join ``r``'s group, and
-    tensors the allocator put at ``r``'s address after it died (at the copy) leave it:
-    ``r`` now lives on. Returns the number of copies removed.
+    Groups are storages, not addresses (``_program.exact_groups``), so after a rename
+    the Vars of ``b``'s group made after the copy (its result, views of it, writes into
+    it) are ``r``'s storage. Returns the number of copies removed.
     """
     eqns = prog.eqns
     reads: dict[int, list[int]] = {}
@@ -1263,23 +1260,16 @@ def functionalize_copies(prog: Program) -> int:
             continue
         if reads.get(src.id) != [k] or read_after(g, k, (out,)) or read_after(gs, k, (src,)):
             continue
-        moved = _aliases_after(eqns, k, out)
-        if moved is None:
-            continue
+        if any(produced.get(w.id, -1) > k for w in members[gs]):
+            continue  # (r's storage seen again after the copy: not through what it read)
         dead.add(id(e))
         rename[out.id] = src
-        # r's storage now lives on as the copy's result: tensors the allocator put at its
-        # address after it died (at the copy) are other storages, so they leave its group.
-        born = [w for w in members[gs] if produced.get(w.id, -1) > k]
-        if born:
-            members[gs] = [w for w in members[gs] if produced.get(w.id, -1) <= k]
-            members[("reused after a copy", gs, k)] = born
-            for w in born:
-                w.group = ("reused after a copy", gs, k)
-        for w in moved:  # (views of the copy's result, or written into it: now r's storage)
+        # Groups are storages (exact_groups): what b's storage holds after the copy is the
+        # copy's result, its views and later writes into it, which are now r's storage.
+        moved = [w for w in members[g] if produced.get(w.id, -1) > k]
+        for w in moved:
             w.group = gs
-        gone = {w.id for w in moved} | {out.id}
-        members[g] = [w for w in members[g] if w.id not in gone]
+        members[g] = [w for w in members[g] if produced.get(w.id, -1) <= k and w is not out]
         members[gs] = members[gs] + moved
         reads[src.id] = reads.get(out.id, [])
     if not dead:
@@ -1287,42 +1277,6 @@ def functionalize_copies(prog: Program) -> int:
     prog.eqns = [e for e in eqns if id(e) not in dead]
     prog.outputs = [_renamed(o, rename) if isinstance(o, Var) else o for o in prog.outputs]
     return len(dead)
-
-
-def _aliases_after(eqns: list[Eqn], k: int, out: Var) -> list[Var] | None:
-    """The Vars after equation ``k`` that alias ``out``'s storage: views of it and results
-    of writes into it, transitively; None where an equation that makes a Var of its group
-    cannot be told to be either an alias or a fresh tensor.
-
-    A group is a trace-time storage address, so a tensor allocated after ``out``'s storage
-    died may share it; such a Var is unrelated to ``out`` and stays in the group (until
-    stop 22 it was moved along with the aliases, which made the passes keep later copies
-    or not, depending on where the allocator put each tangent).
-    """
-    g = out.group
-    alias = {out.id}
-    moved: list[Var] = []
-    for e in eqns[k + 1:]:
-        outs = [w for w in e.out_vars() if w.group == g]
-        if not outs:
-            continue
-        if not e.mutates and _allocates(e.fn):
-            continue  # (a fresh tensor, at an address the allocator reused)
-        if any(v.id in alias for v in e.in_vars()) or any(m.id in alias for m in e.mutates):
-            alias.update(w.id for w in outs)
-            moved += outs
-            continue
-        return None
-    return moved
-
-
-def _allocates(fn: Any) -> bool:
-    """Whether operator ``fn`` returns only fresh tensors (its schema aliases no result to
-    an argument); False for anything that is not an operator."""
-    schema = getattr(fn, "_schema", None)
-    if not isinstance(fn, torch._ops.OpOverload) or schema is None:
-        return False
-    return all(r.alias_info is None for r in schema.returns)
 
 
 def _elementwise_but_buffers(prog: Program) -> bool:

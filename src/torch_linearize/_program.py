@@ -195,6 +195,59 @@ class Program:
             self.residual_names = [self.residual_names[i] for i in used]
 
 
+class Storage:
+    """A storage group after :func:`exact_groups`: one storage of the trace (not an
+    address, which storages that never coexisted may share)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __repr__(self) -> str:
+        return f"storage{self.n}"
+
+
+def exact_groups(prog: Program) -> None:
+    """Replace the Vars' groups (trace-time storage addresses) by storages.
+
+    The allocator gives a freed storage's address to a later tensor, so one address may
+    name storages that never coexisted; the passes, which read a shared group as "may
+    alias", then declined rewrites depending on where the allocator put each tangent, and
+    the structure cache saw different keys for one program. A Var made at an address
+    whose last storage is still read at or after that point (by this equation, say, as
+    a view's base or an in-place write's target, or later) is that storage; otherwise it
+    is a new one. Inputs' storages live throughout (they are the caller's). Idempotent.
+    """
+    n = len(prog.eqns)
+    last: dict[int, int] = {}
+    for p, e in enumerate(prog.eqns):
+        for v in e.in_vars():
+            last[v.id] = p
+    for o in prog.outputs:
+        if isinstance(o, Var):
+            last[o.id] = n
+    current: dict[Any, list] = {}  # address -> [storage, read until]
+    numbers = itertools.count()
+
+    def assign(v: Var, at: int, until: float) -> None:
+        g = v.group
+        if g is None:
+            return
+        cur = current.get(g)
+        if cur is not None and cur[1] >= at:
+            cur[1] = max(cur[1], until)
+        else:
+            cur = current[g] = [Storage(next(numbers)), until]
+        v.group = cur[0]
+
+    for v in prog.inputs:
+        assign(v, -1, math.inf)
+    for p, e in enumerate(prog.eqns):
+        for v in e.out_vars():
+            assign(v, p, last.get(v.id, p))
+
+
 def dead_code_elimination(prog: Program) -> None:
     """Drop equations whose results never reach an output.
 

@@ -38,6 +38,7 @@ from ._program import (
     check_linear_at_zero,
     compile_program,
     dead_code_elimination,
+    exact_groups,
     interpret,
 )
 from ._residuals import ctx_tensors, distinct_storage_bytes
@@ -310,6 +311,7 @@ def transpose_map(lm: LinearMap) -> LinearMap:
         raise LinearizeError("transpose(): a residual was modified during transposition.")
     suspect = bool(set(tprog.used_residuals()) & tracer.suspect_residuals)
     n_traced = len(tprog.residuals)
+    exact_groups(tprog)
     simplify(tprog)
     for r in tprog.residuals[n_traced:]:  # coefficients computed by the passes
         tracer.note_created(r)
