@@ -22,6 +22,7 @@ import torch
 
 from ._program import Eqn, Program, Res, Var, _takes_storage_offset
 from ._residuals import STRUCTURAL_ZERO
+from ._structure_cache import ResidualList, replay_memo
 
 aten = torch.ops.aten
 
@@ -297,6 +298,7 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
     memo: dict[int, dict] = {}
     owned: set[int] = set()
     mixed = _MixedSigns(prog.recorder)
+    probed: dict = {}  # (the accuracy probes' region values, shared between exits)
     position = {v: k for k, v in enumerate(producer)}  # producer is in program order
     for vid in sorted(external):
         bset, ops, res_elems = info[vid]
@@ -318,7 +320,7 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
             stored = sum(c.numel() for _, kind, c in plan if isinstance(c, torch.Tensor))
             if (n_ops < ops and stored <= max(res_elems, 1) and (
                     (exact_terms and vid not in mixed.vars and len(terms) <= _FEW_TERMS)
-                    or _accurate(prog, producer, bases, bset, vid, terms))):
+                    or _accurate(prog, producer, bases, bset, vid, terms, probed))):
                 emitted = _emit_terms(prog, plan, out)
                 if _keeps_layout(prog, emitted, out):
                     rewrites[vid] = emitted
@@ -792,13 +794,17 @@ def _probe_values(xs: torch.Tensor, converted: dict, dtype) -> list:
     return v
 
 
-def _accurate(prog: Program, producer, bases, bset, vid, terms) -> bool:
+def _accurate(prog: Program, producer, bases, bset, vid, terms, probed: dict) -> bool:
     """:func:`_folding_is_accurate` on the program's residuals; when recording, a decision
-    over a snapshot of the region (later passes replace equations' arguments)."""
+    over a snapshot of the region (later passes replace equations' arguments). ``probed``:
+    the region values the probes of one ``fold_pointwise`` computed (see there) and,
+    under ``"frozen"``, its snapshot of the equations."""
     rec = prog.recorder
     if rec is None:
-        return _folding_is_accurate(prog.residuals, producer, bases, bset, vid, terms)
-    region = {}
+        return _folding_is_accurate(prog.residuals, producer, bases, bset, vid, terms, probed)
+    # (one snapshot per fold_pointwise call, shared by its exits: their regions overlap,
+    # and nothing changes an equation until the rewrites are applied)
+    region = probed.setdefault("frozen", {})
     stack = [vid]
     while stack:
         v = stack.pop()
@@ -810,12 +816,18 @@ def _accurate(prog: Program, producer, bases, bset, vid, terms) -> bool:
     shape = [(b, None if isinstance(c, torch.Tensor) else c, par) for b, c, par in terms]
     coeffs = [c for _, c, _ in terms if isinstance(c, torch.Tensor)]
 
+    now = [probed]  # (shared only while deciding here: a replay has other residuals)
+
     def check(residuals: list, coeffs: list) -> bool:
         it = iter(coeffs)
         ts = [(b, next(it) if c is None else c, par) for b, c, par in shape]
-        return _folding_is_accurate(residuals, region, bases, bset, vid, ts)
+        shared = now[0] if now[0] is not None else replay_memo()
+        return _folding_is_accurate(residuals, region, bases, bset, vid, ts, shared)
 
-    return rec.decide(check, list(prog.residuals), coeffs)
+    try:
+        return rec.decide(check, ResidualList(prog.residuals), coeffs)
+    finally:
+        now[0] = None
 
 
 class _FrozenEqn:
@@ -827,12 +839,15 @@ class _FrozenEqn:
         self.fn, self.args, self.kwargs, self.outs = fn, args, kwargs, outs
 
 
-def _folding_is_accurate(residuals: list, producer, bases, bset, vid, terms) -> bool:
+def _folding_is_accurate(residuals: list, producer, bases, bset, vid, terms,
+                         probed: dict | None = None) -> bool:
     """Reassociating sums can lose precision (cancellation); check on random inputs.
 
     The region is evaluated as traced and as the folded sum of terms on random
     base values; the rewrite is kept only if they agree to a few ulps of the
-    result's scale.
+    result's scale. ``probed`` keeps the region values computed for earlier exits with
+    the same probe (the same bases, shape and dtypes: the probe is deterministic), so a
+    chain of n exits (a time stepper's states) costs n evaluations, not n^2/2.
     """
     if len(terms) == 1 and not _has_additive(producer, vid):
         return True  # a pure product: a few roundings, no cancellation
@@ -859,7 +874,9 @@ def _folding_is_accurate(residuals: list, producer, bases, bset, vid, terms) -> 
         g = r[index]
         return g if g.dim() else g.expand(k)
 
-    traced = _region_eval(residuals, producer, vid, vals, gather)
+    cache = {} if probed is None else probed.setdefault(
+        (tuple(shape), str(device), tuple((b, bases[b].dtype) for b in bset)), {})
+    traced = _region_eval(residuals, producer, vid, vals, gather, cache)
     if traced is None:
         return False
     # sum(c * v for the terms), without the multiplications by an exact 1 and the
@@ -894,9 +911,11 @@ def _has_additive(producer, vid) -> bool:
     return False
 
 
-def _region_eval(residuals: list, producer, vid, base_values: dict[int, torch.Tensor], gather):
-    """Evaluate a region on (flat, subsampled) base values; residuals go through ``gather``."""
-    env = (residuals, producer, base_values, gather, {})
+def _region_eval(residuals: list, producer, vid, base_values: dict[int, torch.Tensor], gather,
+                 cache: dict | None = None):
+    """Evaluate a region on (flat, subsampled) base values; residuals go through ``gather``;
+    ``cache``: values already computed on the same base values (var id -> value)."""
+    env = (residuals, producer, base_values, gather, {} if cache is None else cache)
     try:
         with torch.no_grad():
             return _region_value(producer[vid].outs, env)

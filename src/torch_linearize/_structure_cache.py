@@ -191,6 +191,28 @@ class _Slot:
         self.k = k
 
 
+class ResidualList(list):
+    """A copy of a program's residual list passed to a decision (``Recorder.decide``):
+    logged as a prefix of one slot list kept per source list, not residual by residual
+    (a program with n residuals and n decisions on them, a time stepper's folds, would
+    log n^2 slots)."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, source: list):
+        super().__init__(source)
+        self.source = source
+
+
+class _Prefix:
+    """The first ``n`` residual slots of a shared slot list (a logged ResidualList)."""
+
+    __slots__ = ("n", "slots")
+
+    def __init__(self, slots: list[int], n: int):
+        self.slots, self.n = slots, n
+
+
 _OP, _DECIDE, _TRACED = 0, 1, 2
 
 
@@ -204,6 +226,7 @@ class Recorder:
         self.log: list[tuple] = []
         self.ok = True
         self.var_index = var_index
+        self._prefix_of: tuple[list, list[int]] | None = None  # (source list, its slots)
 
     def _new(self, t: torch.Tensor) -> int:
         k = self.n
@@ -212,6 +235,8 @@ class Recorder:
         return k
 
     def _spec(self, x):
+        if type(x) is ResidualList:
+            return self._prefix(x)
         if isinstance(x, torch.Tensor):
             hit = self.slots.get(id(x))
             if hit is None or hit[1] is not x:
@@ -223,6 +248,21 @@ class Recorder:
         if isinstance(x, dict):
             return {k: self._spec(v) for k, v in x.items()}
         return x
+
+    def _prefix(self, x: ResidualList) -> _Prefix | None:
+        """Slots of ``x``'s source list, extended for what was appended since last time
+        (the source only grows while the passes run)."""
+        cached = self._prefix_of
+        if cached is None or cached[0] is not x.source or len(cached[1]) > len(x):
+            cached = self._prefix_of = (x.source, [])
+        slots = cached[1]
+        for r in x[len(slots):]:
+            hit = self.slots.get(id(r))
+            if hit is None or hit[1] is not r:
+                self.ok = False
+                return None
+            slots.append(hit[0])
+        return _Prefix(slots, len(x))
 
     def slot_of(self, t: torch.Tensor) -> int | None:
         hit = self.slots.get(id(t))
@@ -324,11 +364,26 @@ def _filled(x: Any, vals: list) -> Any:
     t = type(x)
     if t is _Slot:
         return vals[x.k]
+    if t is _Prefix:
+        return [vals[k] for k in x.slots[:x.n]]
     if t is tuple or t is list:
         return t(_filled(y, vals) for y in x)
     if t is dict:
         return {k: _filled(v, vals) for k, v in x.items()}
     return x
+
+
+class _ReplayMemo(threading.local):
+    memo: dict | None = None
+
+
+_replay_memo = _ReplayMemo()
+
+
+def replay_memo() -> dict | None:
+    """While :func:`replay` runs (in this thread), a dict its decisions may share values
+    in (the accuracy probes' region values: the same residuals for all of them)."""
+    return _replay_memo.memo
 
 
 def replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
@@ -337,6 +392,15 @@ def replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
     out differently (the passes must run)."""
     if len(residuals) != tpl.n_traced:
         return None
+    _replay_memo.memo = {}
+    try:
+        return _replay(tpl, residuals, trace_values, order)
+    finally:
+        _replay_memo.memo = None
+
+
+def _replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
+            order: list[Var]) -> list[torch.Tensor] | None:
     vals: list = list(residuals) + [None] * (tpl.n_slots - tpl.n_traced)
     try:
         for entry in tpl.log:
