@@ -477,6 +477,31 @@ def test_mutating_a_view_of_the_primal_is_detected():
         jvp_fn(torch.ones(4, dtype=D))
 
 
+_KEPT: dict = {}
+
+
+def test_mutating_a_tensor_f_made_and_kept_raises():
+    """A tensor f creates is the map's residual; if f also keeps it (a global, a module
+    attribute) the caller can change it after linearize. Until stop 22 only primals,
+    captured tensors, outputs and aux were watched, and such a change silently changed
+    the map (x * w with w scaled 100x gave 100x the JVP)."""
+    def f(x):
+        w = torch.arange(1.0, 5.0, dtype=D)
+        _KEPT["w"] = w
+        return (x * w).cumsum(0)
+
+    x = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(f, x)
+    kept = _KEPT.pop("w")
+    t = torch.randn(4, dtype=D)
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
+    kept[1:].mul_(100)
+    with pytest.raises(tl.StaleResidualError, match=r"residual r0.*modified in place after"):
+        jvp_fn(t)
+    with pytest.raises(tl.StaleResidualError):
+        jvp_fn.T(t)
+
+
 def test_mutating_a_captured_tensor_raises():
     x, w = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
     _, jvp_fn = tl.linearize(lambda x: x * w, x)

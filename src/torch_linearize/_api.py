@@ -256,11 +256,14 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     suspect = bool(used & tracer.suspect_residuals)
     # Coefficients computed by the passes are new storage; a coefficient that *is* a
     # traced residual (x * w folds to coefficients w and x) is not.
+    ours: set = set()  # (storages only the map holds: the passes' own coefficients)
     if new:
         traced_storages = {storage_key(r) for r in traced}
         for r in new:
-            if storage_key(r) not in traced_storages:
+            k = storage_key(r)
+            if k not in traced_storages:
                 tracer.note_created(r)
+                ours.add(k)
     live_nodes = {id(e.fn) for e in prog.eqns}
     opaque = [n for n in tracer.opaque_nodes if id(n) in live_nodes]
     for n in tracer.opaque_nodes:
@@ -279,28 +282,24 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     residual_bytes = distinct_storage_bytes(kept, only=created)
     external_bytes = distinct_storage_bytes(kept, exclude=created)
 
-    # Tensors the user can reach (primals, captured tensors, outputs, aux) that the map
-    # reads by reference may be modified in place after linearize; watch their versions
-    # so that a map that would silently change raises instead. (A map that only holds
-    # coefficients computed from them, e.g. after folding, stays the linearization at
-    # the original point and keeps working.)
-    reachable = {storage_key(t) for t in y_flat if isinstance(t, torch.Tensor)}
-    if has_aux:
-        reachable |= {storage_key(t) for t in tree_flatten(aux)[0] if isinstance(t, torch.Tensor)}
+    # Tensors the map reads by reference may be modified in place after linearize: the
+    # primals, captured tensors, outputs and aux, and any tensor f made and kept somewhere
+    # (a global, a module attribute); watch their versions so that a map that would
+    # silently change raises instead. Only the passes' own coefficients are out of reach.
+    # (A map that only holds coefficients computed from them, e.g. after folding, stays
+    # the linearization at the original point and keeps working.)
     watch = []
     paths = _primal_paths(flat, leaf_specs)
     for i, r in enumerate(prog.residuals):
         if r._is_zerotensor() or r.device.type == "meta":
             continue
         k = storage_key(r)
-        if k is not None and (k not in created or k in reachable or k in tracer.unverified):
+        if k is not None and k not in ours:
             watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs, paths)))
     watched = {id(w[0]) for w in watch}
     for n, t in ctx_read:
         k = storage_key(t)
-        if k is not None and (k not in created or k in reachable or k in tracer.unverified) \
-                and t.device.type != "meta" \
-                and id(t) not in watched:
+        if k is not None and t.device.type != "meta" and id(t) not in watched:
             watched.add(id(t))
             watch.append((t, t._version, _describe_ctx_tensor(n)))
 
