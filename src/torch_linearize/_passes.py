@@ -1002,6 +1002,20 @@ def _plan_terms(prog: Program, terms, out: Var):
     return plan
 
 
+def _residual_index(prog: Program) -> dict[int, int]:
+    """id(residual) -> its first slot, kept up to date as the passes append residuals
+    (a scan per folded term was n^2 on a program with n folds)."""
+    res = prog.residuals
+    cached = prog.__dict__.get("_residual_index")
+    if cached is None or cached[0] is not res or cached[1] > len(res):
+        cached = prog.__dict__["_residual_index"] = [res, 0, {}]
+    index = cached[2]
+    for i in range(cached[1], len(res)):
+        index.setdefault(id(res[i]), i)
+    cached[1] = len(res)
+    return index
+
+
 def _emit_terms(prog: Program, plan, out: Var) -> list[Eqn]:
     eqns: list[Eqn] = []
     if not plan:  # the value is identically zero
@@ -1009,9 +1023,9 @@ def _emit_terms(prog: Program, plan, out: Var) -> list[Eqn]:
                     {"dtype": out.dtype, "device": out.device}, out)]
 
     def res(c):
-        for i, r in enumerate(prog.residuals):
-            if r is c:  # a traced residual used as is: no new slot
-                return Res(i)
+        i = _residual_index(prog).get(id(c))
+        if i is not None and prog.residuals[i] is c:  # a traced residual used as is
+            return Res(i)
         prog.residuals.append(_op(prog, torch.Tensor.contiguous, c))
         if prog.residual_names:
             prog.residual_names.append("folded pointwise coefficient")
