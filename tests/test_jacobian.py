@@ -146,3 +146,21 @@ def test_a_complex_input_is_refused_not_given_a_real_direction_jacobian(f):
     g = lambda x: torch.polar(x.exp(), x)
     cols = [torch.func.jvp(g, (x,), (e,))[1] for e in torch.eye(3, dtype=D)]
     torch.testing.assert_close(tl.linearize(g, x)[1].jacobian(), torch.stack(cols, -1))
+
+
+def test_a_transpose_with_an_integer_primal_and_an_integer_output():
+    """The transpose then has a non-differentiable input (the integer output's cotangent)
+    and a None result (the integer primal's cotangent): until stop 22 its jacobian() went
+    through torch.vmap, which refused the None, and batched() needed in_dims spelt out
+    for the None cotangent."""
+    x, n = torch.randn(3, dtype=D), torch.tensor([1, 2, 3])
+    f = lambda x, n: ((x * n).sin(), n + 1)
+    _, jvp_fn = tl.linearize(f, x, n)
+    want = torch.func.jacrev(lambda x: f(x, n)[0])(x)  # d out0 / d x
+    (block, _), none = jvp_fn.T.jacobian()
+    assert none is None
+    torch.testing.assert_close(block, want.T)
+    U = torch.randn(4, 3, dtype=D)
+    got, none = jvp_fn.T.batched((U, None))
+    assert none is None
+    torch.testing.assert_close(got, U @ want)

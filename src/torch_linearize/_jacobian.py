@@ -111,7 +111,19 @@ def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
         parts = [apply_rows(basis[s:s + step]) for s in range(0, total, step)]
         out = parts[0] if len(parts) == 1 else _concat(parts)
     else:
-        out = torch.func.vmap(apply_basis, chunk_size=chunk_size)(basis)
+        # (only the leaves with a tangent go through vmap, which refuses None results: a
+        # transpose's cotangent of an integer primal)
+        pos = lm._out_positions
+
+        def present(row: torch.Tensor) -> tuple:
+            flat = tree_flatten(apply_basis(row), is_leaf=_is_none)[0]
+            return tuple(flat[k] for k in pos)
+
+        got = torch.func.vmap(present, chunk_size=chunk_size)(basis)
+        full: list[Any] = [None] * len(lm._out_leaves)
+        for k, o in zip(pos, got):
+            full[k] = o
+        out = tree_unflatten(full, lm._out_spec)
 
     # (None leaves kept: an output without a tangent, e.g. a transpose's cotangent of an
     # integer primal, is None in the map's result and stays None here)

@@ -378,6 +378,12 @@ class LinearMap:
         """
         if self._run is None:
             raise self._released_error(".batched()")
+        if type(in_dims) is int and any(t is None for t in tree_flatten(
+                tangents, is_leaf=lambda x: x is None)[0]):
+            # None tangents (an integer primal's, an integer output's cotangent) are not
+            # batched: torch.vmap would refuse in_dims=0 for them
+            in_dims = tree_map(lambda x, d=in_dims: None if x is None else d, tangents,
+                               is_leaf=lambda x: x is None)
         if chunk_size is None and type(in_dims) is int:
             chunk_size = self._auto_chunk(tangents, in_dims)
         if (chunk_size is None or (type(chunk_size) is int and chunk_size > 0)) and \
