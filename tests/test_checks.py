@@ -248,3 +248,22 @@ def test_sparse_tangents_and_cotangents_are_rejected_naming_layout(f):
         jvp_fn.T(torch.randn_like(y).to_sparse())
     with pytest.raises(ValueError, match=r"has layout torch.sparse_coo.*strided"):
         jvp_fn.batched(torch.stack([sparse.to_dense()] * 2).to_sparse())
+
+
+def test_a_bare_tensor_for_a_one_leaf_dict_primal_is_refused():
+    """Until stop 22 a primal argument that is a container of one tensor counted as a
+    top-level tensor on the fast path: jvp_fn(W_t, x_t) was accepted for primals
+    ({"weight": W}, x) (torch.func.jvp refuses it)."""
+    W, x = torch.randn(2, 2, dtype=D), torch.randn(2, dtype=D)
+    _, jvp_fn = tl.linearize(lambda p, x: p["weight"] @ x, {"weight": W}, x)
+    with pytest.raises(ValueError, match=r"missing tangents\[0\]\['weight'\]"):
+        jvp_fn(torch.ones(2, 2, dtype=D), torch.ones(2, dtype=D))
+    t = ({"weight": torch.randn(2, 2, dtype=D)}, torch.randn(2, dtype=D))
+    torch.testing.assert_close(jvp_fn(*t), t[0]["weight"] @ x + W @ t[1])
+
+
+def test_linearize_inside_a_dual_level_raises_a_linearize_error():
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(tl.LinearizeError, match="dual_level"):
+        tl.linearize(torch.sin, torch.randn(3, dtype=D))

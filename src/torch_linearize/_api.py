@@ -89,8 +89,9 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     ``torch.func.jvp`` call) plus tracing overhead; each application costs only
     the tangent operations. Linearizing a structure seen before (the same ``func``
     with the same shapes and dtypes at a new point, as in a Newton loop) reuses its
-    simplified program and generated code, after re-checking on the new values the
-    facts its simplification relied on.
+    simplified program and generated code from the third call on (the second records
+    the passes' decisions), after re-checking on the new values the facts its
+    simplification relied on.
 
     Example:
         >>> x = torch.randn(3)

@@ -1,8 +1,9 @@
 """Exceptions raised by torch_linearize.
 
-Every error names what was wrong and what was expected. They subclass the
-built-in exception a PyTorch user would expect (``ValueError`` for bad
-arguments, ``RuntimeError`` for unsupported programs), so ``except`` clauses
+Every error names what was wrong and what was expected. Bad arguments (a tangent of
+the wrong shape, dtype, device or structure) raise plain ``ValueError``/``TypeError``;
+what cannot be linearized or applied raises a :class:`LinearizeError`, a
+``RuntimeError`` (what ``torch.func`` raises there), so ``except RuntimeError`` clauses
 written for ``torch.func`` keep working.
 """
 

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ._errors import LinearizeError
+
 _lock = threading.Lock()
 _users = 0
 _level: int | None = None
@@ -29,7 +31,7 @@ def shared_dual_level() -> Iterator[int]:
     with _lock:
         if _users == 0:
             if fwAD._current_level != -1:
-                raise RuntimeError(
+                raise LinearizeError(
                     "linearize(f, *primals): cannot run inside an active "
                     "torch.autograd.forward_ad.dual_level() (PyTorch supports one forward-AD "
                     "level at a time). Call linearize outside the dual_level block."

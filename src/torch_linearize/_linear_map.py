@@ -70,6 +70,11 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _fwAD = torch.autograd.forward_ad
 
 
+def _children_of(spec: TreeSpec) -> list:
+    children = getattr(spec, "children", None)
+    return list(children()) if callable(children) else list(spec.children_specs)
+
+
 def _needs_grad(flat) -> bool:
     """A tangent requires grad (under torch.func.grad/vjp too: functorch marks the
     tensors it differentiates)."""
@@ -228,6 +233,7 @@ class LinearMap:
         # all tangents are top-level positional tensors; the output is one tensor.
         self._flat_args = (
             in_spec.type is tuple and in_spec.num_leaves == in_spec.num_children
+            and all(c.is_leaf() for c in _children_of(in_spec))
             and all(ls.differentiable for ls in in_leaves)
         )
         self._metas = [(ls.shape, ls.dtype, ls.device) for ls in in_leaves]
@@ -652,6 +658,8 @@ class LinearMap:
         argument(s): shape ``out.shape + in.shape`` per (output leaf, input leaf),
         nested like ``jacfwd(f, argnums=argnums)(*primals)``.
         """
+        if self._run is None:
+            raise self._released_error(".jacobian()")
         from ._jacobian import jacobian
 
         return jacobian(self, argnums, chunk_size)
@@ -660,7 +668,10 @@ class LinearMap:
     def release(self) -> None:
         """Free the residuals and custom-Function contexts; later calls raise ``ReleasedError``.
 
-        A map and its :meth:`compile` copies share them: releasing one releases all."""
+        A map and its :meth:`compile` copies share them: releasing one releases all. A
+        transpose built before is a map of its own (its program and residuals, and the
+        custom-Function contexts its nodes read): it keeps working, and keeps those,
+        until it is released too."""
         self._release_handle()
         for ref in list(self._share):
             h = ref()
