@@ -157,10 +157,23 @@ def test_a_transpose_with_an_integer_primal_and_an_integer_output():
     f = lambda x, n: ((x * n).sin(), n + 1)
     _, jvp_fn = tl.linearize(f, x, n)
     want = torch.func.jacrev(lambda x: f(x, n)[0])(x)  # d out0 / d x
-    (block, _), none = jvp_fn.T.jacobian()
-    assert none is None
+    (block, none_in), none = jvp_fn.T.jacobian()
+    assert none is None and none_in is None  # (no cotangent of n, no tangent for n + 1's)
     torch.testing.assert_close(block, want.T)
     U = torch.randn(4, 3, dtype=D)
     got, none = jvp_fn.T.batched((U, None))
     assert none is None
     torch.testing.assert_close(got, U @ want)
+
+
+def test_an_integer_primal_has_no_jacobian_block():
+    """Integer primals are constants whose tangent is None; until stop 22 jacobian() gave
+    them a zero block of the output's dtype (jacfwd refuses them, the transpose gives
+    None). Their block is None now; the float primal's is jacfwd's."""
+    x, n = torch.randn(3, dtype=D), torch.tensor([0, 2])
+    f = lambda x, n: (x[n] * 2).sin()
+    _, jvp_fn = tl.linearize(f, x, n)
+    jx, jn = jvp_fn.jacobian()
+    assert jn is None
+    torch.testing.assert_close(jx, torch.func.jacfwd(f)(x, n))
+    assert jvp_fn.jacobian(argnums=1) is None

@@ -145,6 +145,8 @@ def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
                     block = block.reshape((*ls_in.shape, *oshape))
                     nd_in = len(ls_in.shape)
                     block = block.permute((*range(nd_in, nd_in + len(oshape)), *range(nd_in)))
+                elif not ls_in.differentiable:
+                    block = None  # (an integer or bool primal: no tangent, no derivative)
                 else:
                     block = torch.zeros((*oshape, *ls_in.shape), dtype=ls_out.dtype,
                                         device=ls_in.device)

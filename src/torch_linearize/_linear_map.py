@@ -656,7 +656,9 @@ class LinearMap:
 
         Returns, for each output leaf, the Jacobian with respect to the selected
         argument(s): shape ``out.shape + in.shape`` per (output leaf, input leaf),
-        nested like ``jacfwd(f, argnums=argnums)(*primals)``.
+        nested like ``jacfwd(f, argnums=argnums)(*primals)``; None for an input leaf
+        without a tangent (an integer or bool primal, which ``jacfwd`` refuses), and
+        for an output leaf without one (a transpose's cotangent of such a primal).
         """
         if self._run is None:
             raise self._released_error(".jacobian()")
