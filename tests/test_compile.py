@@ -208,3 +208,25 @@ def test_releasing_one_handle_releases_every_handle_that_shares_the_map():
                         use()
             assert all(n.ctx is None for n in nodes)
             handles[which].release()  # (a second release is a no-op)
+
+
+def test_segments_with_one_source_but_different_operators_are_compiled_apart():
+    """A segment's source names operators, dtypes and complex numbers as globals (f0,
+    c1, ...). Until stop 22 compiled segments were cached by source alone: a.mean(0)'s
+    compiled map ran the sum of an a.sum(0) map compiled before it (f0(v0, [0]) both),
+    a float16 cast came out float64 and a complex factor was the earlier map's; with
+    one code object for both sources, dynamo then ran one's frame with the other's
+    globals (NameError)."""
+    x = torch.randn(3, 4, dtype=D)
+    cases = [
+        [lambda a: a.sum(0), lambda a: a.mean(0)],
+        [lambda a: a.double().sin(), lambda a: a.half().exp()],
+        [lambda a: a * (1 + 2j), lambda a: a * (3 - 4j)],
+    ]
+    for fs in cases:
+        for f in fs:
+            _, jvp_fn = tl.linearize(f, x)
+            t = torch.randn(3, 4, dtype=D)
+            got, want = jvp_fn.compile(backend="eager")(t), jvp_fn(t)
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)

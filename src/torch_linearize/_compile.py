@@ -30,7 +30,10 @@ __all__ = ["compile_map", "cuda_graph_map"]
 aten = torch.ops.aten
 
 _lock = threading.Lock()
-_compiled: dict[tuple, Callable] = {}  # (segment source, compile options) -> compiled callable
+# (segment source, compile options, the source's globals) -> compiled callable
+_compiled: dict[tuple, Callable] = {}
+
+
 
 
 def _is_opaque(e: Eqn) -> bool:
@@ -129,7 +132,9 @@ def compile_map(lm, **compile_kwargs: Any):
         outputs = [v for e in eqns for v in e.out_vars() if v.id in after]
         res = sorted({r.index for e in eqns for r in e.in_res()})
         src, fn = segment_source(eqns, inputs, outputs, res)
-        key = (src, options)
+        # (the source names operators, dtypes, devices and complex numbers as globals,
+        # f0, c1, ...: two segments with one text may call different ones)
+        key = (src, options, fn.__torch_linearize_globals__)
         with _lock:
             compiled = _compiled.get(key)
             if compiled is None:

@@ -710,17 +710,39 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
     return exec_source(src, nm.globals, "<torch_linearize program>").pop("_make"), src
 
 
-def exec_source(src: str, globals_: dict, filename: str) -> dict:
+def globals_key(globals_: dict) -> tuple:
+    """What generated code's own globals (``f0``, ``c1``, ...: operators, dtypes, devices,
+    numbers) are, as a hashable key: two programs with one source may call different
+    operators (``f0(v0, [0])`` is ``sum`` in one and ``mean`` in the other)."""
+    parts = []
+    for name, v in globals_.items():
+        if not (name[:1] in ("f", "c") and name[1:].isdigit()):
+            continue
+        if isinstance(v, (float, complex)):
+            parts.append((name, type(v), repr(v)))  # (-0.0 is not 0.0; nan is nan)
+            continue
+        try:
+            hash(v)
+        except TypeError:
+            parts.append((name, "id", id(v)))  # (kept alive by whoever caches the code)
+            continue
+        parts.append((name, type(v), v))
+    return tuple(sorted(parts, key=lambda p: p[0]))
+
+
+def exec_source(src: str, globals_: dict, filename: str, key: Any = None) -> dict:
     """Run generated source ``src`` in a copy of ``globals_`` and return that namespace;
-    the compiled code is cached by source (re-linearizing a structure reuses it).
-    Callers ``pop`` the function they want: a function defined at the top of the source
-    is in the namespace that is its ``__globals__``, a reference cycle."""
-    code = _code_cache.get(src)
+    the compiled code is cached by ``key`` (default: the source; re-linearizing a
+    structure reuses it). Callers ``pop`` the function they want: a function defined at
+    the top of the source is in the namespace that is its ``__globals__``, a reference
+    cycle."""
+    key = src if key is None else key
+    code = _code_cache.get(key)
     if code is None:
         code = compile(src, filename, "exec")
         if len(_code_cache) > 256:
             _code_cache.clear()
-        _code_cache[src] = code
+        _code_cache[key] = code
     glb = dict(globals_)
     exec(code, glb)
     return glb
@@ -770,8 +792,13 @@ def segment_source(eqns: list[Eqn], inputs: list[Var], outputs: list[Var],
             body.append(call)
     body.append("return (" + "".join(nm.var(o) + ", " for o in outputs) + ")")
     src = "def seg(" + ", ".join(params) + "):\n" + "\n".join("    " + b for b in body)
-    fn = exec_source(src, nm.globals, "<torch_linearize segment>").pop("seg")
+    # One code object per source *and* globals: torch.compile caches compiled frames on
+    # the code object, and a frame compiled with one segment's globals must not run with
+    # another's (until stop 22 a.mean(0)'s compiled map ran an earlier a.sum(0) map's sum).
+    gkey = globals_key(nm.globals)
+    fn = exec_source(src, nm.globals, "<torch_linearize segment>", key=(src, gkey)).pop("seg")
     fn.__torch_linearize_source__ = src  # type: ignore[attr-defined]
+    fn.__torch_linearize_globals__ = gkey  # type: ignore[attr-defined]
     return src, fn
 
 
