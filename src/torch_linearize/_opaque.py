@@ -129,7 +129,15 @@ def _has_forward_grad(args) -> bool:
     """An argument carries a forward-AD tangent (the map is applied inside eager forward
     AD, or inside linearize: the node's own JVP is the node, see _OpaqueApply.jvp)."""
     level = fwAD._current_level
-    return any(_carries_tangent(a, level) for a in args)
+    for a in args:
+        try:
+            if _carries_tangent(a, level):
+                return True
+        except RuntimeError:
+            # (a tensor of functorch's batching unpack_dual has no rule for: hessian's
+            # jacfwd over jacrev; the general path, _OpaqueApply, unwraps it level by level)
+            return True
+    return False
 
 
 def _plain(args) -> bool:
