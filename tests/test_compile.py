@@ -230,3 +230,17 @@ def test_segments_with_one_source_but_different_operators_are_compiled_apart():
             got, want = jvp_fn.compile(backend="eager")(t), jvp_fn(t)
             assert got.dtype == want.dtype
             torch.testing.assert_close(got, want)
+
+
+def test_a_lazily_negated_tangent_through_an_inductor_segment():
+    """Inductor reads a graph input's data without its neg bit (plain torch.compile of
+    c * t gives -c * t for t = torch._neg_view(base)): until stop 22 a compiled map
+    returned -J t for such a tangent, silently. Segments resolve the bit first."""
+    x = torch.randn(4, dtype=D)
+    _, jvp_fn = tl.linearize(torch.sin, x)
+    compiled = jvp_fn.compile()
+    base = torch.randn(4, dtype=D)
+    t = torch._neg_view(base)
+    assert t.is_neg()
+    torch.testing.assert_close(compiled(t), -x.cos() * base)
+    torch.testing.assert_close(compiled(-base), -x.cos() * base)

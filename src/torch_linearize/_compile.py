@@ -90,6 +90,12 @@ class _SegmentCall:
         self.display_name = f"compiled_segment[{n_ops} ops]"
 
     def __call__(self, *args):
+        # Inductor reads a tensor's data without its lazy negation or conjugation (a
+        # torch._neg_view of a real tangent came back as -J t until stop 22; plain
+        # torch.compile does the same), so such arguments are resolved first.
+        if any(type(a) is torch.Tensor and (a.is_neg() or a.is_conj()) for a in args):
+            args = tuple(a.resolve_conj().resolve_neg() if type(a) is torch.Tensor else a
+                         for a in args)
         return self.fn(*args)
 
 
