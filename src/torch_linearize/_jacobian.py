@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._checks import _children, _is_none
+
 __all__ = ["jacobian"]
 
 
@@ -26,21 +28,12 @@ def _normalize_argnums(argnums, n_args: int, api: str) -> tuple[tuple[int, ...],
     return tuple(out), not single
 
 
-def _children(spec) -> list:
-    children = getattr(spec, "children", None)
-    return list(children()) if callable(children) else list(spec.children_specs)
-
-
 def _concat(parts: list) -> Any:
     """Batched results of consecutive chunks joined along the batch dim (None stays None)."""
     flats = [tree_flatten(p)[0] for p in parts]
     spec = tree_flatten(parts[0])[1]
     joined = [None if col[0] is None else torch.cat(col) for col in zip(*flats)]
     return tree_unflatten(joined, spec)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
@@ -113,17 +106,9 @@ def jacobian(lm, argnums=None, chunk_size: int | None = None) -> Any:
     else:
         # (only the leaves with a tangent go through vmap, which refuses None results: a
         # transpose's cotangent of an integer primal)
-        pos = lm._out_positions
-
-        def present(row: torch.Tensor) -> tuple:
-            flat = tree_flatten(apply_basis(row), is_leaf=_is_none)[0]
-            return tuple(flat[k] for k in pos)
-
-        got = torch.func.vmap(present, chunk_size=chunk_size)(basis)
-        full: list[Any] = [None] * len(lm._out_leaves)
-        for k, o in zip(pos, got):
-            full[k] = o
-        out = tree_unflatten(full, lm._out_spec)
+        got = torch.func.vmap(lambda row: lm._present(apply_basis(row)),
+                              chunk_size=chunk_size)(basis)
+        out = lm._structured(got)
 
     # (None leaves kept: an output without a tangent, e.g. a transpose's cotangent of an
     # integer primal, is None in the map's result and stays None here)

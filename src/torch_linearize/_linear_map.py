@@ -22,7 +22,7 @@ from torch.utils._pytree import (
     tree_unflatten,
 )
 
-from ._checks import LeafSpec, flatten_tangents
+from ._checks import LeafSpec, _children, _is_none, flatten_tangents
 from ._errors import LinearizeError, ReleasedError, StaleResidualError
 from ._opaque import unwrap_innermost_vmap
 from ._program import Program, Var, format_eqn, type_str
@@ -68,11 +68,6 @@ _grad_enabled = torch.is_grad_enabled
 _STRIDED = torch.strided
 _functorch_active = torch._C._are_functorch_transforms_active
 _fwAD = torch.autograd.forward_ad
-
-
-def _children_of(spec: TreeSpec) -> list:
-    children = getattr(spec, "children", None)
-    return list(children()) if callable(children) else list(spec.children_specs)
 
 
 def _needs_grad(flat) -> bool:
@@ -233,7 +228,7 @@ class LinearMap:
         # all tangents are top-level positional tensors; the output is one tensor.
         self._flat_args = (
             in_spec.type is tuple and in_spec.num_leaves == in_spec.num_children
-            and all(c.is_leaf() for c in _children_of(in_spec))
+            and all(c.is_leaf() for c in _children(in_spec))
             and all(ls.differentiable for ls in in_leaves)
         )
         self._metas = [(ls.shape, ls.dtype, ls.device) for ls in in_leaves]
@@ -385,11 +380,11 @@ class LinearMap:
         if self._run is None:
             raise self._released_error(".batched()")
         if type(in_dims) is int and any(t is None for t in tree_flatten(
-                tangents, is_leaf=lambda x: x is None)[0]):
+                tangents, is_leaf=_is_none)[0]):
             # None tangents (an integer primal's, an integer output's cotangent) are not
             # batched: torch.vmap would refuse in_dims=0 for them
             in_dims = tree_map(lambda x, d=in_dims: None if x is None else d, tangents,
-                               is_leaf=lambda x: x is None)
+                               is_leaf=_is_none)
         if chunk_size is None and type(in_dims) is int:
             chunk_size = self._auto_chunk(tangents, in_dims)
         if (chunk_size is None or (type(chunk_size) is int and chunk_size > 0)) and \
@@ -433,16 +428,15 @@ class LinearMap:
                     f"structure of the map's result ({self._out_spec}).")
             dims = [every[k] for k in pos]
 
-        def present(*ts: Any) -> tuple:
-            leaves = tree_flatten(self(*ts), is_leaf=lambda x: x is None)[0]
-            return tuple(leaves[k] for k in pos)
-
-        outs = torch.vmap(present, in_dims=in_dims, out_dims=tuple(
+        outs = torch.vmap(lambda *ts: self._present(self(*ts)), in_dims=in_dims, out_dims=tuple(
             None if d is None else 0 for d in dims), chunk_size=chunk_size)(*tangents)
-        full: list[Any] = [None] * self._n_out
-        for k, o, d in zip(pos, outs, dims):
-            full[k] = o.movedim(0, d) if d else o
-        return tree_unflatten(full, self._out_spec)
+        return self._structured([o.movedim(0, d) if d else o for o, d in zip(outs, dims)])
+
+    def _present(self, result: Any) -> tuple:
+        """The leaves of a result structured like ``f``'s output that the program computes
+        (``_out_positions``: not the None ones), the inverse of :meth:`_structured`."""
+        leaves = tree_flatten(result, is_leaf=_is_none)[0]
+        return tuple(leaves[k] for k in self._out_positions)
 
     def _auto_chunk(self, tangents: tuple, in_dims: int) -> int | None:
         """``batched``'s chunk size when the caller gives none: chunks of a few tangents
@@ -674,7 +668,7 @@ class LinearMap:
         transpose built before is a map of its own (its program and residuals, and the
         custom-Function contexts its nodes read): it keeps working, and keeps those,
         until it is released too."""
-        self._release_handle()
+        self._release_handle()  # (a map rebuilt by its transpose is not in the list)
         for ref in list(self._share):
             h = ref()
             if h is not None:
