@@ -244,3 +244,18 @@ def test_a_lazily_negated_tangent_through_an_inductor_segment():
     assert t.is_neg()
     torch.testing.assert_close(compiled(t), -x.cos() * base)
     torch.testing.assert_close(compiled(-base), -x.cos() * base)
+
+
+def test_a_map_rebuilt_by_its_transpose_is_released_with_its_compile_copy():
+    """A transpose rebuilds the map it transposes from that map's state when the caller
+    dropped it: another handle on the same residuals, released with the others."""
+    x, t = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    _, jvp_fn = tl.linearize(lambda x: x.sin() * x, x)
+    vjp_fn = jvp_fn.T
+    del jvp_fn
+    rebuilt = vjp_fn.T
+    torch.testing.assert_close(rebuilt(t), (x.cos() * x + x.sin()) * t)
+    rebuilt.compile(backend="eager").release()
+    assert rebuilt.released
+    with pytest.raises(tl.ReleasedError):
+        rebuilt(t)

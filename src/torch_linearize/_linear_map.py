@@ -594,6 +594,7 @@ class LinearMap:
         origin._origin_state = None
         origin._transposed = self
         self._transposed = weakref.ref(origin)
+        origin._share.append(weakref.ref(origin))  # (another handle on the shared state)
         return origin
 
     def compile(self, **compile_kwargs: Any) -> LinearMap:
@@ -668,8 +669,7 @@ class LinearMap:
         transpose built before is a map of its own (its program and residuals, and the
         custom-Function contexts its nodes read): it keeps working, and keeps those,
         until it is released too."""
-        self._release_handle()  # (a map rebuilt by its transpose is not in the list)
-        for ref in list(self._share):
+        for ref in list(self._share):  # (every handle is there, this one included)
             h = ref()
             if h is not None:
                 h._release_handle()
