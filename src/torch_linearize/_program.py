@@ -217,7 +217,8 @@ def exact_groups(prog: Program) -> None:
     the structure cache saw different keys for one program. A Var made at an address
     whose last storage is still read at or after that point (by this equation, say, as
     a view's base or an in-place write's target, or later) is that storage; otherwise it
-    is a new one. Inputs' storages live throughout (they are the caller's). Idempotent.
+    is a new one. Inputs' storages live throughout (they are the caller's). Run once, on
+    the raw trace: after the passes remove equations, fewer reads keep storages live.
     """
     n = len(prog.eqns)
     last: dict[int, int] = {}
@@ -378,6 +379,7 @@ class _Namer:
             "_nan": math.nan,
         }
         self._ids: dict[int, str] = {}
+        self.globbed: list[str] = []  # (the names glob() gave, in order)
         self._keep: list[Any] = []
         self._vars: dict[int, str] = {}
         self._tmp = 0
@@ -407,6 +409,7 @@ class _Namer:
             name = f"{prefix}{len(self._ids)}"
             self._ids[key] = name
             self.globals[name] = obj
+            self.globbed.append(name)
             self._keep.append(obj)
         return name
 
@@ -710,14 +713,14 @@ def program_factory(prog: Program) -> tuple[Callable, str]:
     return exec_source(src, nm.globals, "<torch_linearize program>").pop("_make"), src
 
 
-def globals_key(globals_: dict) -> tuple:
-    """What generated code's own globals (``f0``, ``c1``, ...: operators, dtypes, devices,
-    numbers) are, as a hashable key: two programs with one source may call different
-    operators (``f0(v0, [0])`` is ``sum`` in one and ``mean`` in the other)."""
+def globals_key(nm: _Namer) -> tuple:
+    """What generated code's own globals (``f0``, ``c1``, ...: the operators, dtypes,
+    devices and numbers ``nm.glob`` named) are, as a hashable key: two programs with one
+    source may call different operators (``f0(v0, [0])`` is ``sum`` in one and ``mean``
+    in the other)."""
     parts = []
-    for name, v in globals_.items():
-        if not (name[:1] in ("f", "c") and name[1:].isdigit()):
-            continue
+    for name in nm.globbed:
+        v = nm.globals[name]
         if isinstance(v, (float, complex)):
             parts.append((name, type(v), repr(v)))  # (-0.0 is not 0.0; nan is nan)
             continue
@@ -727,7 +730,7 @@ def globals_key(globals_: dict) -> tuple:
             parts.append((name, "id", id(v)))  # (kept alive by whoever caches the code)
             continue
         parts.append((name, type(v), v))
-    return tuple(sorted(parts, key=lambda p: p[0]))
+    return tuple(parts)
 
 
 def exec_source(src: str, globals_: dict, filename: str, key: Any = None) -> dict:
@@ -795,7 +798,7 @@ def segment_source(eqns: list[Eqn], inputs: list[Var], outputs: list[Var],
     # One code object per source *and* globals: torch.compile caches compiled frames on
     # the code object, and a frame compiled with one segment's globals must not run with
     # another's (until stop 22 a.mean(0)'s compiled map ran an earlier a.sum(0) map's sum).
-    gkey = globals_key(nm.globals)
+    gkey = globals_key(nm)
     fn = exec_source(src, nm.globals, "<torch_linearize segment>", key=(src, gkey)).pop("seg")
     fn.__torch_linearize_source__ = src  # type: ignore[attr-defined]
     fn.__torch_linearize_globals__ = gkey  # type: ignore[attr-defined]
