@@ -467,9 +467,6 @@ class Tracer(TorchDispatchMode):
         self.mutated_inputs: set[int] = set()
         self.promoted: dict[int, tuple[Any, Var]] = {}
         self.created: set[int] = set()  # storages allocated by operations during the trace
-        # storages taken for allocated (``created``) without the mode having seen them
-        # allocated (see ``adopt``): watched for in-place changes all the same
-        self.unverified: set[int] = set()
         self.opaque_nodes: list[Any] = []
         # Custom-Function ctx tensors, protected like residuals: storage -> nodes whose ctx
         # reads it (copy-on-write), and id -> (tensor, version) at recording (stale check).
@@ -565,8 +562,8 @@ class Tracer(TorchDispatchMode):
 
         The mode did not see those tensors allocated. One in an input's storage is not
         new; any other is taken for allocated during the trace (counted in
-        ``residual_bytes``), but since it may also be a pre-existing tensor (a global),
-        it is watched for in-place changes after ``linearize`` like one (``unverified``).
+        ``residual_bytes``; it may also be a pre-existing tensor, a global, and is
+        watched for in-place changes after ``linearize`` as every residual is).
         """
         known = {storage_key(t) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
         for t in made:
@@ -574,7 +571,6 @@ class Tracer(TorchDispatchMode):
             if k is None or k in known or k in self.created:
                 continue
             self.created.add(k)
-            self.unverified.add(k)
 
     # ------------------------------------------------------------------ tracked values
     def new_var(self, t: torch.Tensor) -> Var:
