@@ -731,3 +731,55 @@ def test_a_trajectorys_accuracy_probes_cost_linear_work(monkeypatch):
     assert sc.stats["hits"] == 1
     for phase in ("first", "recorded", "replayed"):
         assert counts[(80, phase)] < 3 * counts[(40, phase)], counts
+
+
+# --- folded coefficients stay inside the dtype's range -----------------------------------
+# Folding replaces t * a * b by t * (a * b); where a * b leaves the dtype's range and the
+# step-by-step product does not, the folded map would give inf or 0 (or subnormal digits)
+# where torch.func.jvp gives the right number.
+
+@pytest.mark.parametrize("case", ["overflow", "underflow", "subnormal"])
+def test_float16_chains_are_not_folded_out_of_range(case):
+    x = {"overflow": torch.zeros(3), "underflow": torch.zeros(3),
+         "subnormal": torch.ones(3)}[case].half()
+    t = torch.full((3,), {"overflow": 1e-3, "underflow": 1e4, "subnormal": 1e3}[case]).half()
+    f = {"overflow": lambda x: torch.sin(x * 256) * 256,  # (loss scaling) 65536 > 65504
+         "underflow": lambda x: torch.exp(x * 1e-4) * 1e-4,  # 1e-8 flushes to 0
+         "subnormal": lambda x: (x / 1000).sin() / 1000}[case]  # ~1e-6: 3 digits lost
+    y, jvp_fn = tl.linearize(f, x)
+    want = torch.func.jvp(f, (x,), (t,))[1]
+    exact = torch.func.jvp(f, (x.double(),), (t.double(),))[1]
+    assert torch.isfinite(want).all() and (want != 0).all()
+    for got in (jvp_fn(t), jvp_fn.batched(t[None])[0], jvp_fn.T(t)[0]):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+        torch.testing.assert_close(got.double(), exact, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.bfloat16, 1e20),
+                                         (torch.float64, 1e160)])
+def test_number_coefficients_beyond_the_range_are_not_folded(dtype, scale):
+    # (x * s) * s folds to one number, s^2, which is inf in the dtype (in the float32 the
+    # kernels multiply bfloat16 by); t * s * s is finite for a small t
+    x = torch.ones(3, dtype=dtype)
+    t = torch.full((3,), 1 / (10 * scale), dtype=dtype)
+    f = lambda x: (x * scale) * scale
+    y, jvp_fn = tl.linearize(f, x)
+    want = torch.func.jvp(f, (x,), (t,))[1]
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(jvp_fn(t), want)
+    torch.testing.assert_close(jvp_fn.T(t)[0], torch.func.vjp(f, x)[1](t)[0])
+
+
+def test_number_coefficients_inside_the_range_still_fold():
+    from torch_linearize._passes import _representable
+
+    x = torch.randn(5, dtype=torch.float32)
+    jvp_fn = _check(lambda x: (x * 1e10) * 1e10, x)
+    assert jvp_fn.num_ops == 1  # one t * 1e20
+    assert _representable([(None, 1e20, 0), (None, 0, 0)], torch.float32)
+    assert not _representable([(None, 1e39, 0)], torch.float32)
+    assert not _representable([(None, 1e-39, 0)], torch.float32)  # subnormal
+    assert not _representable([(None, float("nan"), 0)], torch.float64)
+    assert _representable([(None, 1e39, 0)], torch.float64)
+    assert _representable([(None, 1e5, 0)], torch.float16)  # (multiplied in float32)
+    assert not _representable([(None, torch.ones(2, dtype=torch.float16), 0)], torch.float16)

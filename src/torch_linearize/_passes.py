@@ -313,6 +313,8 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
             coeffs = _region_coefficients(prog, producer, position, vid, memo, owned, uses, mixed)
         if coeffs is not None:
             terms = [(bases[bid], coeffs.get(bid, 0), bset[bid]) for bid in sorted(bset)]
+            if not _representable(terms, out.dtype):
+                continue
             plan = _plan_terms(prog, terms, out)
             # one operation per term except an unscaled first one, plus conjugations
             n_ops = sum(1 for _, kind, _ in plan if kind != "first") + sum(
@@ -337,6 +339,48 @@ def fold_pointwise(prog: Program, emitted_out: list[Eqn] | None = None) -> int:
         for eqns in rewrites.values():
             emitted_out.extend(eqns)
     return len(rewrites)
+
+
+# float16 spans 6e-5 .. 65504 (normal numbers): a folded coefficient, the product of
+# a chain's scalings (loss scaling: x * 256 ... * 256), leaves that range where each
+# step of the traced program stays inside it (t * 256 * 256 with t = 1e-3), and the
+# folded map would give inf or 0 (or lose digits to subnormals) where torch.func.jvp
+# does not. Its tensor coefficients, computed in float16, are never folded; a number
+# (computed in Python's double precision) is, within the range checked below.
+_NARROW_RANGE = frozenset({torch.float16, torch.complex32})
+# the precision a kernel multiplies a tensor of each dtype by a Python number in
+_OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+           torch.complex32: torch.float32, torch.complex64: torch.float32,
+           torch.complex128: torch.float64}
+
+
+def _representable(terms, dtype: torch.dtype) -> bool:
+    """Whether a region of ``dtype`` may be folded into these ``(base, coefficient,
+    parity)`` terms without leaving the dtype's range: a number coefficient must be zero
+    or a finite normal number of the precision the kernels multiply in (``1e40``, the
+    folded ``(x * 1e20) * 1e20``, is inf in float32 where ``t * 1e20 * 1e20`` need not
+    be); a tensor coefficient must not be float16 (``_NARROW_RANGE``). Tensor
+    coefficients of wider dtypes are products of the traced program's own factors and
+    overflow only where those factors are beyond 1e19 (float32; docs/design.md,
+    "Folding")."""
+    narrow = dtype in _NARROW_RANGE
+    info = None
+    for _, c, _ in terms:
+        if isinstance(c, torch.Tensor):
+            if narrow:
+                return False
+            continue
+        if c == 0:
+            continue
+        if info is None:
+            info = torch.finfo(_OPMATH.get(dtype, dtype)) if dtype.is_floating_point or \
+                dtype.is_complex else None
+            if info is None:
+                return True
+        m = abs(c)
+        if not (info.tiny <= m <= info.max):  # (False for NaN)
+            return False
+    return True
 
 
 def _exact_scale(x) -> bool:

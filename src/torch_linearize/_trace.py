@@ -293,7 +293,9 @@ _CHAIN_STEPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scal
                 aten.neg.default, aten.tanh_backward.default, aten.sigmoid_backward.default)
 # (operator id -> positions of its tangent operand: the folding pass's own table)
 _CHAIN_STEP_IDS = {id(f): _POINTWISE_LINEAR[f] for f in _CHAIN_STEPS}
-_CHAIN_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# (not float16: a chain's product can leave its range, 65504 down to 6e-5, where the
+# step-by-step tangent does not; see _passes._NARROW_RANGE)
+_CHAIN_DTYPES = frozenset({torch.bfloat16, torch.float32, torch.float64})
 FOLD_CHAINS = True  # (off: the program exactly as forward AD computed it, for tests)
 # (off: a custom Function's forward and setup_context run under the dispatch mode, as
 # before stop 19; see Tracer.outside)
