@@ -522,3 +522,26 @@ def test_a_map_applied_while_another_thread_transposes_it():
         th.join()
     for r in results:
         torch.testing.assert_close(r, want)
+
+
+def test_overwritten_value_times_an_infinite_residual_transposes_to_zero():
+    # x's value is overwritten by copy_; autograd's zero cotangent for it meets the
+    # infinite y in mul's backward (0 * inf = NaN), a constant the transpose refused as
+    # "not linear". Its derivative is zero; where the map itself has NaN (2 v dv with
+    # v = inf, dv = 0) is the documented NaN-placement limitation.
+    x = torch.ones(2, 3, dtype=torch.float64)
+    y = torch.tensor([float("inf"), 3.0, 4.0], dtype=torch.float64)
+
+    def f(x, y):
+        v = x * y
+        v.copy_(y)
+        return v ** 2
+
+    _, jvp_fn = tl.linearize(f, x, y)
+    tx, ty = torch.randn(2, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    torch.testing.assert_close(jvp_fn(tx, ty), torch.func.jvp(f, (x, y), (tx, ty))[1],
+                               equal_nan=True)
+    u = torch.randn(2, 3, dtype=torch.float64)
+    gx, gy = jvp_fn.T(u)
+    assert (gx == 0).all()
+    torch.testing.assert_close(gy, torch.func.vjp(f, x, y)[1](u)[1], equal_nan=True)

@@ -49,6 +49,14 @@ __all__ = ["differentiable_impl", "transpose_map"]
 aten = torch.ops.aten
 
 
+
+def _zero_but_nan(g: torch.Tensor) -> bool:
+    """Whether ``g`` holds only zeros and NaNs (the products of zero cotangents with
+    infinite residuals)."""
+    if not (g.is_floating_point() or g.is_complex()):
+        return False
+    return not bool(torch.where(torch.isnan(g), 0, g).any())
+
 def _glu_jvp(glu, x, dx, dim):
     # Same maths as PyTorch's glu_jvp kernel, written with differentiable operations.
     n = x.size(dim) // 2
@@ -286,7 +294,11 @@ def transpose_map(lm: LinearMap) -> LinearMap:
                     sym = None if g is None else tracer.lookup(g)
                     if sym is not None:
                         outputs.append(sym)
-                    elif g is None or not bool(g.any()):
+                    elif g is None or not bool(g.any()) or _zero_but_nan(g):
+                        # (NaN where it is not zero: 0 * inf, the zero cotangent of a value
+                        # overwritten in place meeting an infinite residual in mul's
+                        # backward. The value's derivative is zero; torch.func.vjp's NaN
+                        # there is the NaN placement of docs/design.md section 8)
                         outputs.append(ZeroOut(v.shape, v.dtype, v.device))
                     else:
                         raise LinearizeError(
