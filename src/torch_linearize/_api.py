@@ -298,11 +298,22 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         if k is not None and k not in ours:
             watch.append((r, r._version, _describe_residual(prog, i, flat, leaf_specs, paths)))
     watched = {id(w[0]) for w in watch}
+    # A tensor only a ctx holds may be written by the Function's own jvp/backward (a
+    # workspace, `torch.mul(c, dx, out=ctx.buf)`): its entry is a list, which the node
+    # brings up to date after each call of the user's code (_OpaqueNode.refresh), so
+    # that only writes from outside count as stale.
+    ctx_entries: dict[int, list] = {}
     for n, t in ctx_read:
         k = storage_key(t)
-        if k is not None and t.device.type != "meta" and id(t) not in watched:
+        if k is None or t.device.type == "meta":
+            continue
+        entry = ctx_entries.get(id(t))
+        if entry is None and id(t) not in watched:
             watched.add(id(t))
-            watch.append((t, t._version, _describe_ctx_tensor(n)))
+            entry = ctx_entries[id(t)] = [t, t._version, _describe_ctx_tensor(n)]
+            watch.append(entry)
+        if entry is not None and not any(e is entry for e in n.watch):
+            n.watch.append(entry)
 
     run = bind_program(make, src, prog.residuals, program_nodes(prog))
     if suspect:

@@ -123,6 +123,7 @@ def _inline_batched_node(nm: _Namer, e: Eqn, args: list[str]) -> list[str] | Non
     arg_list = ", ".join(args)
     return [
         f"{out} = {nm.glob(batched_fn, 'f')}({n}.ctx, {arg_list})",
+        f"if {n}.watch: {n}.refresh()",
         f"if not (type({out}) is _Tensor and {out}.dtype is {nm.glob(dtype)} and "
         f"{out}.shape == (K, {''.join(f'{d}, ' for d in shape)})): "
         f"{out}, = {n}.finish_lean({out}, [{arg_list}], (K,))",

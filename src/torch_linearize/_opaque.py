@@ -206,6 +206,10 @@ class _OpaqueNode:
         self._zero_versions: dict[int, int] = {}
         # OpaqueJvp: a weak reference to its transposed node; OpaqueVjp: the node it transposes
         self._transposed: Any = None
+        # The stale-watch entries ([tensor, version, what]) of tensors only the ctx holds,
+        # shared with the transposed node: brought up to date after each call of the
+        # user's code (refresh), whose own writes (a workspace) are not stale.
+        self.watch: list[list] = []
         # The lean unbatched call (see __call__): the positions whose None tangent must be
         # materialized (such a call takes the general path), the user function, and the
         # one result's shape, dtype and stride.
@@ -242,6 +246,8 @@ class _OpaqueNode:
                     break
             else:
                 o = lean[1](ctx, *args)
+                if self.watch:
+                    self.refresh()
                 if type(o) is torch.Tensor and o.dtype is lean[3] and o.shape == lean[2] and \
                         (lean[4] is None or o.stride() == lean[4]):
                     return (o,)
@@ -254,6 +260,12 @@ class _OpaqueNode:
                 return out
             return _OpaqueApply.apply(self, 0, *args)
         return self.run(0, args)
+
+    def refresh(self) -> None:
+        """After the user's code ran: its writes into tensors only the ctx holds are its
+        own (see ``watch``)."""
+        for e in self.watch:
+            e[1] = e[0]._version
 
     def finish_lean(self, o: Any, args, batch: tuple = ()) -> tuple:
         """The lean call's result ``o`` when it is not one tensor of the expected dtype,
@@ -303,6 +315,7 @@ class _OpaqueNode:
         self.ctx = None
         self._zeros.clear()
         self._transposed = None
+        self.watch = []  # (a transpose built before keeps the shared list)
 
     # ---------------------------------------------------------------- execution
     def _zero(self, i: int) -> torch.Tensor:
@@ -325,9 +338,12 @@ class _OpaqueNode:
         """Call the user function once on unbatched arguments; normalized tuple result."""
         ctx = self.ctx
         if fwAD._current_level < 0:  # no forward-AD level: nothing to disable
-            return self._as_tuple(self.user_fn()(ctx, *args))
-        with fwAD._set_fwd_grad_enabled(False):
             out = self.user_fn()(ctx, *args)
+        else:
+            with fwAD._set_fwd_grad_enabled(False):
+                out = self.user_fn()(ctx, *args)
+        if self.watch:
+            self.refresh()
         return self._as_tuple(out)
 
     def _as_tuple(self, out) -> tuple:
@@ -431,6 +447,8 @@ class _OpaqueNode:
             else:
                 with fwAD._set_fwd_grad_enabled(False):
                     out = self._as_tuple(batched_fn(self.ctx, *flat))
+            if self.watch:
+                self.refresh()
         else:
             out = None
             if getattr(self.cls, "generate_vmap_rule", False) and not self.dirty:
@@ -547,6 +565,7 @@ class OpaqueJvp(_OpaqueNode):
                 raise ReleasedError(f"{self.display_name}: the linear map was released.")
             ctx = getattr(ctx, "_tl_base", None) or ctx
             node = OpaqueVjp(self.cls, ctx, list(self.fwd_out_tensors), out_meta, {}, False)
+            node.watch = self.watch
             # The transposed node needs this one (transposing a transposed map); this one
             # only caches it, weakly: both strong would be a reference cycle through the
             # ctx, whose saved tensors would outlive both maps until the cyclic GC ran.

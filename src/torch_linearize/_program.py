@@ -623,6 +623,7 @@ def _inline_node(nm: _Namer, e: Eqn, f: str, args: list[str], checks: list[str])
         ok += f" and {out}.stride() == {nm.lit(stride)}"
     return [
         f"{out} = {nm.glob(fn, 'f')}({f}.ctx, {', '.join(args)})",
+        f"if {f}.watch: {f}.refresh()",
         f"if not ({ok}): {out}, = {f}.finish_lean({out}, [{', '.join(args)}])",
     ]
 
