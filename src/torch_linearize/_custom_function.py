@@ -27,6 +27,7 @@ differentiate through them.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import threading
 from typing import Any
@@ -58,6 +59,19 @@ _original_apply_jvp = _BackwardCFunction.__dict__["apply_jvp"]
 def _base_apply(cls, args, kwargs):
     """PyTorch's C++ ``Function.apply`` (what ``super().apply`` reaches without our patch)."""
     return super(_SingleLevel, cls).apply(*args, **kwargs)
+
+
+def _bind_keywords(cls, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """An old-style Function's ``apply(x, scale=3.0)``: PyTorch's apply passes keyword
+    arguments to ``forward(ctx, ...)`` as the positional inputs they name (``jvp`` then
+    gets a tangent, None, for ``scale``); bound the same way here, so the call takes the
+    per-tangent path as a positional one does. (Keywords the signature cannot bind are
+    left to PyTorch.)"""
+    try:
+        bound = inspect.signature(cls.forward).bind(None, *args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs
+    return tuple(bound.args[1:]), dict(bound.kwargs)
 
 
 def _patched_apply(cls, *args, **kwargs):
@@ -287,6 +301,8 @@ def _alias_outputs(outs: tuple, diff_idx: list[int], primal_index: dict[int, int
 def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
     """``cls.apply(*args, **kwargs)`` while ``tracer`` records."""
     # Function.apply has already bound default arguments for setup_context-style Functions.
+    if kwargs and not _uses_setup_context(cls):
+        args, kwargs = _bind_keywords(cls, args, kwargs)
     if torch._C._are_functorch_transforms_active() or kwargs:
         return _base_apply(cls, args, kwargs)
 
