@@ -259,7 +259,7 @@ def transpose_map(lm: LinearMap) -> LinearMap:
         stride = layout[0] if layout else None
         ins.append(_placeholder(v.shape, v.dtype, v.device, stride).requires_grad_())
     impl = _transposable_impl(lm, nodes)
-    with shape_only(nodes) as box, torch.enable_grad():
+    with shape_only(nodes) as box, torch.inference_mode(False), torch.enable_grad():
         # inputs the program writes in place run on copies (as compile_program's run
         # does): autograd refuses in-place writes into a leaf
         outs = interpret(prog, [x.clone() if k in prog.mutated_inputs else x
