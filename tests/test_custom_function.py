@@ -1084,3 +1084,96 @@ def _tree_stack(trees):
 def _inner(u, v):
     flat_u, flat_v = torch.utils._pytree.tree_leaves(u), torch.utils._pytree.tree_leaves(v)
     return sum((a * b).sum() for a, b in zip(flat_u, flat_v))
+
+
+# --- a Function's own workspace ------------------------------------------------------------
+# A raw kernel's jvp/backward often writes a buffer forward allocated and kept on ctx.
+# Those writes are the Function's own: only writes from outside make the map stale.
+
+class _Workspace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_forward(x.cos())
+        ctx.save_for_backward(x.cos())
+        ctx.buf = torch.empty_like(x)  # the tangent kernel's workspace
+        ctx.w = w  # a tensor the caller keeps (not an input with a tangent)
+        return x.sin() * w
+
+    @staticmethod
+    def jvp(ctx, dx, dw):
+        c, = ctx.saved_tensors
+        torch.mul(c, dx, out=ctx.buf)  # the kernel writes its workspace
+        ctx.buf.mul_(ctx.w)
+        return ctx.buf.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        c, = ctx.saved_tensors
+        torch.mul(c, g, out=ctx.buf)
+        ctx.buf.mul_(ctx.w)
+        return ctx.buf.clone(), None
+
+
+@pytest.mark.parametrize("route", ["call", "two_inputs", "vmap", "batched", "transpose",
+                                   "compile"])
+def test_a_functions_writes_into_its_own_workspace_are_not_stale(route):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(4, 3, dtype=torch.float64)
+    f = (lambda x: _Workspace.apply(x, w)) if route != "two_inputs" else \
+        (lambda x, y: _Workspace.apply(x, w) + y)
+    primals = (x,) if route != "two_inputs" else (x, x.clone())
+    _, jvp_fn = tl.linearize(f, *primals)
+    want = lambda t: x.cos() * w * t
+    for _ in range(3):  # (the second application found the workspace "modified")
+        t = torch.randn(4, 3, dtype=torch.float64)
+        if route == "call":
+            got, ref = jvp_fn(t), want(t)
+        elif route == "two_inputs":
+            got, ref = jvp_fn(t, t), want(t) + t
+        elif route == "vmap":
+            ts = torch.randn(2, 4, 3, dtype=torch.float64)
+            got, ref = torch.vmap(jvp_fn)(ts), torch.stack([want(s) for s in ts])
+        elif route == "batched":
+            ts = torch.randn(2, 4, 3, dtype=torch.float64)
+            got, ref = jvp_fn.batched(ts), torch.stack([want(s) for s in ts])
+        elif route == "transpose":
+            got, ref = jvp_fn.T(t)[0], want(t)
+        else:
+            got, ref = jvp_fn.compile()(t), want(t)
+        torch.testing.assert_close(got, ref)
+    w.add_(1)  # a write from outside into a tensor the ctx holds: stale
+    with pytest.raises(tl.StaleResidualError, match="modified in place"):
+        jvp_fn(*primals)
+
+
+class _ScaleOldStyle(torch.autograd.Function):
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x, scale=2.0):
+        ctx.scale = scale
+        return torch.from_numpy(x.numpy() * scale)  # opaque to any tracer
+
+    @staticmethod
+    def jvp(ctx, dx, dscale=None):
+        _ScaleOldStyle.calls += 1
+        return torch.from_numpy(dx.numpy() * ctx.scale)
+
+
+@pytest.mark.parametrize("call", ["positional", "keyword", "default"])
+def test_old_style_function_called_with_keywords_takes_the_per_tangent_path(call):
+    # PyTorch passes apply's keywords to forward(ctx, ...) as the inputs they name;
+    # linearize took such calls for forward-AD tracing, which cannot run a numpy jvp
+    x = torch.randn(3, dtype=D)
+    fn = {"positional": lambda x: _ScaleOldStyle.apply(x, 3.0),
+          "keyword": lambda x: _ScaleOldStyle.apply(x, scale=3.0),
+          "default": lambda x: _ScaleOldStyle.apply(x)}[call]
+    scale = 2.0 if call == "default" else 3.0
+    _ScaleOldStyle.calls = 0
+    y, jvp_fn = tl.linearize(fn, x)
+    torch.testing.assert_close(y, x * scale)
+    assert _ScaleOldStyle.calls == 0
+    for _ in range(2):
+        t = torch.randn(3, dtype=D)
+        torch.testing.assert_close(jvp_fn(t), t * scale)
+    assert _ScaleOldStyle.calls == 2

@@ -545,3 +545,21 @@ def test_overwritten_value_times_an_infinite_residual_transposes_to_zero():
     gx, gy = jvp_fn.T(u)
     assert (gx == 0).all()
     torch.testing.assert_close(gy, torch.func.vjp(f, x, y)[1](u)[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("what", ["T", "T.jacobian", "T.batched"])
+def test_transpose_built_first_inside_inference_mode(what):
+    # linearize runs f outside inference mode; building the transpose records it with
+    # autograd, which inference mode switched off ("not differentiable" refusal)
+    x = torch.randn(3, dtype=torch.float64)
+    u = torch.randn(2, 3, dtype=torch.float64)
+    vjp = torch.func.vjp(torch.sin, x)[1]
+    with torch.inference_mode():
+        _, jvp_fn = tl.linearize(torch.sin, x)
+        if what == "T":
+            got, want = jvp_fn.T(u[0])[0], vjp(u[0])[0]
+        elif what == "T.jacobian":
+            got, want = jvp_fn.T.jacobian()[0], torch.diag(x.cos())
+        else:
+            got, want = jvp_fn.T.batched(u)[0], torch.stack([vjp(v)[0] for v in u])
+    torch.testing.assert_close(got, want)
