@@ -795,3 +795,54 @@ def test_cpp_transpose(cpp):
     _, jvp_fn = tl.linearize(f, x)
     u = torch.randn(3, dtype=D)
     torch.testing.assert_close(jvp_fn.transpose()(u), torch.func.vjp(ref, x)[1](u))
+
+
+@torch.library.custom_op("tl_test_op::cube", mutates_args=())
+def _cube(x: Tensor) -> Tensor:
+    return x ** 3
+
+
+@_cube.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _cube_setup(ctx, inputs, output):
+    ctx.save_for_forward(inputs[0])
+    ctx.save_for_backward(inputs[0])
+
+
+def _cube_jvp(ctx, t):
+    x, = ctx.saved_tensors
+    return 3 * x ** 2 * t
+
+
+def _cube_backward(ctx, g):
+    x, = ctx.saved_tensors
+    return 3 * x ** 2 * g  # differentiable PyTorch code
+
+
+tl.register_jvp(_cube, _cube_jvp, setup_context=_cube_setup)
+_cube.register_autograd(_cube_backward, setup_context=_cube_setup)
+
+
+@pytest.mark.parametrize("how", ["hessian", "jvp_of_grad", "linearize_of_grad", "jacrev_of_jacrev"])
+def test_second_order_through_the_op_used_non_linearly(how):
+    # exp(x^3): the second derivative has a term from the op's output used after it,
+    # (3x^2)^2 exp(x^3), which the outer level lost when Function.apply hid the op
+    # from it (grad and forward grad off inside forward); sum(x^3) alone hid the bug
+    f = lambda x: _cube(x).exp().sum()
+    ref = lambda x: (x ** 3).exp().sum()
+    x = torch.tensor([0.3, -1.2, 0.8], dtype=D)
+    v = torch.tensor([0.5, -1.0, 2.0], dtype=D)
+    H = torch.func.hessian(ref)(x)
+    if how == "hessian":
+        got, want = torch.func.hessian(f)(x), H
+    elif how == "jvp_of_grad":
+        got, want = torch.func.jvp(torch.func.grad(f), (x,), (v,))[1], H @ v
+    elif how == "linearize_of_grad":
+        _, hvp = tl.linearize(torch.func.grad(f), x)
+        got, want = hvp(v), H @ v
+    else:
+        got, want = torch.func.jacrev(torch.func.jacrev(f))(x), H
+    torch.testing.assert_close(got, want)

@@ -63,10 +63,13 @@ _REGISTRY: dict[str, tuple[Any, CustomOpDef, type]] = {}
 class _Meta:
     """The trailing non-tensor argument of the generated Function: keyword-only op args."""
 
-    __slots__ = ("kwargs",)
+    __slots__ = ("kwargs", "modes")
 
-    def __init__(self, kwargs: dict):
+    def __init__(self, kwargs: dict, modes: tuple[bool, bool] | None = None):
         self.kwargs = kwargs
+        # (inside torch.func transforms: the grad and forward-grad modes the op was called
+        # under, which forward restores for the levels below, see forward)
+        self.modes = modes
 
     def __repr__(self) -> str:
         return f"<register_jvp metadata kwargs={self.kwargs!r}>"
@@ -150,7 +153,18 @@ def _make_function(opdef: CustomOpDef, jvp: Callable, jvp_setup: Callable | None
     def forward(*args):
         meta = args[-1]
         # Below autograd, so the op's kernel runs as-is (and only once).
-        with _C._AutoDispatchBelowAutograd():
+        if meta.modes is None:
+            with _C._AutoDispatchBelowAutograd():
+                return op(*args[:-1], **meta.kwargs)
+        # Applied at one torch.func level (see _make_autograd_kernel): below it the op
+        # reaches the enclosing levels (an outer grad, a jvp, linearize's forward AD),
+        # whose own autograd kernels must see it to differentiate through it; but
+        # Function.apply runs forward with grad and forward grad off, which would hide
+        # the op from them (hessian then misses the (3x^2)^2 exp(x^3) term of
+        # exp(x^3)). Restore the caller's modes for them.
+        grad, fwd = meta.modes
+        with torch.set_grad_enabled(grad), fwAD._set_fwd_grad_enabled(fwd), \
+                _C._AutoDispatchBelowAutograd():
             return op(*args[:-1], **meta.kwargs)
 
     def setup_context(ctx, inputs, output):
@@ -284,7 +298,8 @@ def _make_autograd_kernel(opdef: CustomOpDef, fn_cls: type) -> Callable:
                 # like any aten op's autograd kernel), so apply the Function at this level
                 # directly; Function.apply would re-dispatch a custom_function_call that
                 # has no kernel below the layer's front key.
-                return _function_base_apply(fn_cls, *args, _Meta(keyword_only_args))
+                return _function_base_apply(fn_cls, *args, _Meta(
+                    keyword_only_args, (_C.is_grad_enabled(), _C._is_fwd_grad_enabled())))
             return fn_cls.apply(*args, _Meta(keyword_only_args))
         with _C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & _C._after_autograd_keyset, *args, **keyword_only_args)
