@@ -328,8 +328,11 @@ def test_linearize_inside_a_torch_func_transform_of_its_inputs_raises_clearly(tr
     run = {"vmap": torch.vmap(inner), "grad": torch.func.grad(inner),
            "jacrev": torch.func.jacrev(inner)}[transform]
     what = r"primals\[0\] is" if where == "primal" else "f's output depends on"
-    with pytest.raises(tl.LinearizeError, match=what + r" a tensor being transformed by a "
-                       r"torch\.func transform .* Call linearize outside the transform"):
+    what += r" a tensor being transformed by a torch\.func transform"
+    if transform != "vmap":  # (refused on entry: a differentiating transform is active)
+        what = r"cannot run inside a differentiating torch\.func transform: grad"
+    with pytest.raises(tl.LinearizeError, match=what + r".* Call linearize outside the "
+                                                       r"transform"):
         run(torch.randn(3, 5, dtype=D) if transform == "vmap" else x)
     assert_clean_global_state()
 
@@ -582,3 +585,25 @@ def test_out_of_band_write_to_a_primal_during_f_names_it():
 
     with pytest.raises(tl.StaleResidualError, match=r"primals\[1\]"):
         tl.linearize(f, torch.randn(3, dtype=D), torch.randn(3, dtype=D))
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd", "jvp", "hessian"])
+def test_linearize_inside_a_differentiating_transform_names_it(transform):
+    # Plain primals made outside the transform: the refusal used to blame a "transformed
+    # tensor" (grad, jacrev) or a user's dual_level() (jacfwd, jvp), neither of them true
+    x0 = torch.randn(3, dtype=torch.float64)
+    g = lambda t: tl.linearize(torch.sin, x0)[1](t).sum()
+    v = torch.randn(3, dtype=torch.float64)
+    call = {"grad": lambda: torch.func.grad(g)(v), "jacrev": lambda: torch.func.jacrev(g)(v),
+            "jacfwd": lambda: torch.func.jacfwd(g)(v),
+            "jvp": lambda: torch.func.jvp(g, (v,), (v,)),
+            "hessian": lambda: torch.func.hessian(g)(v)}[transform]
+    kind = "grad" if transform in ("grad", "jacrev") else "jvp"
+    with pytest.raises(tl.LinearizeError, match=rf"inside a differentiating torch.func "
+                                                rf"transform: {kind} \("):
+        call()
+    # under vmap alone it works
+    _, jvp_fn = tl.linearize(torch.sin, x0)
+    vs = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(lambda t: tl.linearize(torch.sin, x0)[1](t))(vs),
+                               torch.vmap(jvp_fn)(vs))

@@ -101,6 +101,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     """
     if not callable(func):
         raise TypeError(f"{_API}: f must be callable, got {type(func).__name__}.")
+    _refuse_differentiating_transform()
     if torch.is_inference_mode_enabled():
         # forward AD records nothing in inference mode (the map would be silently zero);
         # torch.func.jvp works there, and so does linearize: f runs outside it
@@ -374,6 +375,28 @@ def _verify_hit(raw: Program, hit: Program, trace_values: dict) -> None:
 
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+_DIFFERENTIATING = {torch._C._functorch.TransformType.Grad: "grad (grad, vjp, jacrev)",
+                    torch._C._functorch.TransformType.Jvp: "jvp (jvp, jacfwd, hessian)"}
+
+
+def _refuse_differentiating_transform() -> None:
+    """``linearize`` called inside ``torch.func.grad``/``jvp`` (or what builds on them):
+    every result inside such a transform is the transform's tensor, and its ``jvp`` level
+    is PyTorch's eager forward-AD level, so the trace would fail with a misleading reason
+    (a "transformed tensor" f never saw, an "active dual_level" the user never opened).
+    Under ``vmap`` alone it works."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    for interp in stack or ():
+        kind = _DIFFERENTIATING.get(interp.key())
+        if kind is not None:
+            raise LinearizeError(
+                f"{_API}: cannot run inside a differentiating torch.func transform: {kind} is "
+                f"active (level {interp.level()}). linearize runs on PyTorch's eager forward-mode "
+                "AD, which does not compose with it. Call linearize outside the transform and "
+                "transform its linear map instead (torch.func.grad, jacrev, jvp and vmap of "
+                "jvp_fn or jvp_fn.T work), or use torch.func.jvp inside the transform.")
 
 
 def _functorch_message(what: str) -> str:
