@@ -602,3 +602,18 @@ def test_vmap_of_a_map_that_writes_its_input_leaves_the_callers_batch_alone():
         for _ in range(2):
             torch.testing.assert_close(batched(T), want)
             torch.testing.assert_close(T, T0)
+
+
+@pytest.mark.parametrize("in_dims", [0, 1])
+def test_batched_without_a_batch_dimension_says_so(in_dims):
+    # the per-example check named jvp_fn(*tangents) and a shape with the batch dim stripped
+    x = torch.randn(4, 3, dtype=torch.float64)
+    _, jvp_fn = tl.linearize(torch.sin, x)
+    with pytest.raises(ValueError, match=r"jvp_fn\.batched\(\.\.\.\): tangents\[0\] has shape "
+                                         r"\(4, 3\), but a batch of them needs one more "
+                                         r"dimension than primals\[0\]'s \(4, 3\).*\(K, 4, 3\)"):
+        jvp_fn.batched(torch.ones(4, 3, dtype=torch.float64), in_dims=in_dims)
+    with pytest.raises(ValueError, match=r"vjp_fn\.batched\(\.\.\.\): cotangents\[0\]"):
+        jvp_fn.T.batched(torch.ones(4, 3, dtype=torch.float64))
+    torch.testing.assert_close(jvp_fn.batched(torch.ones(2, 4, 3, dtype=torch.float64)),
+                               x.cos().expand(2, 4, 3))

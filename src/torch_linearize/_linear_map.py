@@ -153,6 +153,7 @@ def _batch_size(tangents: tuple, in_dims: int) -> float:
     return math.inf
 
 
+
 class LinearMap:
     """A linear function of tensors recorded by :func:`torch_linearize.linearize`.
 
@@ -385,6 +386,15 @@ class LinearMap:
             # batched: torch.vmap would refuse in_dims=0 for them
             in_dims = tree_map(lambda x, d=in_dims: None if x is None else d, tangents,
                                is_leaf=_is_none)
+        if type(in_dims) is int and self._flat_args and len(tangents) == len(self._metas):
+            for i, (t, (shape, _, _)) in enumerate(zip(tangents, self._metas)):
+                if isinstance(t, _Tensor) and t.dim() != len(shape) + 1:
+                    raise ValueError(
+                        f"{self._api[:self._api.index('(')]}.batched(...): {self._arg_name}[{i}] "
+                        f"has shape {tuple(t.shape)}, but a batch of them needs one more "
+                        f"dimension than {self._ref_name}[{i}]'s {tuple(shape)}, the batch "
+                        f"dimension (in_dims={in_dims}): e.g. shape "
+                        f"({', '.join(['K', *map(str, shape)])}) with in_dims=0.")
         if chunk_size is None and type(in_dims) is int:
             chunk_size = self._auto_chunk(tangents, in_dims)
         if (chunk_size is None or (type(chunk_size) is int and chunk_size > 0)) and \
