@@ -1177,3 +1177,29 @@ def test_old_style_function_called_with_keywords_takes_the_per_tangent_path(call
         t = torch.randn(3, dtype=D)
         torch.testing.assert_close(jvp_fn(t), t * scale)
     assert _ScaleOldStyle.calls == 2
+
+
+class _ListArg(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lst):
+        ctx.w = lst[0]
+        return x * lst[0]
+
+    @staticmethod
+    def jvp(ctx, dx, dlst):  # no tangent for lst[0]: PyTorch passes None
+        return dx * ctx.w
+
+
+@pytest.mark.parametrize("container", [list, tuple, lambda v: {"w": v}])
+def test_a_tangent_inside_a_container_argument_is_refused_not_dropped(container):
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    with pytest.raises(tl.NoForwardADError, match=r"_ListArg got a tensor that carries a "
+                                                  r"tangent inside its argument 1"):
+        tl.linearize(lambda x: _ListArg.apply(x, container([x]) if container is not list
+                                              else [x]), x)
+    # a constant inside the container is fine
+    w = torch.tensor([4.0, 5.0, 6.0], dtype=D)
+    fn = (lambda x: _ListArg.apply(x, [w])) if container is list else \
+        (lambda x: _ListArg.apply(x, (w,)))
+    _, jvp_fn = tl.linearize(fn, x)
+    torch.testing.assert_close(jvp_fn(torch.ones(3, dtype=D)), w)

@@ -74,6 +74,20 @@ def _bind_keywords(cls, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(bound.args[1:]), dict(bound.kwargs)
 
 
+def _refuse_nested_tangents(tracer: Tracer, name: str, i: int, a: Any) -> None:
+    """A tensor inside a list/tuple/dict argument is no input of the Function to
+    PyTorch: its ``jvp`` gets no tangent for it, which would silently drop the tangent."""
+    for leaf in tree_flatten(a)[0]:
+        if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex()):
+            t = unpack_dual(leaf, level=tracer.level).tangent
+            if t is not None and not t._is_zerotensor():
+                raise NoForwardADError(
+                    f"linearize: custom autograd.Function {name} got a tensor that carries a "
+                    f"tangent inside its argument {i} (a {type(a).__name__}). PyTorch passes "
+                    "jvp tangents for tensor arguments only, so this tangent would be silently "
+                    "dropped. Pass the tensor as an argument of its own.")
+
+
 def _patched_apply(cls, *args, **kwargs):
     # ``Function.apply`` (Python) binds default arguments and then calls
     # ``super().apply``, which resolves to this classmethod while a patch is
@@ -328,6 +342,8 @@ def apply_function(tracer: Tracer, cls: type, args: tuple, kwargs: dict) -> Any:
                 primals.append(p.detach())
                 tangent_syms.append(sym)
             else:
+                if isinstance(a, (list, tuple, dict)):
+                    _refuse_nested_tangents(tracer, name, len(primals), a)
                 primals.append(a)
                 tangent_syms.append(None)
     if not has_tangent:
