@@ -90,6 +90,32 @@ class NumpyCube(torch.autograd.Function):
         return x**3
 
 
+class Cube(torch.autograd.Function):
+    """x^3 in differentiable PyTorch code (its jvp and backward too), vmappable: for
+    second order and transforms over maps (tests subclass it for trace_jvp)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[0])
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, dx):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * dx
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
 _libc = ctypes.CDLL(None)
 
 

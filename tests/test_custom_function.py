@@ -405,26 +405,7 @@ def test_reverse_mode_through_opaque_function_inside_f_raises():
 
 
 def test_trace_jvp_supports_forward_over_reverse():
-    @tl.trace_jvp
-    class Cube(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x**3
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-            ctx.save_for_forward(inputs[0])
-
-        @staticmethod
-        def jvp(ctx, t):
-            (x,) = ctx.saved_tensors
-            return 3 * x**2 * t
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 3 * x**2 * g
+    Cube = tl.trace_jvp(type("TracedCube", (cf.Cube,), {}))
 
     def grad_of(x):
         with torch.enable_grad():

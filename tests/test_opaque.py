@@ -484,34 +484,11 @@ def test_func_jvp_through_a_map_with_a_pytorch_custom_node():
     torch.testing.assert_close(torch.func.jvp(jvp_fn, t, s)[1], jvp_fn(*s))
 
 
-class _CubeVmappable(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x**3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(inputs[0])
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def jvp(ctx, dx):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * dx
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * g
-
-
 def test_hessian_over_a_map_with_a_custom_function():
     """torch.func.hessian (jacfwd over jacrev) of a loss of the map: until stop 22 the
     node asked unpack_dual about the tangents of jacrev's vmap, which has no batching
     rule for it (RuntimeError); jacrev(jacrev) and jacfwd(grad) worked."""
     x, t = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    _, jvp_fn = tl.linearize(_CubeVmappable.apply, x)
+    _, jvp_fn = tl.linearize(cf.Cube.apply, x)
     loss = lambda t: (jvp_fn(t) ** 2).sum()
     torch.testing.assert_close(torch.func.hessian(loss)(t), torch.diag(2 * (3 * x**2) ** 2))
