@@ -153,7 +153,6 @@ def _batch_size(tangents: tuple, in_dims: int) -> float:
     return math.inf
 
 
-
 class LinearMap:
     """A linear function of tensors recorded by :func:`torch_linearize.linearize`.
 

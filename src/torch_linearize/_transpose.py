@@ -49,7 +49,6 @@ __all__ = ["differentiable_impl", "transpose_map"]
 aten = torch.ops.aten
 
 
-
 def _zero_but_nan(g: torch.Tensor) -> bool:
     """Whether ``g`` holds only zeros and NaNs (the products of zero cotangents with
     infinite residuals)."""
