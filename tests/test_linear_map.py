@@ -143,3 +143,23 @@ def test_a_lazily_conjugated_complex_tangent_is_resolved():
         torch.testing.assert_close(jvp_fn(t), want)
         torch.testing.assert_close(torch.vmap(jvp_fn)(t[None])[0], want)
         torch.testing.assert_close(jvp_fn.batched(t[None])[0], want)
+
+
+def test_errors_name_the_method_not_a_call_of_the_map():
+    # A method's errors name it as the caller wrote it (jvp_fn.batched(), vjp_fn.transpose()),
+    # not as a call of the map (jvp_fn(*tangents).batched()).
+    x = torch.randn(3, dtype=torch.float64)
+    _, jvp_fn = tl.linearize(lambda x, n: x * n, x, torch.tensor(2))
+    vjp_fn = jvp_fn.transpose()  # (its result has a None leaf: the integer primal's)
+    with pytest.raises(ValueError, match=r"^vjp_fn\.batched\(\): out_dims \(0, 1, 2\)"):
+        vjp_fn.batched(torch.randn(2, 3, dtype=torch.float64), out_dims=(0, 1, 2))
+    jvp_fn.release()
+    for use, name in [(lambda: jvp_fn.batched(torch.randn(2, 3)), r"jvp_fn\.batched\(\)"),
+                      (lambda: jvp_fn.transpose(), r"jvp_fn\.transpose\(\)"),
+                      (lambda: jvp_fn.jacobian(), r"jvp_fn\.jacobian\(\)"),
+                      (lambda: jvp_fn(x, None), r"jvp_fn\(\*tangents\)")]:
+        with pytest.raises(tl.ReleasedError, match=f"^{name}: this linear map was released"):
+            use()
+    vjp_fn.release()
+    with pytest.raises(tl.ReleasedError, match=r"^vjp_fn\.jacobian\(\): this linear map"):
+        vjp_fn.jacobian()

@@ -389,7 +389,7 @@ class LinearMap:
             for i, (t, (shape, _, _)) in enumerate(zip(tangents, self._metas)):
                 if isinstance(t, _Tensor) and t.dim() != len(shape) + 1:
                     raise ValueError(
-                        f"{self._api[:self._api.index('(')]}.batched(...): {self._arg_name}[{i}] "
+                        f"{self._method('.batched(...)')}: {self._arg_name}[{i}] "
                         f"has shape {tuple(t.shape)}, but a batch of them needs one more "
                         f"dimension than {self._ref_name}[{i}]'s {tuple(shape)}, the batch "
                         f"dimension (in_dims={in_dims}): e.g. shape "
@@ -433,7 +433,7 @@ class LinearMap:
             every = _broadcast_to_and_flatten(out_dims, self._out_spec)
             if every is None:
                 raise ValueError(
-                    f"{self._api}.batched(): out_dims {out_dims!r} does not match the "
+                    f"{self._method('.batched()')}: out_dims {out_dims!r} does not match the "
                     f"structure of the map's result ({self._out_spec}).")
             dims = [every[k] for k in pos]
 
@@ -512,7 +512,13 @@ class LinearMap:
     def _released_error(self, method: str = "") -> ReleasedError:
         """The error every use of a released map raises (``method``: which use)."""
         return ReleasedError(
-            f"{self._api}{method}: this linear map was released; call linearize again.")
+            f"{self._method(method) if method else self._api}: this linear map was released; "
+            "call linearize again.")
+
+    def _method(self, method: str) -> str:
+        """How errors name one of the map's methods: ``jvp_fn.batched()``, not
+        ``jvp_fn(*tangents).batched()`` (``_api`` names a call of the map itself)."""
+        return self._api[:self._api.index("(")] + method
 
     def _tangents(self, args: tuple) -> Any:
         """The differentiable tangent leaves of ``args``, validated against the primals.
@@ -595,7 +601,7 @@ class LinearMap:
         new object, holding this transpose again."""
         state = self._origin_state
         if state is None:
-            raise ReleasedError(f"{self._api}.transpose(): the map this one transposes was "
+            raise ReleasedError(f"{self._method('.transpose()')}: the map this one transposes was "
                                 "released; call linearize again.")
         origin = object.__new__(LinearMap)
         origin.__dict__.update(state)
