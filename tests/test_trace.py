@@ -482,3 +482,47 @@ def test_a_foreach_write_into_tangent_values_is_refused_by_name():
 
     with pytest.raises(tl.NoForwardADError, match="_foreach_mul_"):
         tl.linearize(f, torch.randn(3, dtype=torch.float64))
+
+
+# Operators whose eager forward-AD formula hands a result that is no view the input's
+# tangent itself (frac, sub.Scalar) or a view of it (the *_copy operators): an in-place
+# operation on the result then changed the input's tangent too (torch.func.jvp gives
+# those wrong numbers in PyTorch 2.13). The result gets a tangent of its own.
+OWN_TANGENT_CASES = {
+    "frac": lambda x: torch.frac(x),
+    "sub.Scalar": lambda x: torch.ops.aten.sub.Scalar(x, 1.5),
+    "view_copy": lambda x: torch.view_copy(x, (-1,)).view(x.shape),
+    "alias_copy": lambda x: torch.alias_copy(x),
+    "permute_copy": lambda x: torch.permute_copy(x, (1, 0)).t(),
+    "view (a view: shares)": lambda x: x.clone().view(-1).view(x.shape),
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_TANGENT_CASES))
+def test_a_result_that_is_no_view_gets_a_tangent_of_its_own(name):
+    from helpers import central_difference
+
+    op = OWN_TANGENT_CASES[name]
+
+    def f(x):
+        y = op(x)
+        y.mul_(2)  # (must not change x's tangent)
+        return y + x.sin()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, dtype=D, generator=g) + 3  # (frac: away from integers)
+    t = torch.randn(4, 5, dtype=D, generator=g)
+    t_before = t.clone()
+    y, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(y, f(x))
+    want = central_difference(f, (x,), (t,))
+    torch.testing.assert_close(jvp_fn(t), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(t, t_before)  # (the caller's tangent is left alone)
+    T = torch.randn(3, 4, 5, dtype=D, generator=g)
+    got = jvp_fn.batched(T)
+    for k in range(3):
+        torch.testing.assert_close(got[k], central_difference(f, (x,), (T[k],)), rtol=1e-6,
+                                   atol=1e-6)
+    u = torch.randn(4, 5, dtype=D, generator=g)
+    torch.testing.assert_close((jvp_fn.T(u)[0] * t).sum(), (u * want).sum(), rtol=1e-6,
+                               atol=1e-6)

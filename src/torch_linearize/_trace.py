@@ -417,6 +417,9 @@ _CONJ_NEG_KEYS = C.DispatchKeySet(C.DispatchKey.Conjugate) | C.DispatchKeySet(C.
 _SHAPE_QUERIES = (aten.is_same_size.default, aten._has_same_storage_numel.default)
 _SHAPE_QUERY_IDS = frozenset(id(f) for f in _SHAPE_QUERIES)
 _IS_SAME_SIZE = aten.is_same_size.default
+_HAS_SAME_STORAGE_NUMEL = aten._has_same_storage_numel.default
+# (marks a tangent forward AD attached to a dual as it is: see Tracer._tangent_fits)
+_ATTACHED = "_torch_linearize_attached_tangent"
 _STRIDED = torch.strided
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _NO_DISPATCH = torch._C._DisableTorchDispatch
@@ -459,6 +462,7 @@ class Tracer(TorchDispatchMode):
         super().__init__()
         self.level = level
         self.token = object()  # identifies this trace on tracked tensors
+        self.sizing: tuple | None = None  # the last is_same_size query's operands
         self.eqns: list[Eqn] = []
         self.trace_values: dict[int, torch.Tensor] = {}  # output Var id -> its traced value
         self.residuals = ResidualTable()
@@ -894,9 +898,12 @@ class Tracer(TorchDispatchMode):
                 # forward AD asks this once per tangent it sets: answered here, it costs a
                 # tenth of the operator call (ATen compares the sizes, as this does)
                 a, b = args
+                self.sizing = (a, b)  # (see _tangent_fits)
                 if type(a) is torch.Tensor and type(b) is torch.Tensor and a.layout is _STRIDED \
                         and b.layout is _STRIDED and not (_is_wrapped(a) or _is_wrapped(b)):
                     return a.shape == b.shape
+            elif len(args) == 2 and not kwargs:  # (_has_same_storage_numel)
+                return self._tangent_fits(*args)
             return func._op(*args, **kwargs) if kwargs else func._op(*args)
         kwargs = kwargs or {}
         hit = _op_infos.get(id(func))
@@ -910,6 +917,34 @@ class Tracer(TorchDispatchMode):
             with C._ForceDispatchKeyGuard(include, exclude - _CONJ_NEG_KEYS):
                 return self._dispatch(func, args, kwargs, info)
         return self._dispatch(func, args, kwargs, info)
+
+    def _tangent_fits(self, tangent, primal) -> bool:
+        """``_has_same_storage_numel(tangent, primal)``, which forward AD asks (through
+        ``has_same_meta``) before it attaches ``tangent`` to ``primal`` as it is; if the
+        answer is False it attaches a copy instead.
+
+        Some forward-AD formulas give a result that is no view the input's tangent itself,
+        or a view of it: ``torch.frac``, ``sub.Scalar``, the ``*_copy`` operators
+        (``view_copy``, ``alias_copy``, ...; eager PyTorch 2.13). An in-place operation
+        on that result then also changes the input's tangent: ``y = torch.frac(x);
+        y.mul_(2)`` doubles ``x``'s tangent as well, and ``torch.func.jvp`` returns such
+        wrong numbers. A tangent about to be attached to a primal that is no view, where
+        the tangent is already attached elsewhere or is a view, is answered False here:
+        the result gets a tangent of its own, as its primal is storage of its own.
+        """
+        attached = _ATTACHED
+        sizing, self.sizing = self.sizing, None
+        # (forward AD's set_fw_grad asks primal.is_same_size(tangent) just before; other
+        # callers, Tensor._view_func comparing a new base with the old one, do not)
+        setting = sizing is not None and sizing[0] is primal and sizing[1] is tangent
+        if setting and type(tangent) is torch.Tensor and type(primal) is torch.Tensor and \
+                not primal._is_view() and self.lookup(tangent) is not None and (
+                    tangent._is_view() or tangent.__dict__.get(attached) is self.token):
+            return False
+        fits = _HAS_SAME_STORAGE_NUMEL._op(tangent, primal)
+        if fits and setting and type(tangent) is torch.Tensor:
+            tangent.__dict__[attached] = self.token  # (forward AD attaches it as it is)
+        return fits
 
     def _dispatch(self, func, args, kwargs, info: _OpInfo):
         if self.paused_depth:
