@@ -38,10 +38,10 @@ interleaved rounds (``common.interleave``), each a structure's first linearizati
   longer runs as it does in eager. ``nn.TransformerEncoder`` in eval mode with a padding
   mask skips its nested-tensor path and returns no zeros at the padded positions: 13
   tests of ``tests/test_overrides.py`` fail with it (stop 24), and any user code that
-  checks ``has_torch_function`` would change its path the same way. (A tensor-number
-  ``x - c`` must not become ``sub.Scalar`` either way: its forward-AD formula returns
-  the input's tangent itself, so an in-place operation on the result changes the
-  input's tangent, in eager PyTorch 2.13.)
+  checks ``has_torch_function`` would change its path the same way. (Both route
+  ``x - c`` to ``add.Scalar(x, -c)``, the same IEEE operation: ``sub.Scalar``'s
+  forward-AD formula returns the input's tangent itself, which the tracer has to copy,
+  docs/design.md section 2.)
 
 Result on the 2-CPU Xeon (stop 24, glibc's default allocator), in ratios to one
 torch.func.jvp, in three runs before the function-mode row existed: PDE 1.52 / 1.54 /
