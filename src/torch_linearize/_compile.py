@@ -34,8 +34,6 @@ _lock = threading.Lock()
 _compiled: dict[tuple, Callable] = {}
 
 
-
-
 def _is_opaque(e: Eqn) -> bool:
     return not isinstance(e.fn, torch._ops.OpOverload)
 

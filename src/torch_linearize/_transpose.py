@@ -56,6 +56,7 @@ def _zero_but_nan(g: torch.Tensor) -> bool:
         return False
     return not bool(torch.where(torch.isnan(g), 0, g).any())
 
+
 def _glu_jvp(glu, x, dx, dim):
     # Same maths as PyTorch's glu_jvp kernel, written with differentiable operations.
     n = x.size(dim) // 2
