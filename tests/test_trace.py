@@ -85,6 +85,99 @@ def test_primal_uses_of_zero_products_keep_their_ieee_value():
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
+class _ZeroProducts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the products and quotients executed with the number 0 as an operand."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.div) and any(
+                type(a) in (int, float) and a == 0 for a in args):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+NUMBER_OPERANDS = {
+    "int_times": lambda x: 4 * x[1:-1],
+    "times_float": lambda x: x * 2.5,
+    "divided_by_int": lambda x: x / 2,
+    "float_divided_by": lambda x: 2.5 / x,
+    "plus_and_minus": lambda x: (x + 1) - 1.5,
+    "polynomial": lambda x: 0.5 * x ** 2 - 3 * x + 1,
+}
+
+
+@pytest.mark.parametrize("name", list(NUMBER_OPERANDS))
+def test_number_operands_cost_no_zero_product_kernel(name):
+    # forward AD's rule for `c * x` is `x_t * c + 0 * x` with an efficient zero that
+    # reaches the tracer as a number: it is an exact zero, and must cost no kernel
+    f = NUMBER_OPERANDS[name]
+    x = _with_infinities(12, seed=3)
+    with _ZeroProducts() as seen:
+        y, jvp_fn = tl.linearize(f, x)
+    assert seen.n == 0
+    torch.testing.assert_close(y, f(x), equal_nan=True)
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(12, dtype=D, generator=g)
+    want = torch.func.jvp(f, (x,), (t,))[1]
+    torch.testing.assert_close(jvp_fn(t), want, equal_nan=True)
+    T = torch.randn(3, 12, dtype=D, generator=g)
+    got = jvp_fn.batched(T)
+    for k in range(3):
+        torch.testing.assert_close(got[k], torch.func.jvp(f, (x,), (T[k],))[1], equal_nan=True)
+    u = torch.randn_like(y)
+    torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(f, x)[1](u)[0], equal_nan=True)
+
+
+def test_f_own_products_by_zero_stay_exact_beside_number_operands():
+    # The tracer's stand-in for a number's zero tangent must not be taken for a `0 * x`
+    # or `0.0 * x` that f computes: those keep NaN at infinities and signed zeros.
+    def f(x):
+        return 0 * x, 0.0 * x, -0.0 * x, 4 * x, x * 2.5
+
+    x = _with_infinities()
+    x[0] = -2.0
+    y, jvp_fn = tl.linearize(f, x)
+    for a, b in zip(y, f(x)):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(torch.signbit(a), torch.signbit(b))
+    t = torch.randn(10, dtype=D)
+    for a, b in zip(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+ZERO_D_CONSTANTS = {
+    # 0-d tensors without a tangent, of the dtypes of Python numbers (int64, float64):
+    # their efficient-zero tangent reaches the tracer as a tensor, not a number
+    "times_float64": lambda x, c, k: x * c,
+    "where_float64": lambda x, c, k: torch.where(x > 0, x, c),
+    "maximum_float64": lambda x, c, k: torch.maximum(x, c),
+    "times_int64": lambda x, c, k: x * k,
+    "plus_int64": lambda x, c, k: (x + k) * c,
+    "lerp_to_constant": lambda x, c, k: torch.lerp(x, c.expand_as(x), 0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_D_CONSTANTS))
+def test_zero_d_constants_of_number_dtypes_have_zero_tangents(name):
+    op = ZERO_D_CONSTANTS[name]
+    c, k = torch.tensor(0.75, dtype=D), torch.tensor(3)
+
+    def f(x):
+        return op(x, c, k)
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, dtype=D, generator=g)
+    t = torch.randn(7, dtype=D, generator=g)
+    y, jvp_fn = tl.linearize(f, x)
+    torch.testing.assert_close(y, f(x))
+    torch.testing.assert_close(jvp_fn(t), torch.func.jvp(f, (x,), (t,))[1])
+    u = torch.randn_like(y)
+    torch.testing.assert_close(jvp_fn.T(u)[0], torch.func.vjp(f, x)[1](u)[0])
+
+
 MATMULS = {
     "mm": lambda x, w, b: torch.tanh(x @ w),
     "addmm": lambda x, w, b: torch.tanh(torch.addmm(b, x, w, beta=0.5, alpha=2.0)),

@@ -18,6 +18,7 @@ See ``docs/design.md`` ("Tracing") for the full story. In short:
 
 from __future__ import annotations
 
+import struct
 import threading
 import weakref
 from collections.abc import Iterator
@@ -206,7 +207,9 @@ def _structural_zero(size, dtype=None, layout=None, device=None, pin_memory=None
 # A 0-d efficient zero that PyTorch marks as a wrapped number (the tangent of a Python
 # scalar operand: `4 * x`, `x / 4`, `lerp(a, b, 0.3)`) reaches __torch_dispatch__ as
 # the Python number 0, so `0 * x` is evaluated: NaN where x is infinite, and forward
-# AD's exact zero becomes a NaN constant added to the tangent. The tracer marks results
+# AD's exact zero becomes a NaN constant added to the tangent. (Since stop 25 this is
+# the path of complex and bool numbers only: int64 and float64 ones get a marker, see
+# _MARKER_INT, and their products cost no kernel.) The tracer marks results
 # of products by a literal zero (or by such a result) and, where one is *added to a
 # tracked tangent* (the only place forward AD combines them), uses a structural zero.
 # Primal uses keep the computed value.
@@ -381,11 +384,60 @@ def _has_zero(args) -> bool:
 
 def _plain_zero(a):
     """A structural zero as an ordinary zero operand (for sums, copies, ...)."""
-    if isinstance(a, torch.Tensor) and a._is_zerotensor():
+    if isinstance(a, torch.Tensor) and (a._is_zerotensor() or _MARKER_ATTR in a.__dict__):
         return torch.zeros((), dtype=a.dtype, device=a.device).expand(a.shape)
     if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in a):
         return type(a)(_plain_zero(b) for b in a)
     return a
+
+
+# The efficient-zero tangent of a Python number operand (`4 * x`, `x / 2.5`, `x + 1`)
+# is a 0-d tensor that PyTorch marks as a wrapped number, and a wrapped number reaches
+# __torch_dispatch__ as a Python number: the tangent rule `0 * x` then looks like a
+# `0 * x` that f computes, whose value must be exact (NaN at infinities, -0.0), so it was
+# evaluated (a full-size kernel) and only its use in a sum with a tangent dropped. For
+# the dtypes of wrapped numbers (int64, float64) the tracer's _efficientzerotensor
+# instead holds a marker value no program writes (an int64 near the minimum; a NaN with
+# a payload of its own, which Python floats keep bit for bit), and an operation given
+# that number treats it as the exact zero it stands for: a product by it is a
+# structural zero, computed by no kernel; anywhere else it is the number 0. Given as a
+# tensor (a 0-d constant that is no wrapped number), it is a structural zero whose
+# memory holds the marker, so it is never an operand as it is (_plain_zero).
+_MARKER_INT = -(2 ** 63) + 0x5EED
+_MARKER_FLOAT_BITS = struct.pack("<Q", 0x7FF8_0000_5EED_0001)
+_MARKER_FLOAT = struct.unpack("<d", _MARKER_FLOAT_BITS)[0]
+_MARKER_VALUES = {torch.int64: _MARKER_INT, torch.float64: _MARKER_FLOAT}
+_MARKER_ATTR = "_torch_linearize_zero_marker"
+
+
+def _is_marker(a) -> bool:
+    t = type(a)
+    if t is int:
+        return a == _MARKER_INT
+    return t is float and a != a and struct.pack("<d", a) == _MARKER_FLOAT_BITS
+
+
+def _marker_zero(size, dtype=None, layout=None, device=None, pin_memory=None):
+    """``_efficientzerotensor`` of a wrapped number's shape and dtype as a marker (see
+    above), or None where it cannot be one (then a structural zero as usual)."""
+    value = _MARKER_VALUES.get(dtype)
+    if value is None or len(size) != 0 or layout not in (None, _STRIDED) or pin_memory or \
+            (device is not None and torch.device(device).type != "cpu"):
+        return None
+    z = torch.full((), value, dtype=dtype)
+    z.__dict__[_ZERO_ATTR] = True
+    z.__dict__[_MARKER_ATTR] = True
+    return z
+
+
+def _unmark(x):
+    """``x`` (an argument) with marker numbers replaced by 0 (of their type), and the
+    top-level positions where one was; ``x`` itself if there is none."""
+    if isinstance(x, (list, tuple)):
+        if not any(_is_marker(b) for b in x):
+            return x
+        return type(x)(type(b)(0) if _is_marker(b) else b for b in x)
+    return type(x)(0) if _is_marker(x) else x
 
 
 def _to_meta(a):
@@ -484,6 +536,9 @@ class Tracer(TorchDispatchMode):
         self.suspect_residuals: set[int] = set()
         self.paused_depth = 0
         self.zero_products = False  # a result was marked _ZERO_PRODUCT_ATTR
+        # marker zeros handed out and still alive (see _MARKER_INT): only while one is
+        # can a marker number reach the mode (forward AD drops it after its formula)
+        self.markers: weakref.WeakSet = weakref.WeakSet()
         self.valued: set[int] = set()  # Var ids whose trace-time value is exact (see above)
         # Scaling chains (see _CHAIN_STEPS): Var id -> (its input base, a full-shape
         # residual is in its chain); releasable steps: Var id -> (equation, the residual
@@ -954,7 +1009,17 @@ class Tracer(TorchDispatchMode):
         if self.dead_steps:  # (before this operation allocates: as eager frees them)
             self.release_dead_steps()
         if func is _EFFICIENT_ZERO:
-            return _structural_zero(*args, **kwargs)
+            z = _marker_zero(*args, **kwargs)
+            if z is None:
+                return _structural_zero(*args, **kwargs)
+            self.markers.add(z)
+            return z
+        if self.markers:
+            out = self._unmarked(func, args, kwargs)
+            if out is not None:
+                if out[0] is not None:
+                    return out[0]
+                args, kwargs = out[1], out[2]
         if info.write_args:
             for t in self._written(args, kwargs, info):
                 if _ZERO_ATTR in t.__dict__:  # about to be written: give it real memory
@@ -1027,6 +1092,37 @@ class Tracer(TorchDispatchMode):
                         "torch_linearize.register_jvp(op, jvp, setup_context=...), or wrap the "
                         "call in a custom torch.autograd.Function with a jvp staticmethod."
                     )
+
+    def _unmarked(self, func, args, kwargs):
+        """None where no argument is a marker number (see _MARKER_INT); else ``(zero,
+        args, kwargs)`` with the markers replaced by 0: ``zero`` is the structural-zero
+        result where a marker stands in a zero position of a product, else None."""
+        hit = [i for i, a in enumerate(args) if _is_marker(a) or (
+            isinstance(a, (list, tuple)) and any(_is_marker(b) for b in a))]
+        khit = [k for k, v in kwargs.items() if _is_marker(v) or (
+            isinstance(v, (list, tuple)) and any(_is_marker(b) for b in v))]
+        if not hit and not khit:
+            return None
+        args = tuple(_unmark(a) for a in args) if hit else args
+        kwargs = {k: _unmark(v) for k, v in kwargs.items()} if khit else kwargs
+        pos = _ZERO_PRODUCTS.get(func)
+        if pos and any(i in pos and not isinstance(args[i], (list, tuple)) for i in hit):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if len(tensors) == 1 and len(args) == 2 and not kwargs and \
+                    func in (aten.mul.Tensor, aten.div.Tensor):
+                # (`0 * x`, `0 / x`: forward AD's rule for a number operand; x's shape)
+                like = tensors[0]
+                return _structural_zero(like.shape, dtype=torch.result_type(*args),
+                                        device=like.device), args, kwargs
+            try:
+                meta = func(*[_to_meta(a) for a in args],
+                            **{k: _to_meta(v) for k, v in kwargs.items()})
+            except Exception:
+                meta = None
+            if isinstance(meta, torch.Tensor) and tensors:
+                return _structural_zero(meta.shape, dtype=meta.dtype,
+                                        device=tensors[0].device), args, kwargs
+        return None, args, kwargs
 
     def _zero_tensor_op(self, func, args, kwargs):
         """The structural-zero result of ``func`` on efficient zeros, or None (see above)."""
