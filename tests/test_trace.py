@@ -148,6 +148,24 @@ def test_f_own_products_by_zero_stay_exact_beside_number_operands():
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
+def test_a_number_zero_kept_as_a_tangent_reads_as_zero():
+    # slogdet's formula attaches the efficient zero itself as the sign's tangent (0-d
+    # float64, the marker's dtype): read later, as an output or by other operations,
+    # it must be zero
+    def f(a):
+        sign, logabsdet = torch.linalg.slogdet(a)
+        return sign, sign * logabsdet, (sign * 2).exp() + logabsdet.sin()
+
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(4, 4, dtype=D, generator=g)
+    t = torch.randn(4, 4, dtype=D, generator=g)
+    y, jvp_fn = tl.linearize(f, a)
+    for p, q in zip(y, f(a)):
+        torch.testing.assert_close(p, q)
+    for p, q in zip(jvp_fn(t), torch.func.jvp(f, (a,), (t,))[1]):
+        torch.testing.assert_close(p, q)
+
+
 ZERO_D_CONSTANTS = {
     # 0-d tensors without a tangent, of the dtypes of Python numbers (int64, float64):
     # their efficient-zero tangent reaches the tracer as a tensor, not a number

@@ -201,6 +201,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                 # (an output viewing a buffer f later wrote with tangent data gets its
                 # tangent when first read: here, where the tracer records it)
                 materialize_view_tangents(tree_flatten(out)[0], level)
+            tracer.retire_markers()  # (before tangents are read outside the mode)
             # (outside the dispatch mode: reading the outputs records nothing)
             outputs, y_flat, out_spec = _collect_outputs(tracer, out)
             if has_aux:

@@ -987,6 +987,8 @@ class Tracer(TorchDispatchMode):
         the tangent is already attached elsewhere or is a view, is answered False here:
         the result gets a tangent of its own, as its primal is storage of its own.
         """
+        if _MARKER_ATTR in tangent.__dict__:
+            self._retire_marker(tangent)  # (about to outlive its formula: see below)
         attached = _ATTACHED
         sizing, self.sizing = self.sizing, None
         # (forward AD's set_fw_grad asks primal.is_same_size(tangent) just before; other
@@ -1092,6 +1094,23 @@ class Tracer(TorchDispatchMode):
                         "torch_linearize.register_jvp(op, jvp, setup_context=...), or wrap the "
                         "call in a custom torch.autograd.Function with a jvp staticmethod."
                     )
+
+    def _retire_marker(self, z: torch.Tensor) -> None:
+        """Make marker zero ``z`` an ordinary structural zero (its memory zero). Forward
+        AD keeps a marker beyond the formula that made it only as a tangent it attaches
+        (``slogdet``'s sign: the efficient zero itself), and attaching asks
+        ``_has_same_storage_numel`` first; what reads tangents outside the mode (the
+        outputs, a custom Function's inputs) then reads zeros. A marker number that
+        its formula still passes on arrives as 0: the general path, as exact."""
+        torch.Tensor.fill_(z, 0)
+        del z.__dict__[_MARKER_ATTR]
+        self.markers.discard(z)
+
+    def retire_markers(self) -> None:
+        """At the end of the trace: every marker still alive becomes a plain zero."""
+        for z in list(self.markers):
+            if _MARKER_ATTR in z.__dict__:
+                self._retire_marker(z)
 
     def _unmarked(self, func, args, kwargs):
         """None where no argument is a marker number (see _MARKER_INT); else ``(zero,
