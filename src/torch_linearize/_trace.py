@@ -1119,11 +1119,14 @@ class Tracer(TorchDispatchMode):
         hit = [i for i, a in enumerate(args) if _is_marker(a) or (
             isinstance(a, (list, tuple)) and any(_is_marker(b) for b in a))]
         khit = [k for k, v in kwargs.items() if _is_marker(v) or (
-            isinstance(v, (list, tuple)) and any(_is_marker(b) for b in v))]
+            isinstance(v, (list, tuple)) and any(_is_marker(b) for b in v)) or (
+            isinstance(v, torch.Tensor) and _MARKER_ATTR in v.__dict__)]
         if not hit and not khit:
             return None
         args = tuple(_unmark(a) for a in args) if hit else args
-        kwargs = {k: _unmark(v) for k, v in kwargs.items()} if khit else kwargs
+        # (a marker tensor in a positional argument is a structural zero, _plain_zero
+        # gives it zero memory; in a keyword argument, here)
+        kwargs = {k: _plain_zero(_unmark(v)) for k, v in kwargs.items()} if khit else kwargs
         pos = _ZERO_PRODUCTS.get(func)
         if pos and any(i in pos and not isinstance(args[i], (list, tuple)) for i in hit):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
