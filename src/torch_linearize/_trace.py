@@ -431,8 +431,8 @@ def _marker_zero(size, dtype=None, layout=None, device=None, pin_memory=None):
 
 
 def _unmark(x):
-    """``x`` (an argument) with marker numbers replaced by 0 (of their type), and the
-    top-level positions where one was; ``x`` itself if there is none."""
+    """``x`` (an argument, or a list of them) with marker numbers replaced by 0 of their
+    type; ``x`` itself if it holds none."""
     if isinstance(x, (list, tuple)):
         if not any(_is_marker(b) for b in x):
             return x
@@ -448,6 +448,18 @@ def _to_meta(a):
     if isinstance(a, (list, tuple)):
         return type(a)(_to_meta(b) for b in a)
     return a
+
+
+def _zero_result(func, args, kwargs, device) -> torch.Tensor | None:
+    """A structural zero shaped like ``func(*args, **kwargs)`` (evaluated on meta
+    tensors), on ``device``; None where that evaluation fails or gives no tensor."""
+    try:
+        meta = func(*[_to_meta(a) for a in args], **{k: _to_meta(v) for k, v in kwargs.items()})
+    except Exception:
+        return None
+    if not isinstance(meta, torch.Tensor):
+        return None
+    return _structural_zero(meta.shape, dtype=meta.dtype, device=device)
 
 
 _local = threading.local()
@@ -1109,8 +1121,7 @@ class Tracer(TorchDispatchMode):
     def retire_markers(self) -> None:
         """At the end of the trace: every marker still alive becomes a plain zero."""
         for z in list(self.markers):
-            if _MARKER_ATTR in z.__dict__:
-                self._retire_marker(z)
+            self._retire_marker(z)
 
     def _unmarked(self, func, args, kwargs):
         """None where no argument is a marker number (see _MARKER_INT); else ``(zero,
@@ -1136,14 +1147,8 @@ class Tracer(TorchDispatchMode):
                 like = tensors[0]
                 return _structural_zero(like.shape, dtype=torch.result_type(*args),
                                         device=like.device), args, kwargs
-            try:
-                meta = func(*[_to_meta(a) for a in args],
-                            **{k: _to_meta(v) for k, v in kwargs.items()})
-            except Exception:
-                meta = None
-            if isinstance(meta, torch.Tensor) and tensors:
-                return _structural_zero(meta.shape, dtype=meta.dtype,
-                                        device=tensors[0].device), args, kwargs
+            if tensors:
+                return _zero_result(func, args, kwargs, tensors[0].device), args, kwargs
         return None, args, kwargs
 
     def _zero_tensor_op(self, func, args, kwargs):
@@ -1157,13 +1162,7 @@ class Tracer(TorchDispatchMode):
                 return None  # zero + x is x: run it (with an expanded zero)
         elif not any(i in pos for i in zeros):
             return None  # e.g. x / 0
-        try:
-            meta = func(*[_to_meta(a) for a in args], **{k: _to_meta(v) for k, v in kwargs.items()})
-        except Exception:
-            return None
-        if not isinstance(meta, torch.Tensor):
-            return None
-        return _structural_zero(meta.shape, dtype=meta.dtype, device=args[zeros[0]].device)
+        return _zero_result(func, args, kwargs, args[zeros[0]].device)
 
     @staticmethod
     def _written(args, kwargs, info: _OpInfo) -> list[torch.Tensor]:
