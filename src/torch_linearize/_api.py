@@ -19,7 +19,7 @@ from torch.utils._pytree import (
     tree_unflatten,
 )
 
-from . import _structure_cache
+from . import _structure_cache, _trace
 from ._checks import flatten_primals, flatten_with_path, leaf_specs_of
 from ._custom_function import function_patch
 from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError, StaleResidualError
@@ -118,6 +118,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         if _is_functorch_wrapped(leaf):
             raise LinearizeError(_functorch_message(f"primals{ls.path} is"))
     outer = current_tracer()
+    if outer is not None and outer.direct:
+        outer.to_dual()  # (what this call's f captures from the outer f carries its tangent)
     if outer is not None and outer.level is not None:
         for leaf, ls in zip(flat, leaf_specs):
             with outer.paused():
@@ -149,16 +151,27 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
         try:
             with tracer.activate():
                 duals, layouts = [], []
+                # The direct phase (Tracer.direct_input): f starts on plain tensors where
+                # every differentiable primal is a plain compact real floating tensor and
+                # no other linearize encloses this one
+                direct = _trace.DIRECT and outer is None and all(
+                    ph is None or _trace.direct_primal_ok(p) for p, ph in prepared)
                 for p, ph in prepared:
                     if ph is None:
                         duals.append(p)
                         continue
                     tracer.add_input(ph)
                     layouts.append((tuple(ph.stride()), ph.storage_offset()))
-                    duals.append(fwAD.make_dual(p, ph, level=level))
+                    if direct:
+                        tracer.direct_input(p, ph)
+                        duals.append(p)
+                    else:
+                        duals.append(fwAD.make_dual(p, ph, level=level))
                 args = tree_unflatten(duals, in_spec)
                 try:
-                    with _eager_stance():
+                    # (direct: views record how they were taken, so that forward AD derives
+                    # a view's tangent by the same view if the direct phase ends)
+                    with _eager_stance(), torch.autograd._force_original_view_tracking(direct):
                         out = func(*args)
                 except (NotImplementedError, RuntimeError) as e:
                     m = _NO_FWAD.search(str(e))
@@ -200,7 +213,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                     raise LinearizeError(_functorch_message("f's output depends on"))
                 # (an output viewing a buffer f later wrote with tangent data gets its
                 # tangent when first read: here, where the tracer records it)
-                materialize_view_tangents(tree_flatten(out)[0], level)
+                if not tracer.direct:
+                    materialize_view_tangents(tree_flatten(out)[0], level)
             tracer.retire_markers()  # (before tangents are read outside the mode)
             # (outside the dispatch mode: reading the outputs records nothing)
             outputs, y_flat, out_spec = _collect_outputs(tracer, out)
@@ -208,8 +222,9 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                 for kp, a in tree_flatten_with_path(aux)[0]:
                     if isinstance(a, torch.Tensor):
                         _refuse_tangent_dependent(tracer, a, f"aux{keystr(kp)}")
-                aux = tree_map(lambda a: _primal(a, level), aux)
+                aux = tree_map(lambda a: _primal(a, level, tracer), aux)
         finally:
+            tracer.strip_direct()
             tracer.finish_chains()
             changed = tracer.residuals.end_trace()
 
@@ -450,8 +465,10 @@ def _describe_ctx_tensor(node: Any) -> str:
             "its jvp and backward)")
 
 
-def _primal(a: Any, level: int) -> Any:
+def _primal(a: Any, level: int, tracer: Tracer) -> Any:
     if isinstance(a, torch.Tensor):
+        if tracer.direct:
+            return a.detach()
         return unpack_dual(a, level=level).primal.detach()
     return a
 
@@ -488,7 +505,10 @@ def _collect_outputs(tracer: Tracer, out: Any) -> tuple[list, list, Any]:
                 f"{type(o).__name__}. Return non-tensors through has_aux=True."
             )
         _refuse_tangent_dependent(tracer, o, f"output{keystr(kp)}")
-        primal, tangent = unpack_dual(o, level=tracer.level)
+        if tracer.direct:
+            primal, tangent = o, tracer.direct_tangent(o)
+        else:
+            primal, tangent = unpack_dual(o, level=tracer.level)
         tan = tracer.tangent_of(o, tangent)
         if isinstance(tan, Var) and tan.dtype != o.dtype:
             # Eager forward AD can leave a tangent in a narrower dtype than its output

@@ -94,6 +94,8 @@ def _patched_apply(cls, *args, **kwargs):
     # installed; so even ``MyFunction.apply`` references bound before linearize
     # was called come through here.
     tracer = current_tracer()
+    if tracer is not None and tracer.direct and not tracer.paused_depth:
+        tracer.to_dual()  # (a Function's inputs carry their tangents as duals)
     if tracer is None or tracer.paused_depth or getattr(cls, _TRACE_JVP_ATTR, False):
         return _base_apply(cls, args, kwargs)
     return apply_function(tracer, cls, args, kwargs)

@@ -22,6 +22,13 @@ from ._errors import LinearizeError
 _lock = threading.Lock()
 _users = 0
 _level: int | None = None
+# PyTorch's own functions (the tracer patches the public names while it runs: see
+# _overrides), and a hook the tracer sets: called with each tensor whose tangent is read
+# here, it ends a trace's direct phase if that tensor is tracked in it (its tangent is
+# then a forward-AD tangent)
+_fw_unpack_dual = fwAD.unpack_dual
+_fw_make_dual = fwAD.make_dual
+tangent_read_hook = None
 
 
 @contextmanager
@@ -53,9 +60,11 @@ def shared_dual_level() -> Iterator[int]:
 def unpack_dual(t: torch.Tensor, level: int) -> fwAD.UnpackedDualTensor:
     """``forward_ad.unpack_dual``, also for inference tensors: they cannot carry a tangent,
     and PyTorch's own unpack_dual fails on them outside inference mode."""
+    if tangent_read_hook is not None:
+        tangent_read_hook(t)
     if t.is_inference():
         return fwAD.UnpackedDualTensor(t, None)
-    return fwAD.unpack_dual(t, level=level)
+    return _fw_unpack_dual(t, level=level)
 
 
 def has_tangent(t: object, level: int) -> bool:

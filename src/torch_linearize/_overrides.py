@@ -30,10 +30,11 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.backends.mha
 
 from ._forward_ad import has_tangent, unpack_dual
-from ._trace import current_tracer
+from ._trace import current_tracer, end_direct_phase
 
 __all__ = ["install", "uninstall"]
 
@@ -268,7 +269,20 @@ def _encoder_forward(self, src, mask=None, src_key_padding_mask=None, is_causal=
     return output if self.norm is None else self.norm(output)
 
 
+def _unpack_dual(tensor, *, level=None):
+    # f's own code reading a forward-AD tangent: the trace leaves its direct phase first
+    end_direct_phase(tensor)
+    return _originals["unpack_dual"](tensor, level=level)
+
+
+def _make_dual(tensor, tangent, *, level=None):
+    end_direct_phase()
+    return _originals["make_dual"](tensor, tangent, level=level)
+
+
 _OVERRIDES = {
+    (fwAD, "unpack_dual"): _unpack_dual,
+    (fwAD, "make_dual"): _make_dual,
     (torch, "binary_cross_entropy_with_logits"): _bce_with_logits,
     (torch._C._nn, "nll_loss_nd"): _nll_loss_nd,
     (torch._C._nn, "cross_entropy_loss"): _cross_entropy,

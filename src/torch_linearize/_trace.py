@@ -34,11 +34,13 @@ from torch.utils._python_dispatch import (
 )
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _forward_ad
 from ._errors import LinearizeError, NoForwardADError, NonLinearTangentError
 from ._forward_ad import unpack_dual
 from ._passes import _POINTWISE_LINEAR, _POINTWISE_LINEAR_BY_ID, _is_real_number
 from ._program import Eqn, Res, Var
 from ._residuals import STRUCTURAL_ZERO, ResidualTable, ctx_tensors, snapshot_ctx, storage_key
+from ._rules import DECLINE, RULES, UNTRACKED_RESULTS
 
 aten = torch.ops.aten
 C = torch._C
@@ -46,6 +48,10 @@ C = torch._C
 __all__ = ["Tracer", "current_tracer"]
 
 _ATTR = "_torch_linearize_var"
+# On a plain tensor of f during the direct phase: (token, its tangent, the tensor a view
+# was taken of, kept alive with it); see Tracer.direct
+_DIRECT = "_torch_linearize_tangent"
+DIRECT = True  # (off: f runs on forward-AD duals from its first operation, for tests)
 
 # Operations that move tangent *values* into Python: never linear.
 _DATA_READS = {
@@ -470,7 +476,32 @@ def current_tracer() -> Tracer | None:
     return getattr(_local, "tracer", None)
 
 
+def direct_primal_ok(p: torch.Tensor) -> bool:
+    """A differentiable primal a trace may start in the direct phase with: a plain
+    contiguous tensor of a real floating dtype that is all of its storage (a view of a
+    larger tensor gets its tangent laid out over that storage by forward AD)."""
+    return (type(p) is torch.Tensor and p.layout == torch.strided and p.dtype in _REAL_FLOATING
+            and not p._is_view() and p.storage_offset() == 0 and p.is_contiguous()
+            and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+            and not p.requires_grad)
+
+
+def end_direct_phase(t: Any = None) -> None:
+    """End this thread's trace's direct phase (``Tracer.to_dual``) before code that reads
+    forward-AD tangents runs: if ``t`` is given, only where ``t`` is tracked in it."""
+    tracer = getattr(_local, "tracer", None)
+    if tracer is not None and tracer.direct and (
+            t is None or (isinstance(t, torch.Tensor) and tracer.direct_tangent(t) is not None)):
+        tracer.to_dual()
+
+
+_forward_ad.tangent_read_hook = end_direct_phase
+
+
 _EFFICIENT_ZERO = aten._efficientzerotensor.default
+_COPY = aten.copy_.default
+_CLONE = aten.clone.default
+_UNTRACKED = object()
 
 _CONJ_NEG_KEYS = C.DispatchKeySet(C.DispatchKey.Conjugate) | C.DispatchKeySet(C.DispatchKey.Negative)
 
@@ -487,6 +518,16 @@ _ATTACHED = "_torch_linearize_attached_tangent"
 _STRIDED = torch.strided
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _NO_DISPATCH = torch._C._DisableTorchDispatch
+_AUTOGRAD_KEYS = C.DispatchKeySet(C.DispatchKey.ADInplaceOrView)
+for _k in (C.DispatchKey.AutogradCPU, C.DispatchKey.AutogradCUDA, C.DispatchKey.AutogradOther,
+           C.DispatchKey.AutogradMeta):
+    _AUTOGRAD_KEYS = _AUTOGRAD_KEYS | C.DispatchKeySet(_k)
+_FUNCTORCH_KEYS = C.DispatchKeySet(C.DispatchKey.FuncTorchDynamicLayerFrontMode) | \
+    C.DispatchKeySet(C.DispatchKey.FuncTorchDynamicLayerBackMode)
+_REAL_FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_make_dual = torch._VF._make_dual
+_set_versions = torch._C._autograd._unsafe_set_version_counter
+_in_functorch = torch._C._functorch.peek_interpreter_stack
 
 
 def _enclosing_tangent_error(func) -> LinearizeError:
@@ -564,6 +605,13 @@ class Tracer(TorchDispatchMode):
         # tokens of the linearize calls this one runs inside (set when activated): their
         # tangents must not flow into this trace (forward-over-forward)
         self.enclosing: frozenset = frozenset()
+        # The direct phase (see direct_input): f's tensors are plain, their tangents held
+        # in _DIRECT entries; weakrefs to every tensor given one, and to those that are no
+        # views (given their tangent as duals if the phase ends: to_dual)
+        self.direct = False
+        self.direct_bound: list = []
+        self.direct_roots: list = []
+        self.attaching: tuple | None = None  # (to_dual's tensor and the tangent it attaches)
 
     # ------------------------------------------------------------------ activation
     @contextmanager
@@ -975,6 +1023,17 @@ class Tracer(TorchDispatchMode):
         kwargs = kwargs or {}
         hit = _op_infos.get(id(func))
         info = hit[1] if hit is not None and hit[0] is func else _op_info(func)
+        if self.direct:
+            out = self._direct(func, args, kwargs, info)
+            if out is not _UNTRACKED:
+                return out
+        elif self.attaching is not None:
+            if func is _COPY and args[0] is self.attaching[0]:
+                return info.call(*args, **kwargs)  # (to_dual's copy of a tensor onto itself)
+            if func is _CLONE and args[0] is self.attaching[1]:
+                # (forward AD's formula for that copy clones the tangent: attached as it
+                # is instead, as make_dual attaches an input's)
+                return args[0]
         if _needs_conj_keys(info, args, kwargs):
             # PyTorch runs __torch_dispatch__ with the Conjugate and Negative keys
             # excluded, so a kernel that builds conjugate views internally (complex
@@ -984,6 +1043,185 @@ class Tracer(TorchDispatchMode):
             with C._ForceDispatchKeyGuard(include, exclude - _CONJ_NEG_KEYS):
                 return self._dispatch(func, args, kwargs, info)
         return self._dispatch(func, args, kwargs, info)
+
+    # ------------------------------------------------------------------ the direct phase
+    def direct_input(self, p: torch.Tensor, placeholder: torch.Tensor) -> None:
+        """Give primal ``p`` (plain, passed to f as it is) the input tangent ``placeholder``
+        (already an input: add_input), and trace in the direct phase: operations with a
+        rule in ``_rules.RULES`` write their tangent equations themselves; the first
+        one without (or a Python-level reader of tangents: a custom Function, a custom
+        op, ``forward_ad.unpack_dual``) ends the phase (to_dual)."""
+        self.direct = True
+        self.bind_result(p, placeholder)
+
+    def direct_tangent(self, t: torch.Tensor) -> torch.Tensor | None:
+        """During the direct phase: the tangent tensor of ``t`` (None: untracked)."""
+        entry = t.__dict__.get(_DIRECT)
+        return entry[1] if entry is not None and entry[0] is self.token else None
+
+    def bind_result(self, out: Any, tangent: Any, keep: Any = None) -> None:
+        """Record ``tangent`` as the tangent of ``out`` (a tensor, or a list of them with a
+        list of tangents); ``keep``: the tensor a view ``out`` was taken of."""
+        if isinstance(out, torch.Tensor):
+            out.__dict__[_DIRECT] = (self.token, tangent, keep)
+            ref = weakref.ref(out)
+            self.direct_bound.append(ref)
+            if keep is None:
+                self.direct_roots.append(ref)
+            return
+        for o, t in zip(out, tangent):
+            self.bind_result(o, t, keep)
+
+    def primal_op(self, func, args: tuple, kwargs: dict) -> Any:
+        """Run a primal operation of a rule (no in-place writes: the rules have none)."""
+        info = _op_info(func)
+        out = info.call(*args, **kwargs)
+        if info.fresh_outputs:
+            if isinstance(out, torch.Tensor):
+                self.note_created(out)
+            else:
+                for o in out:
+                    self.note_created(o)
+        return out
+
+    def tangent_op(self, func, args: tuple, kwargs: dict) -> Any:
+        """Record (and run, where its value may be read) a tangent operation of a rule."""
+        return self._dispatch(func, args, kwargs, _op_info(func))
+
+    def conform(self, tangent: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``tangent`` as the tangent of ``out``: its dtype, shape and strides, as forward
+        AD's ``set_fw_grad`` gives it (a copy laid out like ``out`` where it differs)."""
+        if tangent.dtype != out.dtype:
+            tangent = self.tangent_op(aten._to_copy.default, (tangent,), {"dtype": out.dtype})
+        if tangent.shape == out.shape and (tangent.stride() == out.stride() or all(
+                a == b or n <= 1 for a, b, n in zip(tangent.stride(), out.stride(), out.shape))):
+            return tangent
+        z = self.tangent_op(aten._new_zeros_with_same_feature_meta.default, (tangent, out), {})
+        self.tangent_op(aten.copy_.default, (z, tangent), {})
+        return z
+
+    def _direct(self, func, args, kwargs, info):
+        """An operation during the direct phase: ``_UNTRACKED`` if it has no tracked
+        argument (the caller runs it as any primal operation), else its result."""
+        token, tans = self.token, None
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                entry = a.__dict__.get(_DIRECT)
+                if entry is not None and entry[0] is token:
+                    if tans is None:
+                        tans = [None] * len(args)
+                    tans[i] = entry[1]
+            elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+                sub = [e[1] if e is not None and e[0] is token else None
+                       for e in (b.__dict__.get(_DIRECT) if isinstance(b, torch.Tensor) else None
+                                 for b in a)]
+                if any(t is not None for t in sub):
+                    if tans is None:
+                        tans = [None] * len(args)
+                    tans[i] = sub
+        kw_tracked = bool(kwargs) and any(
+            isinstance(a, torch.Tensor) and self.direct_tangent(a) is not None
+            for a in kwargs.values())
+        if tans is None and not kw_tracked:
+            return _UNTRACKED
+        if not C._is_fwd_grad_enabled() or torch.is_inference_mode_enabled():
+            return _UNTRACKED  # (forward AD gives the result no tangent there)
+        if self.paused_depth:
+            return info.call(*args, **kwargs)
+        if func in UNTRACKED_RESULTS or info.value_independent or info.data_read:
+            return _UNTRACKED  # (no tangent: the result is a primal value only)
+        rule = RULES.get(func)
+        if rule is not None and not kw_tracked and self._plain_operands(args, kwargs):
+            if self.dead_steps:  # (before this operation allocates: as eager frees them)
+                self.release_dead_steps()
+            out = rule(self, func, args, kwargs, tuple(tans))
+            if out is not DECLINE:
+                return out
+        self.to_dual()
+        if getattr(func, "is_view", False) or (
+                tans is not None and any(isinstance(t, list) for t in tans)
+                and not info.name.startswith("_foreach")):
+            # (a view: autograd above this call makes the result a view of its input,
+            # whose tangent forward AD derives from its base's when first read; a list of
+            # tensors: autograd above this call asks whether they carry tangents after the
+            # operation, not before, and computes the result's tangent itself)
+            return _UNTRACKED
+        # (the arguments now carry their tangents: the operation again, with autograd)
+        include, exclude = C._dispatch_tls_local_include_set(), C._dispatch_tls_local_exclude_set()
+        with C._ForceDispatchKeyGuard(include, exclude - _AUTOGRAD_KEYS), self._pushed():
+            written = [t for t in self._written(args, kwargs, info) if not t.is_inference()] \
+                if info.write_args else []
+            versions = tuple(t._version for t in written)
+            out = func(*args, **kwargs)
+        if written:
+            # (autograd above this call counts the write again when it returns)
+            _set_versions(tuple(written), versions)
+        return out
+
+    def _plain_operands(self, args, kwargs) -> bool:
+        """Every tensor argument a plain strided tensor, the tracked ones of a real floating
+        dtype, none recorded by autograd, no functorch transform running."""
+        grad = torch.is_grad_enabled()
+        for a in _tensor_args(args, kwargs):
+            if type(a) is not torch.Tensor or a.layout is not _STRIDED or (
+                    grad and a.requires_grad):
+                return False
+            entry = a.__dict__.get(_DIRECT)
+            if entry is not None and a.dtype not in _REAL_FLOATING:
+                return False
+        return _in_functorch() is None
+
+    @contextmanager
+    def _pushed(self) -> Iterator[None]:
+        """This mode on the stack (inside ``__torch_dispatch__`` it is popped)."""
+        if _get_current_dispatch_mode() is self:
+            yield
+            return
+        with self:
+            yield
+
+    def to_dual(self) -> None:
+        """End the direct phase: give every live tracked tensor its tangent as a forward-AD
+        dual, in place (``t.copy_(make_dual(t, tangent))``: the values are unchanged, the
+        version counter is restored), so that f goes on as if traced on duals from the
+        start. Views are not given one: forward AD derives a view's tangent from its base's
+        when it is first read, which is what the direct phase gave it."""
+        if not self.direct:
+            return
+        self.direct = False
+        pairs = []
+        for ref in self.direct_roots:
+            t = ref()
+            if t is None:
+                continue
+            entry = t.__dict__.get(_DIRECT)
+            if entry is not None and entry[0] is self.token and not t._is_view():
+                pairs.append((t, entry[1]))
+        self.strip_direct()
+        # (autograd on, so that forward AD attaches the tangents; functorch's layers off:
+        # a transform running inside f must not see the trace's own bookkeeping)
+        include, exclude = C._dispatch_tls_local_include_set(), C._dispatch_tls_local_exclude_set()
+        with C._ForceDispatchKeyGuard(include - _FUNCTORCH_KEYS,
+                                      (exclude - _AUTOGRAD_KEYS) | _FUNCTORCH_KEYS), self._pushed():
+            try:
+                for t, tangent in pairs:
+                    version = t._version
+                    with _NO_DISPATCH():
+                        alias = t.detach()
+                    self.attaching = (t, tangent)
+                    with torch.no_grad():  # (t may be a leaf that requires grad)
+                        t.copy_(_make_dual(alias, tangent, level=self.level))
+                    _set_versions((t,), (version,))
+            finally:
+                self.attaching = None
+
+    def strip_direct(self) -> None:
+        """Remove the direct phase's entries (they hold tangent tensors)."""
+        for ref in self.direct_bound:
+            t = ref()
+            if t is not None:
+                t.__dict__.pop(_DIRECT, None)
+        self.direct_bound, self.direct_roots = [], []
 
     def _tangent_fits(self, tangent, primal) -> bool:
         """``_has_same_storage_numel(tangent, primal)``, which forward AD asks (through
@@ -1011,7 +1249,9 @@ class Tracer(TorchDispatchMode):
                     tangent._is_view() or tangent.__dict__.get(attached) is self.token):
             return False
         fits = _HAS_SAME_STORAGE_NUMEL._op(tangent, primal)
-        if fits and setting and type(tangent) is torch.Tensor:
+        if fits and setting and type(tangent) is torch.Tensor and (
+                self.attaching is None or primal is self.attaching[0]):
+            # (to_dual's make_dual attaches it to a passing alias: not counted)
             tangent.__dict__[attached] = self.token  # (forward AD attaches it as it is)
         return fits
 
@@ -1089,12 +1329,8 @@ class Tracer(TorchDispatchMode):
         would silently be dropped: refuse instead.
         """
 
-        autograd = C.DispatchKeySet(C.DispatchKey.ADInplaceOrView)
-        for k in (C.DispatchKey.AutogradCPU, C.DispatchKey.AutogradCUDA,
-                  C.DispatchKey.AutogradOther, C.DispatchKey.AutogradMeta):
-            autograd = autograd | C.DispatchKeySet(k)
         include, exclude = C._dispatch_tls_local_include_set(), C._dispatch_tls_local_exclude_set()
-        with C._ForceDispatchKeyGuard(include, exclude - autograd), self.paused():
+        with C._ForceDispatchKeyGuard(include, exclude - _AUTOGRAD_KEYS), self.paused():
             for a in _tensor_args(args, kwargs):
                 if not (a.is_floating_point() or a.is_complex()):
                     continue
