@@ -11,7 +11,9 @@ with the simplification passes switched off; ``linearize`` as its structure's fi
 linearization (passes and code generation run); and ``linearize`` of a structure seen
 before (the simplified program reused: ``_structure_cache``). The differences between
 consecutive rows are: the dispatch-mode price, our tracing, our passes, what reuse saves.
-A row beside them traces a new structure without folding scaling chains while tracing
+A row beside them traces a new structure on forward-AD duals from its first operation
+(``_trace.DIRECT = False``: the tracer before stop 26, without the direct phase and its
+rule table), another without folding scaling chains while tracing
 (``_trace.FOLD_CHAINS = False``: the tracer before stop 18, every residual of a chain
 held until the passes run). On the custom-Function workload, another traces a new
 structure with the Function's ``forward`` and ``setup_context`` run under the dispatch
@@ -186,6 +188,7 @@ def _methods(f: Callable, x: torch.Tensor, custom: bool) -> dict[str, Callable[[
         "the same, keeping every result alive": eager_mode_keeping,
         "linearize without simplification passes": no_passes,
         "linearize, new structure": new_structure,
+        "the same, traced on forward-AD duals from the start": new_structure_without("DIRECT"),
         "the same, scaling chains not folded while tracing": new_structure_without("FOLD_CHAINS"),
         **({"the same, the Function's forward run under the dispatch mode":
             new_structure_without("PRIMAL_CODE_OUTSIDE")} if custom else {}),

@@ -169,9 +169,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                         duals.append(fwAD.make_dual(p, ph, level=level))
                 args = tree_unflatten(duals, in_spec)
                 try:
-                    # (direct: views record how they were taken, so that forward AD derives
-                    # a view's tangent by the same view if the direct phase ends)
-                    with _eager_stance(), torch.autograd._force_original_view_tracking(direct):
+                    with _eager_stance():
                         out = func(*args)
                 except (NotImplementedError, RuntimeError) as e:
                     m = _NO_FWAD.search(str(e))
