@@ -341,3 +341,36 @@ def test_primals_the_phase_does_not_start_with(primal, switches):
     t = torch.randn_like(x)
     torch.testing.assert_close(jvp_fn(t), torch.func.jvp(lambda x: x * 2 + x.sin(), (x,), (t,))[1])
     assert not switches  # (traced on duals from the start: nothing to switch)
+
+
+def test_a_function_whose_phase_ends_at_once_is_traced_on_duals_next_time(switches):
+    """A direct phase that ends before any rule ran (f calls a custom Function first) is
+    pure cost; the next linearization of the same function at the same shapes starts on
+    duals (``_structure_cache.starts_on_duals``), and one whose phase was useful keeps it."""
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, t):
+            return t * 2
+
+    def f(x):
+        return Double.apply(x).sin()
+
+    def g(x):
+        return Double.apply(x.exp())
+
+    for fn, ref in ((f, lambda x, t: (2 * x).cos() * 2 * t), (g, lambda x, t: 2 * x.exp() * t)):
+        for call in range(3):
+            x, t = _x(4, 5, seed=call), _x(4, 5, seed=9)
+            _, jvp_fn = tl.linearize(fn, x)
+            torch.testing.assert_close(jvp_fn(t), ref(x, t))
+        # f: a switch on the first call only; g: its phase traced exp, so it is kept
+        assert len(switches) == (1 if fn is f else 4), (fn, switches)

@@ -46,7 +46,9 @@ from ._structure_cache import (
     cache_put,
     call_signature,
     first_sighting,
+    note_direct_phase,
     replay,
+    starts_on_duals,
     structure_key,
 )
 from ._trace import Tracer, current_tracer
@@ -145,6 +147,7 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
             p = p.clone()  # (forward AD cannot give an inference tensor a tangent)
         prepared.append((p, torch.ones_like(p, memory_format=torch.preserve_format)))
 
+    signature = call_signature(func, flat)
     with shared_dual_level() as level, function_patch():
         tracer = Tracer(level)
         changed: list[int] = []
@@ -155,7 +158,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
                 # every differentiable primal is a plain compact real floating tensor and
                 # no other linearize encloses this one
                 direct = _trace.DIRECT and outer is None and all(
-                    ph is None or _trace.direct_primal_ok(p) for p, ph in prepared)
+                    ph is None or _trace.direct_primal_ok(p) for p, ph in prepared) \
+                    and not starts_on_duals(signature)
                 for p, ph in prepared:
                     if ph is None:
                         duals.append(p)
@@ -240,8 +244,10 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     # simplified program and code if the passes' value-based decisions come out the same
     # on the new residuals (_structure_cache); otherwise the passes run, and record from
     # the second call of the same function at the same shapes on.
+    if direct:
+        note_direct_phase(signature, tracer.direct_wasted)
     keyed = None if not _structure_cache.ENABLED or first_sighting(
-        call_signature(func, flat)) else structure_key(
+        signature) else structure_key(
             prog, tracer.trace_values, tracer.suspect_residuals)
     raw_nodes = program_nodes(prog) if keyed is not None else []
     tpl = cache_get(keyed[0]) if keyed is not None else None

@@ -429,6 +429,7 @@ def _replay(tpl: Template, residuals: list[torch.Tensor], trace_values: dict,
 
 _cache: OrderedDict[tuple, Template] = OrderedDict()
 _seen: OrderedDict[tuple, None] = OrderedDict()  # call signatures met (first_sighting)
+_on_duals: OrderedDict[tuple, None] = OrderedDict()  # see starts_on_duals
 _local = threading.local()
 
 
@@ -464,6 +465,24 @@ def first_sighting(key: tuple) -> bool:
     _seen[key] = None
     _evict(_seen, 4 * _MAX_ENTRIES)
     return True
+
+
+def starts_on_duals(key: tuple) -> bool:
+    """Whether the last trace of call signature ``key`` left the direct phase before any
+    rule ran (its f calls a custom Function or an operator without a rule first): the
+    next one then starts on duals, not paying for the switch (``Tracer.to_dual``). Not
+    inside :func:`as_new_structure` (a first trace knows nothing)."""
+    return not getattr(_local, "new", False) and key in _on_duals
+
+
+def note_direct_phase(key: tuple, wasted: bool) -> None:
+    """Record how the trace of ``key`` went: ``wasted``, its direct phase ended before
+    any rule ran."""
+    if wasted:
+        _on_duals[key] = None
+        _evict(_on_duals, 4 * _MAX_ENTRIES)
+    else:
+        _on_duals.pop(key, None)
 
 
 def _evict(lru: OrderedDict, limit: int) -> None:

@@ -609,6 +609,8 @@ class Tracer(TorchDispatchMode):
         # in _DIRECT entries; weakrefs to every tensor given one, and to those that are no
         # views (given their tangent as duals if the phase ends: to_dual)
         self.direct = False
+        self.direct_rules = 0  # operations the rule table traced
+        self.direct_wasted = False  # the phase ended before any rule ran
         self.direct_bound: list = []
         self.direct_roots: list = []
         self.attaching: tuple | None = None  # (to_dual's tensor and the tangent it attaches)
@@ -1136,6 +1138,7 @@ class Tracer(TorchDispatchMode):
                 self.release_dead_steps()
             out = rule(self, func, args, kwargs, tuple(tans))
             if out is not DECLINE:
+                self.direct_rules += 1
                 return out
         self.to_dual()
         if getattr(func, "is_view", False) or (
@@ -1189,6 +1192,7 @@ class Tracer(TorchDispatchMode):
         if not self.direct:
             return
         self.direct = False
+        self.direct_wasted = self.direct_rules == 0
         pairs = []
         for ref in self.direct_roots:
             t = ref()
