@@ -11,6 +11,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+import custom_functions as cf
 import torch_linearize as tl
 from torch_linearize import _rules, _trace
 
@@ -254,24 +255,10 @@ def test_the_switch_leaves_version_counters_as_eager_code_does(switches):
 
 
 def test_a_custom_function_ends_the_phase(switches):
-    class Square(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x * x
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_forward(inputs[0])
-
-        @staticmethod
-        def jvp(ctx, t):
-            (x,) = ctx.saved_tensors
-            return 2 * x * t
-
     x = _x(4, 5)
-    _, jvp_fn = tl.linearize(lambda x: Square.apply(x.sin()) * 3, x)
+    _, jvp_fn = tl.linearize(lambda x: cf.Cube.apply(x.sin()) * 3, x)
     t = _x(4, 5, seed=3)
-    torch.testing.assert_close(jvp_fn(t), 6 * x.sin() * x.cos() * t)
+    torch.testing.assert_close(jvp_fn(t), 9 * x.sin() ** 2 * x.cos() * t)
     assert switches
 
 
@@ -348,26 +335,14 @@ def test_a_function_whose_phase_ends_at_once_is_traced_on_duals_next_time(switch
     pure cost; the next linearization of the same function at the same shapes starts on
     duals (``_structure_cache.starts_on_duals``), and one whose phase was useful keeps it."""
 
-    class Double(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x * 2
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def jvp(ctx, t):
-            return t * 2
-
     def f(x):
-        return Double.apply(x).sin()
+        return cf.Cube.apply(x).sin()
 
     def g(x):
-        return Double.apply(x.exp())
+        return cf.Cube.apply(x.exp())
 
-    for fn, ref in ((f, lambda x, t: (2 * x).cos() * 2 * t), (g, lambda x, t: 2 * x.exp() * t)):
+    for fn, ref in ((f, lambda x, t: (x ** 3).cos() * 3 * x ** 2 * t),
+                    (g, lambda x, t: 3 * x.exp() ** 3 * t)):
         for call in range(3):
             x, t = _x(4, 5, seed=call), _x(4, 5, seed=9)
             _, jvp_fn = tl.linearize(fn, x)

@@ -244,8 +244,8 @@ def linearize(func: Callable, *primals: Any, has_aux: bool = False) -> tuple:
     # simplified program and code if the passes' value-based decisions come out the same
     # on the new residuals (_structure_cache); otherwise the passes run, and record from
     # the second call of the same function at the same shapes on.
-    if direct:
-        note_direct_phase(signature, tracer.direct_wasted)
+    if direct:  # (wasted: the phase ended before any rule ran)
+        note_direct_phase(signature, not tracer.direct and not tracer.direct_rules)
     keyed = None if not _structure_cache.ENABLED or first_sighting(
         signature) else structure_key(
             prog, tracer.trace_values, tracer.suspect_residuals)

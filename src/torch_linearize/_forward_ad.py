@@ -22,12 +22,11 @@ from ._errors import LinearizeError
 _lock = threading.Lock()
 _users = 0
 _level: int | None = None
-# PyTorch's own functions (the tracer patches the public names while it runs: see
+# PyTorch's own unpack_dual (the tracer patches the public name while it runs: see
 # _overrides), and a hook the tracer sets: called with each tensor whose tangent is read
 # here, it ends a trace's direct phase if that tensor is tracked in it (its tangent is
 # then a forward-AD tangent)
 _fw_unpack_dual = fwAD.unpack_dual
-_fw_make_dual = fwAD.make_dual
 tangent_read_hook = None
 
 

@@ -191,6 +191,11 @@ def _div(tr, func, args, kwargs, tans):
 RULES[aten.div.Tensor] = _div
 
 
+def _sum(tr, terms: list) -> Any:
+    """The tangent ``terms[0] + terms[1]`` (one term: itself)."""
+    return terms[0] if len(terms) == 1 else tr.tangent_op(aten.add.Tensor, tuple(terms), {})
+
+
 def _matmul_like(tr, func, args, kwargs, tans):
     # mm / bmm: self_t @ other_p + self_p @ other_t
     if kwargs:
@@ -203,7 +208,7 @@ def _matmul_like(tr, func, args, kwargs, tans):
         terms.append(tr.tangent_op(func, (ta, b), {}))
     if tb is not None:
         terms.append(tr.tangent_op(func, (a, tb), {}))
-    tan = terms[0] if len(terms) == 1 else tr.tangent_op(aten.add.Tensor, tuple(terms), {})
+    tan = _sum(tr, terms)
     tr.bind_result(out, tr.conform(tan, out))
     return out
 
@@ -231,7 +236,7 @@ def _addmm(tr, func, args, kwargs, tans):
         terms.append(tr.tangent_op(aten.mm.default, (m1, t2), {}))
     if alpha != 1:
         terms = [tr.tangent_op(aten.mul.Tensor, (t, alpha), {}) for t in terms]
-    tan = terms[0] if len(terms) == 1 else tr.tangent_op(aten.add.Tensor, tuple(terms), {})
+    tan = _sum(tr, terms)
     tr.bind_result(out, tr.conform(tan, out))
     return out
 

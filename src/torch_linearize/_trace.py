@@ -610,7 +610,6 @@ class Tracer(TorchDispatchMode):
         # views (given their tangent as duals if the phase ends: to_dual)
         self.direct = False
         self.direct_rules = 0  # operations the rule table traced
-        self.direct_wasted = False  # the phase ended before any rule ran
         self.direct_bound: list = []
         self.direct_roots: list = []
         self.attaching: tuple | None = None  # (to_dual's tensor and the tangent it attaches)
@@ -1192,7 +1191,6 @@ class Tracer(TorchDispatchMode):
         if not self.direct:
             return
         self.direct = False
-        self.direct_wasted = self.direct_rules == 0
         pairs = []
         for ref in self.direct_roots:
             t = ref()
